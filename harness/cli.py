@@ -1,0 +1,309 @@
+"""The ``harness`` command line.
+
+Bad input (UserError) prints one line and exits 2; a run exits 1 when any cell failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+EXIT_USAGE = 2
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+# -- run / validate ----------------------------------------------------------------------
+def _prepare(args):
+    from .runner import check_builds, plan
+    from .suite import load_suite
+
+    suite = load_suite(args.suite)
+    jobs = plan(suite, Path(args.results), getattr(args, "only", None))
+    return suite, jobs
+
+
+def cmd_validate(args) -> int:
+    from .runner import check_builds
+
+    suite, jobs = _prepare(args)
+    check_builds(suite, jobs)
+    _console().print(f"{args.suite}: suite {suite.name!r} is valid: {len(jobs)} cell(s), every backbone builds")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .plugins import registry
+    from .records import ensure_writable
+    from .runner import check_builds, pending, run_jobs
+    from .table import render
+
+    suite, jobs = _prepare(args)
+    console = _console()
+    if args.dry_run:
+        for job in jobs:
+            console.print(f"[bold]{job.cell}[/]  {job.label}")
+            console.print(json.dumps(job.config, indent=2, sort_keys=True), markup=False)
+        console.print(f"{len(jobs)} cell(s); nothing was run")
+        return 0
+    check_builds(suite, jobs)
+    out_dir = Path(args.results) / suite.name
+    ensure_writable(out_dir)
+    exec_spec = suite.spec.executor
+    name = args.executor or (exec_spec.name if exec_spec else "local")
+    options = dict(exec_spec.options) if exec_spec and not args.executor else {}
+    if args.jobs is not None:
+        options["jobs"] = args.jobs
+    executor = registry().create("executor", name, **options)
+    todo, done = pending(jobs, args.rerun)
+    console.print(f"suite [bold]{suite.name}[/]: {len(jobs)} cell(s), {len(done)} already done, "
+                  f"{len(todo)} to run ({name} executor) -> {out_dir}")
+    failed = _run_with_progress(console, todo, executor)
+    from .records import read_record
+
+    records = [r for r in (read_record(j.record_path) for j in jobs) if r is not None]
+    if records:
+        print()
+        print(render(records, "markdown"), flush=True)  # plain print: rich would wrap wide tables
+    if failed:
+        console.print(f"[red]{failed} cell(s) failed[/]; their records hold the error. Rerun to retry them.")
+    return 1 if failed or any(r["status"] != "ok" for r in records) else 0
+
+
+def _run_with_progress(console, todo, executor) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .runner import run_jobs
+
+    failed = 0
+    starts: dict[str, float] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("cells", total=len(todo))
+
+        def on_start(job):
+            starts[job.cell] = time.perf_counter()
+            progress.update(task, description=f"running {job.label} ({job.cell})")
+
+        def on_done(job, record):
+            nonlocal failed
+            took = record.get("duration_s") or (time.perf_counter() - starts.get(job.cell, time.perf_counter()))
+            if record["status"] == "ok":
+                progress.console.print(f"[green]ok[/]     {job.cell}  {job.label}  {took:.1f}s")
+            else:
+                failed += 1
+                progress.console.print(f"[red]failed[/] {job.cell}  {job.label}  {took:.1f}s: {record['error']}",
+                                       markup=True)
+            progress.advance(task)
+
+        run_jobs(todo, executor, on_start=on_start, on_done=on_done)
+        progress.update(task, description="cells")
+    return failed
+
+
+# -- ls / plugins --------------------------------------------------------------------------
+def cmd_ls(args) -> int:
+    from .plugins import KINDS, registry
+
+    reg = registry()
+    kinds = [args.kind] if args.kind else list(KINDS)
+    if args.kind and args.kind not in KINDS:
+        from .errors import suggest
+
+        raise UserError(f"unknown kind {args.kind!r}{suggest(args.kind, KINDS)}")
+    rows = [{"kind": k, "name": c.name, "plugin": c.plugin, "description": c.description}
+            for k in kinds for c in reg.components(k).values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table("kind", "name", "plugin", "description", box=None)
+    for r in rows:
+        table.add_row(r["kind"], r["name"], r["plugin"], r["description"])
+    _console().print(table)
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import KINDS, registry
+
+    reg = registry()
+    by_plugin: dict[str, list[str]] = {}
+    for kind in KINDS:
+        for c in reg.components(kind).values():
+            by_plugin.setdefault(c.plugin, []).append(f"{kind}:{c.name}")
+    rows = [{"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks),
+             "components": by_plugin.get(p.name, [])} for p in reg.plugins()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table("plugin", "distribution", "version", "hooks", "components", box=None)
+    for r in rows:
+        table.add_row(r["name"], r["distribution"] or "-", r["version"] or "-", ", ".join(r["hooks"]),
+                      ", ".join(r["components"]))
+    _console().print(table)
+    return 0
+
+
+# -- table ---------------------------------------------------------------------------------
+def cmd_table(args) -> int:
+    from .records import load_records
+    from .table import render
+
+    records = load_records(args.results_dir)
+    if not records:
+        raise UserError(f"{args.results_dir}: no records found")
+    fmt = "json" if args.json else args.format
+    print(render(records, fmt, args.columns))
+    return 0
+
+
+# -- flops ---------------------------------------------------------------------------------
+def _parse_options(extra: list[str]) -> dict:
+    import yaml
+
+    options, i = {}, 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise UserError(f"unexpected argument {arg!r}; options are given as --name value")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            raw = extra[i + 1]
+            i += 2
+        else:
+            raw, i = "true", i + 1
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        options[key.replace("-", "_")] = value
+    return options
+
+
+def cmd_flops(args, extra: list[str]) -> int:
+    import torch
+
+    from .context import CellContext
+    from .flops import count_flops
+    from .plugins import registry
+    from .suite import CellConfig
+
+    options = _parse_options(extra)
+    reg = registry()
+    reg.get("backbone", args.backbone).check_options(options)
+    config = CellConfig.model_validate({"backbone": {"name": args.backbone, **options}, "metrics": ["gflops"],
+                                        "device": "cpu"})
+    ctx = CellContext("flops", "flops", 0, config, reg=reg)
+    torch.set_grad_enabled(False)
+    model = ctx.model.eval()
+    params = sum(p.numel() for p in model.parameters())
+    fc = count_flops(model, ctx.example_inputs(1, generator=torch.Generator().manual_seed(0)), reg.flop_handles())
+    result = {"backbone": args.backbone, "options": options, "input": ctx.input_spec, "params": params,
+              "gflops": fc.total / 1e9, "batch_size": 1, "convention": "1 multiply-add = 1 FLOP (fvcore)",
+              "uncounted_ops": fc.uncounted_ops}
+    result.update(getattr(model, "flops_extra", {}) or {})
+    if args.by_module:
+        result["by_module"] = {k: {"params": fc.params_by_module[k], "gflops": v / 1e9}
+                               for k, v in fc.by_module.items()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    console = _console()
+    console.print(f"{args.backbone} {options or ''} input {ctx.input_spec}")
+    console.print(f"params  {params:,} ({params / 1e6:.2f}M)")
+    console.print(f"GFLOPs  {fc.total / 1e9:.2f}  (batch 1, 1 multiply-add = 1 FLOP)")
+    if fc.uncounted_ops:
+        console.print(f"not counted (no FLOP handle): {', '.join(sorted(fc.uncounted_ops))}")
+    if args.by_module:
+        from rich.table import Table
+
+        table = Table("module", "params", "GFLOPs", box=None)
+        for k, v in result["by_module"].items():
+            table.add_row(k, f"{v['params']:,}", f"{v['gflops']:.3f}")
+        console.print(table)
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="Benchmark efficient diffusion models from YAML suites.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__import__('harness').__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a suite (skips cells already done)")
+    r.add_argument("suite")
+    r.add_argument("--results", default="results", help="results root; records go to RESULTS/<suite>/")
+    r.add_argument("--only", metavar="GLOB", help="cells whose id or label matches")
+    r.add_argument("--dry-run", action="store_true", help="list the cells and their configs, run nothing")
+    r.add_argument("--rerun", action="store_true", help="run cells again even if their record is ok")
+    r.add_argument("--executor", help="executor name (default: the suite's, else local)")
+    r.add_argument("--jobs", type=int, help="parallel jobs, for executors that take them")
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", help="check a suite without running it")
+    v.add_argument("suite")
+    v.add_argument("--results", default="results", help=argparse.SUPPRESS)
+    v.set_defaults(func=cmd_validate)
+
+    ls = sub.add_parser("ls", help="list components")
+    ls.add_argument("kind", nargs="?")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    pl = sub.add_parser("plugins", help="list loaded plugins")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plugins)
+
+    t = sub.add_parser("table", help="table of the records under a folder")
+    t.add_argument("results_dir")
+    t.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"])
+    t.add_argument("--columns", nargs="+", metavar="COLUMN")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_table)
+
+    f = sub.add_parser("flops", help="params and GFLOPs of one backbone configuration",
+                       description="Options after the backbone name are passed to its factory, "
+                                   "e.g. harness flops dit --size XL --patch 2 --input-size 32")
+    f.add_argument("backbone")
+    f.add_argument("--by-module", action="store_true")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_flops, takes_extra=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if getattr(args, "takes_extra", False):
+            return args.func(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.func(args)
+    except UserError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("harness: interrupted; finished cells are kept, rerun to finish the rest", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""What a metric (or the trainer) sees of the cell it measures."""
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .plugins import Registry, registry
+from .suite import CellConfig, ComponentSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Conditioning inputs the backbone factory contract names; the rest are backbone options.
+INPUT_KEYS = ("input_size", "in_channels", "num_classes", "context_dim")
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from the suite seed and any labels (cell id, purpose)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class CellContext:
+    """One cell's configuration, model, inputs and seeds.
+
+    Seeds: ``seed(purpose)`` depends on the suite seed, the cell id and the purpose, so a
+    rerun reproduces every draw. ``seed(purpose, shared=True)`` leaves the cell out: every
+    candidate in a suite then sees the same data order and the same noise.
+    """
+
+    def __init__(self, suite: str, cell_id: str, seed: int, config: CellConfig,
+                 workdir: Path | None = None, reg: Registry | None = None):
+        self.suite = suite
+        self.cell_id = cell_id
+        self.suite_seed = seed
+        self.config = config
+        self.workdir = Path(workdir) if workdir else None
+        self.registry = reg or registry()
+        self.device = resolve_device(config.device)
+        self.dtype = DTYPES[config.dtype]
+        self.extra: dict[str, Any] = {}  # extra record fields (loss curve, pruning plan...)
+        self._model: torch.nn.Module | None = None
+
+    # -- seeds ---------------------------------------------------------------------------
+    def seed(self, purpose: str, shared: bool = False) -> int:
+        parts = (self.suite_seed, purpose) if shared else (self.suite_seed, self.cell_id, purpose)
+        return derive_seed(*parts)
+
+    def generator(self, purpose: str, shared: bool = False, device: str | torch.device = "cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self.seed(purpose, shared))
+
+    # -- data and inputs ---------------------------------------------------------------------
+    @cached_property
+    def dataset(self):
+        """The training split of the cell's data set, or None without a ``data`` block."""
+        return self.make_dataset("train")
+
+    def make_dataset(self, split: str):
+        spec = self.config.data
+        if spec is None:
+            return None
+        return self.registry.create("dataset", spec.name, split=split, seed=self.seed("data", shared=True),
+                                    **spec.options)
+
+    @cached_property
+    def backbone_options(self) -> dict[str, Any]:
+        """Factory options with the input shape resolved: explicit option, else the data
+        set's shape, else the factory's default."""
+        spec: ComponentSpec = self.config.backbone
+        comp = self.registry.get("backbone", spec.name)
+        opts = spec.options
+        if self.config.data is not None:
+            ds = self.dataset
+            derived = {"input_size": ds.resolution, "in_channels": ds.channels, "num_classes": ds.num_classes}
+            for k, v in derived.items():
+                opts.setdefault(k, v)
+        comp.check_options(opts)
+        return opts
+
+    @cached_property
+    def input_spec(self) -> dict[str, int]:
+        comp = self.registry.get("backbone", self.config.backbone.name)
+        defaults = comp.defaults()
+        spec = {k: self.backbone_options.get(k, defaults.get(k)) for k in INPUT_KEYS}
+        spec["context_dim"] = spec["context_dim"] or 0
+        missing = [k for k in ("input_size", "in_channels", "num_classes") if spec[k] is None]
+        if missing:
+            raise ValueError(f"backbone {self.config.backbone.name!r} gives no default for {missing}; "
+                             "set them as backbone options or add a data block")
+        return spec
+
+    def build_backbone(self, device: str | torch.device | None = None) -> torch.nn.Module:
+        device = torch.device(device) if device is not None else self.device
+        torch.manual_seed(self.seed("init"))
+        with torch.device(device):
+            model = self.registry.create("backbone", self.config.backbone.name, **self.backbone_options)
+        return model
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The cell's model: built on first use, or whatever training/pruning left here."""
+        if self._model is None:
+            self._model = self.build_backbone()
+        return self._model
+
+    @model.setter
+    def model(self, module: torch.nn.Module) -> None:
+        self._model = module
+
+    def example_inputs(self, batch_size: int = 1, model: torch.nn.Module | None = None,
+                       device: torch.device | None = None, generator: torch.Generator | None = None) -> dict:
+        model = model if model is not None else self.model
+        device = device or next(iter(model.parameters()), torch.empty(0)).device
+        return example_inputs(model, self.input_spec, batch_size, device, generator)
+
+
+def example_inputs(model: torch.nn.Module, spec: dict, batch_size: int, device, generator=None) -> dict:
+    """Forward keyword arguments for ``model``: its own ``example_inputs`` when it has one,
+    else x, t and (labels or a 77-token context) shaped by ``spec``."""
+    if hasattr(model, "example_inputs"):
+        return model.example_inputs(batch_size, device=device, generator=generator)
+    gen = generator or torch.Generator().manual_seed(0)
+    n, c = spec["input_size"], spec["in_channels"]
+    x = torch.randn(batch_size, c, n, n, generator=gen).to(device)
+    t = torch.randint(0, 1000, (batch_size,), generator=gen).to(device)
+    if spec.get("context_dim"):
+        y = torch.randn(batch_size, 77, spec["context_dim"], generator=gen).to(device)
+    elif spec.get("num_classes"):
+        y = torch.randint(0, spec["num_classes"], (batch_size,), generator=gen).to(device)
+    else:
+        y = None
+    return {"x": x, "t": t, "y": y}

@@ -1,0 +1,120 @@
+"""The plugin API of diffusion-harness.
+
+These docstrings are the reference for plugin authors. A plugin is any importable module
+or object with functions decorated by :data:`harness.hookimpl`, announced by an entry point
+in the group ``harness``::
+
+    [project.entry-points.harness]
+    my_models = "my_package.harness_plugin"
+
+Every hook below takes no arguments and returns a mapping ``{component name: factory}``.
+Names are global: two plugins that declare the same name of the same kind are an error
+that names both. The first line of a factory's docstring is its description in
+``harness ls``. Factories are called with keyword arguments only; their signature is the
+list of options a suite may give, so unknown options are rejected before any work starts
+(a factory that takes ``**options`` accepts anything and checks for itself).
+
+The built-in components are plugins shaped exactly like this (``plugins/harness_*``).
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("harness")
+
+
+@hookspec
+def harness_backbones():
+    """Denoising networks.
+
+    ``factory(*, input_size: int, in_channels: int, num_classes: int, context_dim: int = 0,
+    **options) -> torch.nn.Module``. Give ``input_size``, ``in_channels`` and ``num_classes``
+    defaults: a suite without a ``data`` block measures the backbone at those defaults.
+
+    The module's ``forward(x, t, y=None)`` takes ``x`` of shape (B, in_channels, H, W) with
+    H = W = input_size, ``t`` of shape (B,), and ``y``: class labels (B,) (long), a context
+    (B, S, context_dim) for text-conditioned backbones, or None. It returns
+    (B, in_channels or 2 * in_channels, H, W): noise, optionally followed by the learned
+    variance.
+
+    Optional attributes the harness uses when present:
+
+    - ``example_inputs(batch_size, device=None, generator=None) -> dict`` of forward keyword
+      arguments (for backbones whose forward needs more than x, t, y);
+    - ``learn_sigma: bool``: whether the second half of the output channels is a variance.
+
+    Transformer-style backbones take a ``mixer`` option (a mixer name, or a mapping with
+    ``name`` and options) and build their token mixers with
+    ``harness.create("mixer", name, dim=..., **options)``.
+    """
+
+
+@hookspec
+def harness_mixers():
+    """Token mixers: ``factory(dim: int, **options) -> torch.nn.Module``.
+
+    ``forward(x, hw)`` maps x of shape (B, L, dim) to (B, L, dim), with ``hw = (H, W)`` and
+    H * W == L (tokens in raster order). A mixer may define ``flops_note`` (str) for reports.
+    """
+
+
+@hookspec
+def harness_metrics():
+    """Measurements of a cell: ``factory(**options) -> Metric``.
+
+    A Metric has ``name`` (str), ``direction`` ("lower", "higher" or None), ``unit`` (str)
+    and ``__call__(ctx: harness.context.CellContext) -> float | dict``. A dict must hold
+    ``value`` and may add details (spread, batch size, dtype...). Raise
+    :class:`harness.MetricUnavailable` with a reason when the figure cannot be computed
+    here (missing weights offline, say): the record then says so, and no number is made up.
+    Any other exception fails the cell with its error.
+    """
+
+
+@hookspec
+def harness_datasets():
+    """Data sets: ``factory(*, resolution: int, split: str = "train", **options)``.
+
+    Returns an object with ``num_classes`` (0 when unlabelled), ``channels``, ``resolution``,
+    ``__len__`` and ``__getitem__(i) -> (image tensor in [-1, 1] of shape (C, H, W), label)``.
+    """
+
+
+@hookspec
+def harness_pruning_criteria():
+    """Layer-pruning criteria: ``factory(**options) -> Criterion``.
+
+    ``Criterion.score(model, units, ctx) -> dict[unit name, float]``: the higher the score,
+    the more the unit matters (it is kept first).
+    """
+
+
+@hookspec
+def harness_distill_losses():
+    """Distillation losses: ``factory(**options) -> Loss``.
+
+    ``Loss(student_out, teacher_out, noise, student_feats, teacher_feats) -> torch.Tensor``,
+    a scalar; features are dicts of tensors keyed by the teacher's module names.
+    """
+
+
+@hookspec
+def harness_executors():
+    """Where cells run: ``factory(**options) -> Executor``.
+
+    ``Executor.run(jobs, on_done)`` executes every :class:`harness.runner.CellJob` (each
+    picklable; ``harness.runner.execute_cell(job)`` runs one and writes its record) and
+    calls ``on_done(job, record)`` as each finishes. It must not let one job's failure
+    stop the others.
+    """
+
+
+@hookspec
+def harness_flop_handles():
+    """FLOP counting rules for operators fvcore does not know.
+
+    Returns ``{operator name: handle}`` where the name is a TorchScript node kind such as
+    ``"aten::scaled_dot_product_attention"`` or ``"prim::PythonOp.SelectiveScanFn"``
+    (an ``autograd.Function`` subclass named SelectiveScanFn) and the handle is fvcore's
+    ``handle(inputs, outputs) -> int | Counter``. Count one multiply-add as one FLOP.
+    """

@@ -1,0 +1,217 @@
+"""Plugin manager and component registry.
+
+Plugins come from the entry-point group ``harness`` (built-ins included) and from
+:func:`register` (tests, notebooks). ``HARNESS_DISABLE_PLUGINS=a,b`` blocks entry points by
+name. Every hook returns ``{name: factory}``; :class:`Registry` merges them per kind.
+"""
+from __future__ import annotations
+
+import importlib.metadata as md
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UserError, suggest
+
+hookimpl = pluggy.HookimplMarker("harness")
+
+# kind -> hook name; the order is the order of `harness ls`.
+KINDS = {
+    "backbone": "harness_backbones",
+    "mixer": "harness_mixers",
+    "metric": "harness_metrics",
+    "dataset": "harness_datasets",
+    "criterion": "harness_pruning_criteria",
+    "loss": "harness_distill_losses",
+    "executor": "harness_executors",
+}
+
+
+@dataclass(frozen=True)
+class Component:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str
+
+    @property
+    def description(self) -> str:
+        doc = inspect.getdoc(self.factory) or ""
+        return doc.strip().splitlines()[0] if doc.strip() else ""
+
+    def signature(self) -> inspect.Signature | None:
+        try:
+            return inspect.signature(self.factory)
+        except (TypeError, ValueError):
+            return None
+
+    def defaults(self) -> dict[str, Any]:
+        sig = self.signature()
+        if sig is None:
+            return {}
+        return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Reject options the factory does not take, naming the closest ones it does."""
+        sig = self.signature()
+        if sig is None:
+            return
+        params = sig.parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        for key in options:
+            if key not in accepted:
+                raise UserError(
+                    f"{self.kind} {self.name!r} has no option {key!r}{suggest(key, accepted)}"
+                )
+
+    def __call__(self, **options):
+        self.check_options(options)
+        return self.factory(**options)
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...]
+
+
+class Registry:
+    """The plugin manager plus the components its plugins declare."""
+
+    def __init__(self, load_entrypoints: bool = True):
+        self.pm = pluggy.PluginManager("harness")
+        self.pm.add_hookspecs(hookspecs)
+        self._dists: dict[str, tuple[str, str]] = {}
+        self._components: dict[str, dict[str, Component]] | None = None
+        if load_entrypoints:
+            self._load_entrypoints()
+
+    # -- plugins -------------------------------------------------------------------------
+    def _load_entrypoints(self) -> None:
+        blocked = {n.strip() for n in os.environ.get("HARNESS_DISABLE_PLUGINS", "").split(",") if n.strip()}
+        for name in blocked:
+            self.pm.set_blocked(name)
+        seen: set[tuple[str, str]] = set()
+        for dist in md.distributions():
+            dist_name = dist.metadata["Name"]
+            for ep in dist.entry_points:
+                if ep.group != "harness" or (dist_name, ep.name) in seen:
+                    continue
+                seen.add((dist_name, ep.name))  # a dist visible twice on sys.path
+                if self.pm.is_blocked(ep.name):
+                    continue
+                if self.pm.get_plugin(ep.name) is not None:
+                    other = self._dists.get(ep.name, ("?", ""))[0]
+                    if other == dist_name:
+                        continue
+                    raise PluginError(
+                        f"plugin name {ep.name!r} is declared by both {other!r} and {dist_name!r}"
+                    )
+                try:
+                    plugin = ep.load()
+                except Exception as exc:  # the user must learn which package is broken
+                    raise PluginError(
+                        f"plugin {ep.name!r} of distribution {dist_name!r} ({ep.value}) failed to import: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                self.pm.register(plugin, name=ep.name)
+                self._dists[ep.name] = (dist_name, dist.version)
+        self._components = None
+
+    def register(self, plugin: object, name: str | None = None) -> str:
+        name = self.pm.register(plugin, name=name)
+        self._components = None
+        return name
+
+    def unregister(self, plugin: object | None = None, name: str | None = None) -> None:
+        self.pm.unregister(plugin=plugin, name=name)
+        self._components = None
+
+    def plugins(self) -> list[PluginInfo]:
+        out = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:  # blocked
+                continue
+            dist, version = self._dists.get(name, (None, None))
+            hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or ()))
+            out.append(PluginInfo(name, dist, version, hooks))
+        return sorted(out, key=lambda p: p.name)
+
+    def versions(self) -> dict[str, str | None]:
+        return {p.name: (f"{p.distribution} {p.version}" if p.distribution else None) for p in self.plugins()}
+
+    # -- components ----------------------------------------------------------------------
+    def _collect(self) -> dict[str, dict[str, Component]]:
+        if self._components is not None:
+            return self._components
+        table: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+        for kind, hook_name in KINDS.items():
+            caller = getattr(self.pm.hook, hook_name)
+            for impl in caller.get_hookimpls():
+                try:
+                    declared = impl.function() or {}
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {impl.plugin_name!r} failed in {hook_name}(): {type(exc).__name__}: {exc}"
+                    ) from exc
+                for cname, factory in declared.items():
+                    if cname in table[kind]:
+                        first = table[kind][cname].plugin
+                        raise PluginError(
+                            f"{kind} {cname!r} is declared by both plugin {first!r} and plugin {impl.plugin_name!r}"
+                        )
+                    table[kind][cname] = Component(kind, cname, factory, impl.plugin_name)
+        self._components = table
+        return table
+
+    def flop_handles(self) -> dict[str, Callable]:
+        handles: dict[str, Callable] = {}
+        for impl in self.pm.hook.harness_flop_handles.get_hookimpls():
+            for op, handle in (impl.function() or {}).items():
+                if op in handles:
+                    raise PluginError(f"FLOP handle for {op!r} is declared twice (plugin {impl.plugin_name!r})")
+                handles[op] = handle
+        return handles
+
+    def components(self, kind: str) -> dict[str, Component]:
+        _check_kind(kind)
+        return dict(sorted(self._collect()[kind].items()))
+
+    def get(self, kind: str, name: str) -> Component:
+        known = self.components(kind)
+        if not isinstance(name, str) or name not in known:
+            raise UserError(f"unknown {kind} {name!r}{suggest(str(name), known)}")
+        return known[name]
+
+    def create(self, kind: str, name: str, **options):
+        return self.get(kind, name)(**options)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise UserError(f"unknown component kind {kind!r}{suggest(kind, KINDS)}")
+
+
+_registry: Registry | None = None
+
+
+def registry() -> Registry:
+    """The process-wide registry, loading entry points on first use."""
+    global _registry
+    if _registry is None:
+        _registry = Registry()
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget the loaded plugins (tests; after installing a plugin at run time)."""
+    global _registry
+    _registry = None

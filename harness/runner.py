@@ -1,0 +1,163 @@
+"""Run a suite: expand cells, skip finished ones, execute the rest, write one record each.
+
+A cell that raises (an exception, out of memory) gets a failed record and the run goes on.
+A killed run leaves finished records intact; running again finishes the rest.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import MetricUnavailable, UserError
+from .plugins import registry
+from .records import environment, read_record, write_record
+from .suite import Cell, CellConfig, Suite, select, validate_cell
+
+
+@dataclass
+class CellJob:
+    """Everything needed to run one cell in another process or on another machine."""
+
+    suite: str
+    source: str
+    cell: str
+    label: str
+    seed: int
+    config: dict
+    results_dir: str
+
+    @property
+    def record_path(self) -> Path:
+        return Path(self.results_dir) / f"{self.cell}.json"
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.results_dir) / self.cell
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _metric_entry(metric, value) -> dict:
+    entry = dict(value) if isinstance(value, dict) else {"value": value}
+    if "value" not in entry:
+        raise TypeError(f"metric {metric.name!r} returned a dict without 'value'")
+    entry.setdefault("direction", getattr(metric, "direction", None))
+    entry.setdefault("unit", getattr(metric, "unit", ""))
+    return entry
+
+
+def execute_cell(job: CellJob) -> dict:
+    """Run one cell in this process and write its record; never raises for a cell's own failure."""
+    reg = registry()
+    config = CellConfig.model_validate(job.config)
+    record = {
+        "suite": job.suite, "cell": job.cell, "label": job.label, "seed": job.seed,
+        "config": job.config, "status": "running", "error": None, "metrics": {},
+        "env": {}, "plugins": reg.versions(), "started": _now(),
+    }
+    t0 = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    try:
+        from .context import CellContext
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
+        record["env"] = environment(str(ctx.device))
+        if config.prune or config.distill:
+            from .stages import compress_cell  # provided by the compression stage
+
+            compress_cell(ctx)
+        if config.train.steps > 0:
+            from .stages import train_cell
+
+            train_cell(ctx)
+        for spec in config.metric_specs():
+            metric = reg.create("metric", spec.name, **spec.options)
+            try:
+                value = metric(ctx)
+            except MetricUnavailable as exc:
+                record["metrics"][spec.name] = {"value": None, "status": "unavailable", "reason": str(exc),
+                                                "direction": getattr(metric, "direction", None),
+                                                "unit": getattr(metric, "unit", "")}
+                continue
+            record["metrics"][spec.name] = _metric_entry(metric, value)
+        record.update(ctx.extra)
+        record["status"] = "ok"
+    except (Exception, MemoryError) as exc:  # one cell's failure is data, not a crash
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}".strip()
+        record["traceback"] = traceback.format_exc(limit=20)
+        if not record["env"]:
+            record["env"] = environment(None)
+    finally:
+        torch.set_num_threads(old_threads)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    record["finished"] = _now()
+    record["duration_s"] = round(time.perf_counter() - t0, 3)
+    write_record(job.record_path, record)
+    return record
+
+
+def plan(suite: Suite, results_root: Path, only: str | None = None) -> list[CellJob]:
+    """Validate every selected cell and turn it into a job (no work done)."""
+    cells: list[Cell] = select(suite.cells(), only, suite.source)
+    jobs = []
+    for cell in cells:
+        validate_cell(suite, cell)
+        jobs.append(CellJob(suite.name, suite.source, cell.id, cell.label, cell.seed, cell.config,
+                            str(results_root / suite.name)))
+    return jobs
+
+
+def check_builds(suite: Suite, jobs: list[CellJob]) -> None:
+    """Build each distinct backbone on the meta device: options the factory rejects while
+    constructing (a bad size, a patch that does not divide the input) fail here, before work."""
+    from .context import CellContext
+
+    seen = set()
+    for job in jobs:
+        config = CellConfig.model_validate(job.config)
+        key = repr(config.backbone.model_dump())
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            ctx = CellContext(job.suite, job.cell, job.seed, config)
+            ctx.build_backbone(device="meta")
+        except UserError as exc:
+            raise UserError(f"{suite.source}: cell {job.label}: {exc}") from None
+        except Exception as exc:
+            raise UserError(f"{suite.source}: cell {job.label}: backbone does not build: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+
+def pending(jobs: list[CellJob], rerun: bool) -> tuple[list[CellJob], list[CellJob]]:
+    """Split into (to run, already ok)."""
+    todo, done = [], []
+    for job in jobs:
+        rec = None if rerun else read_record(job.record_path)
+        (done if rec is not None and rec.get("status") == "ok" else todo).append(job)
+    return todo, done
+
+
+def run_jobs(jobs: list[CellJob], executor, on_start: Callable | None = None,
+             on_done: Callable | None = None) -> list[dict]:
+    records: list[dict] = []
+
+    def done(job, record):
+        records.append(record)
+        if on_done:
+            on_done(job, record)
+
+    executor.run(jobs, done, on_start=on_start)
+    return records

@@ -1,0 +1,333 @@
+"""Suites: YAML files of a base configuration and a matrix of overrides.
+
+Loading is strict: safe YAML only, no duplicate keys, unknown keys rejected by pydantic, and
+every error names the file, the line, the key and what was expected.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+
+Path_ = tuple  # a path into the document: ("base", "backbone", "mixer")
+
+
+# -- schema ------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ComponentSpec(BaseModel):
+    """``{name: ..., **options}``; options are checked against the factory's signature."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainSpec(_Strict):
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    ema: Optional[float] = Field(0.9999, ge=0, lt=1)
+    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = Field(1000, gt=0)
+    label_dropout: float = Field(0.1, ge=0, le=1)
+    learn_sigma: bool = False
+    checkpoint_every: int = Field(0, ge=0)
+    log_every: int = Field(10, gt=0)
+
+
+class CellConfig(_Strict):
+    backbone: ComponentSpec
+    data: Optional[ComponentSpec] = None
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    metrics: list[Union[str, ComponentSpec]] = Field(min_length=1)
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: Optional[int] = Field(None, gt=0)
+    prune: Optional[dict[str, Any]] = None
+    distill: Optional[list[Any]] = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "meta") and not v.startswith("cuda"):
+            raise ValueError("expected 'auto', 'cpu' or 'cuda[:N]'")
+        return v
+
+    def metric_specs(self) -> list[ComponentSpec]:
+        return [ComponentSpec(name=m) if isinstance(m, str) else m for m in self.metrics]
+
+
+class SuiteSpec(_Strict):
+    suite: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = Field(0, ge=0)
+    description: str = ""
+    executor: Optional[ComponentSpec] = None
+    base: dict[str, Any]
+    matrix: dict[str, list[Any]] = Field(default_factory=dict)
+    include: list[dict[str, Any]] = Field(default_factory=list)
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _axes(self):
+        for axis, values in self.matrix.items():
+            if not values:
+                raise ValueError(f"matrix axis {axis!r} is empty; give at least one value")
+        return self
+
+
+# -- YAML with line numbers ----------------------------------------------------------------
+def _lines(node: yaml.Node, path: Path_, out: dict, source: str) -> None:
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen = {}
+        for knode, vnode in node.value:
+            key = knode.value
+            if key in seen:
+                raise UserError(
+                    f"{source}:{knode.start_mark.line + 1}: duplicate key {key!r} (first on line {seen[key]})"
+                )
+            seen[key] = knode.start_mark.line + 1
+            _lines(vnode, path + (key,), out, source)
+            out[path + (key,)] = knode.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _lines(item, path + (i,), out, source)
+
+
+def load_yaml(text: str, source: str) -> tuple[Any, dict]:
+    """Parse safely; return the data and a map from document path to line number."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{source}:{mark.line + 1}" if mark else source
+        what = exc.problem or str(exc)
+        if "could not determine a constructor" in str(exc):
+            what = f"YAML tag not allowed ({exc.problem.split('tag')[-1].strip()}): suites are plain data"
+        raise UserError(f"{where}: invalid YAML: {what}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{source}: invalid YAML: {exc}") from None
+    lines: dict = {}
+    if node is not None:
+        _lines(node, (), lines, source)
+    return data, lines
+
+
+# -- cells -----------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    suite: str
+    seed: int
+    config: dict[str, Any]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    origin: dict[Path_, Path_] = field(default_factory=dict)  # config path -> document path
+
+    @property
+    def id(self) -> str:
+        blob = json.dumps({"config": self.config, "seed": self.seed}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        if not self.overrides:
+            return "base"
+        return ",".join(f"{k}={_short(v)}" for k, v in self.overrides.items())
+
+    def parsed(self) -> CellConfig:
+        return CellConfig.model_validate(self.config)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, dict):
+        return v.get("name", json.dumps(v, sort_keys=True)) if "name" in v else json.dumps(v, sort_keys=True)
+    return str(v)
+
+
+def _set(cfg: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        elif not isinstance(nxt, dict):
+            raise KeyError(dotted)
+        node = nxt
+    node[keys[-1]] = copy.deepcopy(value)
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return _MISSING
+        node = node[k]
+    return node
+
+
+_MISSING = object()
+
+
+@dataclass
+class Suite:
+    spec: SuiteSpec
+    source: str
+    lines: dict
+
+    @property
+    def name(self) -> str:
+        return self.spec.suite
+
+    def line(self, doc_path: Path_) -> int | None:
+        while doc_path:
+            if doc_path in self.lines:
+                return self.lines[doc_path]
+            doc_path = doc_path[:-1]
+        return None
+
+    def where(self, doc_path: Path_) -> str:
+        line = self.line(doc_path)
+        return f"{self.source}:{line}" if line else self.source
+
+    def cells(self) -> list[Cell]:
+        axes = list(self.spec.matrix.items())
+        combos = itertools.product(*[range(len(v)) for _, v in axes]) if axes else [()]
+        cells: list[Cell] = []
+        for combo in combos:
+            overrides = {axis: values[i] for (axis, values), i in zip(axes, combo)}
+            origin = {tuple(axis.split(".")): ("matrix", axis, i) for (axis, _), i in zip(axes, combo)}
+            cells.append(self._cell(overrides, origin))
+        for n, extra in enumerate(self.spec.include):
+            origin = {tuple(k.split(".")): ("include", n, k) for k in extra}
+            cells.append(self._cell(dict(extra), origin))
+        out, ids = [], set()
+        for cell in cells:
+            if any(all(_get(cell.config, k) == v for k, v in ex.items()) for ex in self.spec.exclude):
+                continue
+            if cell.id not in ids:  # an include may repeat a matrix cell
+                ids.add(cell.id)
+                out.append(cell)
+        if not out:
+            raise UserError(f"{self.source}: the matrix, includes and excludes leave no cell to run")
+        return out
+
+    def _cell(self, overrides: dict, origin: dict) -> Cell:
+        cfg = copy.deepcopy(self.spec.base)
+        for dotted, value in overrides.items():
+            try:
+                _set(cfg, dotted, value)
+            except KeyError:
+                doc = origin[tuple(dotted.split("."))][:2]
+                raise UserError(
+                    f"{self.where(doc)}: cannot set {dotted!r}: a parent key in base is not a mapping"
+                ) from None
+        return Cell(self.name, self.spec.seed, cfg, overrides, origin)
+
+    def locate(self, cell: Cell, loc: Path_) -> str:
+        """'file:line' of the value behind a config path, following matrix overrides."""
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in cell.origin:
+                return self.where(cell.origin[loc[:n]])
+        return self.where(("base",) + tuple(loc))
+
+
+def _fmt_loc(loc) -> str:
+    return ".".join(str(p) for p in loc if not isinstance(p, int) or True)
+
+
+def _pydantic_message(err: dict) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "missing required key"
+    if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise UserError(f"{source}: suite file not found")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{source}: cannot read suite: {exc}") from None
+    data, lines = load_yaml(text, source)
+    if not isinstance(data, dict):
+        raise UserError(f"{source}:1: a suite is a mapping with keys suite, base, matrix (got {type(data).__name__})")
+    try:
+        spec = SuiteSpec.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        suite = Suite.__new__(Suite)
+        suite.source, suite.lines = source, lines
+        raise UserError(f"{suite.where(loc)}: {_fmt_loc(loc) or 'suite'}: {_pydantic_message(err)}") from None
+    return Suite(spec, source, lines)
+
+
+def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
+    """Schema and component names/options of one cell; raises UserError with a location."""
+    from .plugins import registry
+
+    try:
+        parsed = cell.parsed()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        raise UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: {_pydantic_message(err)}") from None
+    reg = registry()
+    checks = [(("backbone",), "backbone", parsed.backbone)]
+    if parsed.data is not None:
+        checks.append((("data",), "dataset", parsed.data))
+    for i, m in enumerate(parsed.metric_specs()):
+        checks.append((("metrics", i), "metric", m))
+    for loc, kind, spec in checks:
+        try:
+            comp = reg.get(kind, spec.name)
+            opts = spec.options
+            if kind == "backbone":
+                opts = {k: v for k, v in opts.items()}
+                mixer = opts.get("mixer")
+                if mixer is not None:
+                    mname = mixer if isinstance(mixer, str) else (mixer or {}).get("name")
+                    reg.get("mixer", mname)
+            comp.check_options(opts)
+        except UserError as exc:
+            sub = loc + (("name",) if "unknown" in str(exc) else ())
+            if "mixer" in str(exc) and kind == "backbone":
+                sub = loc + ("mixer",)
+            raise UserError(f"{suite.locate(cell, sub)}: {_fmt_loc(loc)}: {exc}") from None
+    return parsed
+
+
+def select(cells: list[Cell], pattern: str | None, source: str) -> list[Cell]:
+    if not pattern:
+        return cells
+    chosen = [c for c in cells if fnmatch.fnmatch(c.id, pattern) or fnmatch.fnmatch(c.label, pattern)]
+    if not chosen:
+        labels = ", ".join(c.label for c in cells[:6])
+        raise UserError(f"{source}: --only {pattern!r} matches no cell (ids or labels such as: {labels})")
+    return chosen

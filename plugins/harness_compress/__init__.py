@@ -1,0 +1,1 @@
+"""Layer pruning criteria and distillation losses."""

@@ -1,0 +1,14 @@
+"""Cells one after another in this process."""
+from __future__ import annotations
+
+from harness.runner import execute_cell
+
+
+class LocalExecutor:
+    """Run cells one after another in this process (the default)."""
+
+    def run(self, jobs, on_done, on_start=None):
+        for job in jobs:
+            if on_start:
+                on_start(job)
+            on_done(job, execute_cell(job))

@@ -1,0 +1,1 @@
+"""Sample-quality metrics: validation loss, FID, KID, IS."""

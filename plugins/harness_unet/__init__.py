@@ -1,0 +1,1 @@
+"""U-Net backbones: ADM-style class-conditional and Stable Diffusion (diffusers)."""
