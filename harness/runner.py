@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from . import stages
 from .errors import MetricUnavailable, UserError
 from .plugins import registry
 from .records import environment, read_record, write_record
@@ -72,14 +73,10 @@ def execute_cell(job: CellJob) -> dict:
             torch.set_num_threads(config.threads)
         ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
         record["env"] = environment(str(ctx.device))
-        if config.prune or config.distill:
-            from .stages import compress_cell  # provided by the compression stage
-
-            compress_cell(ctx)
         if config.train.steps > 0:
-            from .stages import train_cell
-
-            train_cell(ctx)
+            stages.train_cell(ctx)
+        if config.prune or config.distill:
+            stages.compress_cell(ctx)
         for spec in config.metric_specs():
             metric = reg.create("metric", spec.name, **spec.options)
             try:
