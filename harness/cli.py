@@ -209,10 +209,11 @@ def cmd_flops(args, extra: list[str]) -> int:
     config = CellConfig.model_validate({"backbone": {"name": args.backbone, **options}, "metrics": ["gflops"],
                                         "device": "cpu"})
     ctx = CellContext("flops", "flops", 0, config, reg=reg)
-    torch.set_grad_enabled(False)
-    model = ctx.model.eval()
-    params = sum(p.numel() for p in model.parameters())
-    fc = count_flops(model, ctx.example_inputs(1, generator=torch.Generator().manual_seed(0)), reg.flop_handles())
+    with torch.no_grad():
+        model = ctx.model.eval()
+        params = sum(p.numel() for p in model.parameters())
+        fc = count_flops(model, ctx.example_inputs(1, generator=torch.Generator().manual_seed(0)),
+                         reg.flop_handles())
     result = {"backbone": args.backbone, "options": options, "input": ctx.input_spec, "params": params,
               "gflops": fc.total / 1e9, "batch_size": 1, "convention": "1 multiply-add = 1 FLOP (fvcore)",
               "uncounted_ops": fc.uncounted_ops}

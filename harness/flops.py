@@ -73,6 +73,10 @@ def count_flops(model: torch.nn.Module, inputs: dict, handles: dict | None = Non
     for name, child in model.named_children():
         by_module[name] = int(per_module.get(f"model.{name}", 0))
         params[name] = sum(p.numel() for p in child.parameters())
+    rest = total - sum(by_module.values())
+    if rest:  # work in the model's own forward, outside any child
+        by_module["(top level)"] = rest
+        params["(top level)"] = sum(p.numel() for p in model.parameters(recurse=False))
     return FlopCount(total, by_module, params, dict(uncounted))
 
 

@@ -12,10 +12,10 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError
 
@@ -81,16 +81,9 @@ class SuiteSpec(_Strict):
     description: str = ""
     executor: Optional[ComponentSpec] = None
     base: dict[str, Any]
-    matrix: dict[str, list[Any]] = Field(default_factory=dict)
+    matrix: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     include: list[dict[str, Any]] = Field(default_factory=list)
     exclude: list[dict[str, Any]] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _axes(self):
-        for axis, values in self.matrix.items():
-            if not values:
-                raise ValueError(f"matrix axis {axis!r} is empty; give at least one value")
-        return self
 
 
 # -- YAML with line numbers ----------------------------------------------------------------
@@ -198,10 +191,10 @@ class Suite:
         return self.spec.suite
 
     def line(self, doc_path: Path_) -> int | None:
-        while doc_path:
-            if doc_path in self.lines:
-                return self.lines[doc_path]
-            doc_path = doc_path[:-1]
+        """Line of the deepest part of ``doc_path`` present in the file (a missing key: its parent)."""
+        for n in range(len(doc_path), -1, -1):
+            if doc_path[:n] in self.lines:
+                return self.lines[doc_path[:n]]
         return None
 
     def where(self, doc_path: Path_) -> str:
@@ -251,11 +244,14 @@ class Suite:
 
 
 def _fmt_loc(loc) -> str:
-    return ".".join(str(p) for p in loc if not isinstance(p, int) or True)
+    return ".".join(str(p) for p in loc)
 
 
 def _pydantic_message(err: dict) -> str:
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
+    loc = tuple(err["loc"])
+    if err["type"] == "too_short" and loc[:1] == ("matrix",) and len(loc) == 2:
+        return f"matrix axis {loc[1]!r} is empty; give at least one value"
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "missing":

@@ -189,7 +189,7 @@ class DiT(nn.Module):
     def unpatchify(self, x):
         c, p, h = self.out_channels, self.patch, self.grid
         x = x.reshape(x.shape[0], h, h, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = x.permute(0, 5, 1, 3, 2, 4)  # n h w p q c -> n c h p w q (a permute: fvcore counts einsum)
         return x.reshape(x.shape[0], c, h * p, h * p)
 
     def forward(self, x, t, y=None):

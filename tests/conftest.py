@@ -1,0 +1,56 @@
+"""Shared fixtures: real plugin distributions installed into a temporary site folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+REPO = HERE.parent
+
+
+def pip_install_target(src: Path, target: Path) -> Path:
+    """Install a distribution with pip into ``target`` (a folder for sys.path).
+
+    pip builds in the source tree, so it works on a copy: the repo stays clean."""
+    build = target.parent / f"{target.name}-src"
+    shutil.copytree(src, build, dirs_exist_ok=True)
+    src = build
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--disable-pip-version-check", "--no-index", "--target", str(target), str(src)],
+        check=True, capture_output=True, text=True,
+    )
+    return target
+
+
+@pytest.fixture(scope="session")
+def plugin_site(tmp_path_factory) -> Path:
+    """tests/plugin_dists/toy installed as a real distribution with a `harness` entry point."""
+    target = tmp_path_factory.mktemp("site-toy")
+    return pip_install_target(HERE / "plugin_dists" / "toy", target)
+
+
+@pytest.fixture
+def with_site(monkeypatch):
+    """Put an installed site folder on sys.path (and PYTHONPATH for subprocesses), fresh registry."""
+    import harness.plugins
+
+    added: list[str] = []
+
+    def use(site: Path):
+        monkeypatch.syspath_prepend(str(site))
+        path = os.pathsep.join([str(site)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+        monkeypatch.setenv("PYTHONPATH", path)
+        added.append(str(site))
+        harness.plugins.reset_registry()
+        return harness.plugins.registry()
+
+    yield use
+    harness.plugins.reset_registry()
+    for name in [m for m in sys.modules if m.startswith("harness_toy")]:
+        del sys.modules[name]

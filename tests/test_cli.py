@@ -1,0 +1,112 @@
+"""ls, plugins, table and flops, including their --json forms."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from harness.cli import main
+from harness.records import write_record
+
+
+def cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_ls_and_plugins_json(capsys):
+    code, out, _ = cli(["ls", "--json"], capsys)
+    rows = json.loads(out)
+    assert code == 0
+    dit = next(r for r in rows if r["name"] == "dit")
+    assert dit["kind"] == "backbone" and dit["plugin"] == "dit" and dit["description"].startswith("DiT")
+    code, out, _ = cli(["ls", "mixer"], capsys)
+    assert code == 0 and "attention" in out and "dit" not in out
+    code, out, _ = cli(["plugins", "--json"], capsys)
+    plugins = {p["name"]: p for p in json.loads(out)}
+    assert plugins["measure"]["distribution"] == "diffusion-harness"
+    assert "metric:gflops" in plugins["measure"]["components"]
+    assert "harness_flop_handles" in plugins["measure"]["hooks"]
+
+
+def test_ls_unknown_kind(capsys):
+    code, _, err = cli(["ls", "mixers"], capsys)
+    assert code == 2 and "did you mean 'mixer'" in err
+
+
+def record(cell, size, params, gflops, status="ok", latency=None):
+    metrics = {"params": {"value": params, "unit": "params", "direction": "lower"},
+               "gflops": {"value": gflops, "unit": "G", "direction": "lower"}}
+    if latency:
+        metrics["latency"] = {"value": latency, "iqr": 0.4, "unit": "ms", "direction": "lower"}
+    if status != "ok":
+        metrics = {}
+    return {"suite": "demo", "cell": cell, "config": {"backbone": {"name": "dit", "size": size},
+                                                      "metrics": ["params", "gflops"]},
+            "status": status, "error": None if status == "ok" else "RuntimeError: boom", "metrics": metrics,
+            "env": {}, "plugins": {}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    write_record(tmp_path / "demo" / "a.json", record("a", "S", 32_870_000, 6.06, latency=12.0))
+    write_record(tmp_path / "demo" / "b.json", record("b", "XL", 674_830_000, 118.69))
+    write_record(tmp_path / "demo" / "c.json", record("c", "L", 0, 0, status="failed"))
+    (tmp_path / "demo" / "junk.json").write_text("{not json")
+    return tmp_path
+
+
+def test_table_markdown_shows_direction_and_status(results, capsys):
+    code, out, _ = cli(["table", str(results)], capsys)
+    assert code == 0
+    assert "params ↓" in out and "gflops ↓" in out and "latency (ms) ↓" in out
+    assert "674.83M" in out and "118.7" in out and "12.00 ± 0.20" in out
+    assert "failed" in out and "backbone.size" in out
+
+
+@pytest.mark.parametrize("fmt,needle", [("latex", "\\begin{tabular}"), ("csv", "674830000"),
+                                        ("html", "<table")])
+def test_table_formats(results, capsys, fmt, needle):
+    code, out, _ = cli(["table", str(results), "--format", fmt], capsys)
+    assert code == 0 and needle in out
+
+
+def test_table_json_and_columns(results, capsys):
+    code, out, _ = cli(["table", str(results), "--json", "--columns", "backbone.size", "gflops"], capsys)
+    rows = json.loads(out)
+    assert code == 0 and rows[1] == {"backbone.size": "XL", "gflops": 118.69}
+    code, _, err = cli(["table", str(results), "--columns", "gflop"], capsys)
+    assert code == 2 and "did you mean 'gflops'" in err
+
+
+def test_table_of_missing_dir(tmp_path, capsys):
+    code, _, err = cli(["table", str(tmp_path / "nope")], capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_flops_json_tiny(capsys):
+    code, out, _ = cli(["flops", "dit", "--size", "tiny", "--patch", "4", "--input-size", "16", "--json",
+                        "--by-module"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["options"] == {"size": "tiny", "patch": 4, "input_size": 16}
+    assert data["params"] == sum(m["params"] for m in data["by_module"].values())
+    assert abs(sum(m["gflops"] for m in data["by_module"].values()) - data["gflops"]) < 1e-9
+    assert data["uncounted_ops"] == {}
+
+
+def test_flops_bad_option(capsys):
+    code, _, err = cli(["flops", "dit", "--sise", "XL"], capsys)
+    assert code == 2 and "did you mean 'size'" in err
+
+
+def test_flops_dit_xl2_matches_paper():
+    """The published DiT-XL/2 figures: 675M parameters, 118.6 GFLOPs at 256x256 (latent 32)."""
+    proc = subprocess.run([sys.executable, "-m", "harness.cli", "flops", "dit", "--size", "XL", "--patch", "2",
+                           "--input-size", "32", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert abs(data["params"] / 675e6 - 1) < 0.01
+    assert abs(data["gflops"] / 118.6 - 1) < 0.01

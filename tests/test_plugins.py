@@ -1,0 +1,109 @@
+"""Plugin discovery through real entry points, name clashes, broken plugins, blocking."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+import harness
+from harness.errors import PluginError, UserError
+from harness.plugins import Registry
+
+from conftest import pip_install_target
+
+
+def make_dist(root, dist: str, module: str, body: str, ep_name: str | None = None):
+    pkg = root / dist
+    (pkg / module).mkdir(parents=True)
+    (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "{dist}"
+        version = "1.0"
+        [project.entry-points.harness]
+        {ep_name or module} = "{module}"
+        [tool.setuptools]
+        packages = ["{module}"]
+    """))
+    (pkg / module / "__init__.py").write_text(textwrap.dedent(body))
+    return pkg
+
+
+def test_builtins_come_through_entry_points():
+    reg = Registry()
+    plugins = {p.name: p for p in reg.plugins()}
+    assert plugins["dit"].distribution == "diffusion-harness"
+    assert "harness_backbones" in plugins["dit"].hooks
+    assert reg.get("backbone", "dit").plugin == "dit"
+    assert {"params", "gflops", "latency"} <= set(reg.components("metric"))
+
+
+def test_installed_distribution_is_discovered(plugin_site, with_site):
+    reg = with_site(plugin_site)
+    info = {p.name: p for p in reg.plugins()}["toy"]
+    assert (info.distribution, info.version) == ("harness-toy", "0.3.1")
+    assert reg.get("backbone", "toy").plugin == "toy"
+    assert "toy-shift" in harness.components("mixer")
+    assert harness.components("backbone", "to*") == ["toy"]
+    model = harness.create("backbone", "toy", width=4)
+    assert model.conv.out_channels == 4
+
+
+def test_register_call_unregister():
+    reg = Registry(load_entrypoints=False)
+
+    class Plugin:
+        @harness.hookimpl
+        def harness_mixers(self):
+            return {"nothing": lambda dim: None}
+
+    plugin = Plugin()
+    reg.register(plugin, name="inline")
+    assert list(reg.components("mixer")) == ["nothing"]
+    reg.unregister(plugin)
+    assert reg.components("mixer") == {}
+
+
+def test_duplicate_component_names_both_plugins():
+    reg = Registry()
+
+    class Clash:
+        @harness.hookimpl
+        def harness_backbones(self):
+            return {"dit": lambda **kw: None}
+
+    reg.register(Clash(), name="clash")
+    with pytest.raises(PluginError, match=r"backbone 'dit' is declared by both plugin 'dit' and plugin 'clash'"):
+        reg.components("backbone")
+
+
+def test_plugin_that_fails_to_import_names_its_distribution(tmp_path, with_site):
+    src = make_dist(tmp_path, "harness-broken", "harness_broken", "import no_such_module_here\n")
+    site = pip_install_target(src, tmp_path / "site")
+    with pytest.raises(PluginError, match=r"distribution 'harness-broken'.*ModuleNotFoundError"):
+        with_site(site)
+
+
+def test_disable_plugins_env_blocks_by_name(plugin_site, with_site, monkeypatch):
+    monkeypatch.setenv("HARNESS_DISABLE_PLUGINS", "toy, measure")
+    reg = with_site(plugin_site)
+    names = {p.name for p in reg.plugins()}
+    assert "toy" not in names and "measure" not in names and "dit" in names
+    with pytest.raises(UserError, match="unknown metric 'params'"):
+        reg.get("metric", "params")
+
+
+def test_unknown_names_and_options_suggest():
+    with pytest.raises(UserError, match=r"unknown backbone 'ditt'; did you mean 'dit'"):
+        harness.create("backbone", "ditt")
+    with pytest.raises(UserError, match=r"unknown component kind 'mixers'; did you mean 'mixer'"):
+        harness.components("mixers")
+    with pytest.raises(UserError, match=r"has no option 'sise'; did you mean 'size'"):
+        harness.create("backbone", "dit", sise="S")
+
+
+def test_flop_handles_hook_collects_sdpa():
+    handles = Registry().flop_handles()
+    assert "aten::scaled_dot_product_attention" in handles

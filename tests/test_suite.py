@@ -1,0 +1,125 @@
+"""Suite loading and validation: every bad input is one clear line, exit 2, nothing written."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from harness.cli import main
+from harness.suite import load_suite
+
+GOOD = """\
+suite: demo
+seed: 3
+base:
+  backbone: {name: dit, size: tiny, patch: 4, input_size: 8}
+  metrics: [params]
+  device: cpu
+matrix:
+  backbone.patch: [2, 4]
+  backbone.mixer: [attention]
+"""
+
+
+def write(tmp_path, text: str, name: str = "suite.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_matrix_expands_to_cells_with_stable_ids(tmp_path):
+    suite = load_suite(write(tmp_path, GOOD))
+    cells = suite.cells()
+    assert [c.config["backbone"]["patch"] for c in cells] == [2, 4]
+    assert cells[0].label == "backbone.patch=2,backbone.mixer=attention"
+    assert len({c.id for c in cells}) == 2
+    again = load_suite(write(tmp_path, GOOD, "copy.yaml")).cells()
+    assert [c.id for c in again] == [c.id for c in cells]  # the id is the resolved config, not the file
+
+
+def test_include_and_exclude(tmp_path):
+    text = GOOD + "include:\n  - {backbone.patch: 8}\nexclude:\n  - {backbone.patch: 4}\n"
+    cells = load_suite(write(tmp_path, text)).cells()
+    assert sorted(c.config["backbone"]["patch"] for c in cells) == [2, 8]
+
+
+def test_seed_changes_cell_id(tmp_path):
+    a = load_suite(write(tmp_path, GOOD)).cells()[0].id
+    b = load_suite(write(tmp_path, GOOD.replace("seed: 3", "seed: 4"), "b.yaml")).cells()[0].id
+    assert a != b
+
+
+BAD = {
+    "malformed": ("suite: demo\nbase: {backbone: [\n", r"suite\.yaml:\d+: invalid YAML"),
+    "missing key": ("suite: demo\nmatrix: {}\n", r"suite\.yaml:1: base: missing required key"),
+    "unknown key": (GOOD.replace("seed: 3", "seeds: 3"), r"suite\.yaml:2: seeds: unknown key"),
+    "unknown cell key": (GOOD.replace("  device: cpu", "  devcie: cpu"), r"suite\.yaml:6: devcie: unknown key"),
+    "wrong type": (GOOD.replace("seed: 3", "seed: three"), r"suite\.yaml:2: seed: .*integer.*'three'"),
+    "negative count": (GOOD.replace("  device: cpu", "  device: cpu\n  train: {steps: -5}"),
+                       r"suite\.yaml:7: train\.steps: .*greater than or equal to 0"),
+    "empty axis": (GOOD.replace("[attention]", "[]"), r"suite\.yaml:\d+: .*matrix axis 'backbone.mixer' is empty"),
+    "unknown backbone": (GOOD.replace("name: dit", "name: ditt"),
+                         r"suite\.yaml:4: backbone: unknown backbone 'ditt'; did you mean 'dit'"),
+    "unknown mixer": (GOOD.replace("[attention]", "[atention]"),
+                      r"suite\.yaml:9: backbone: unknown mixer 'atention'; did you mean 'attention'"),
+    "unknown metric": (GOOD.replace("[params]", "[params, gflop]"),
+                       r"suite\.yaml:5: metrics\.1: unknown metric 'gflop'; did you mean 'gflops'"),
+    "unknown option": (GOOD.replace("size: tiny", "sise: tiny"), r"has no option 'sise'; did you mean 'size'"),
+    "yaml tag": (GOOD.replace("seed: 3", "seed: !!python/object/apply:os.system ['true']"),
+                 r"suite\.yaml:2: invalid YAML: YAML tag not allowed"),
+    "duplicate key": (GOOD.replace("seed: 3", "seed: 3\nseed: 4"), r"suite\.yaml:3: duplicate key 'seed'"),
+    "not a mapping": ("- a\n- b\n", r"suite\.yaml:1: a suite is a mapping"),
+    "bad build": (GOOD.replace("input_size: 8", "input_size: 6"), r"patch 4 does not divide input_size 6"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("command", ["run", "validate"])
+def test_bad_suites_fail_cleanly(tmp_path, capsys, case, command):
+    text, pattern = BAD[case]
+    path = write(tmp_path, text)
+    results = tmp_path / "results"
+    code, out, err = run_cli([command, str(path), "--results", str(results)], capsys)
+    assert code == 2, err
+    assert err.startswith("harness: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err + out
+    import re
+
+    assert re.search(pattern, err), err
+    assert not results.exists() or not any(results.rglob("*.json"))
+
+
+def test_missing_suite_file(tmp_path, capsys):
+    code, _, err = run_cli(["run", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "nope.yaml: suite file not found" in err
+
+
+def test_only_that_matches_nothing(tmp_path, capsys):
+    code, _, err = run_cli(["run", str(write(tmp_path, GOOD)), "--only", "zzz*", "--results", str(tmp_path)], capsys)
+    assert code == 2 and "--only 'zzz*' matches no cell" in err
+
+
+def test_results_dir_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    code, _, err = run_cli(["run", str(write(tmp_path, GOOD)), "--results", str(blocker)], capsys)
+    assert code == 2 and "results directory is not writable" in err
+    assert blocker.read_text() == "keep me"
+
+
+def test_validate_ok(tmp_path, capsys):
+    code, out, _ = run_cli(["validate", str(write(tmp_path, GOOD))], capsys)
+    assert code == 0 and "2 cell(s)" in out
+
+
+def test_dry_run_lists_cells_and_writes_nothing(tmp_path, capsys):
+    code, out, _ = run_cli(["run", str(write(tmp_path, GOOD)), "--dry-run", "--results", str(tmp_path / "r")], capsys)
+    ids = [c.id for c in load_suite(tmp_path / "suite.yaml").cells()]
+    assert code == 0 and all(i in out for i in ids) and '"patch": 4' in out
+    assert not (tmp_path / "r").exists()
