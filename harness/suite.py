@@ -67,7 +67,7 @@ class CellConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "meta") and not v.startswith("cuda"):
+        if v not in ("auto", "cpu") and not v.startswith("cuda"):
             raise ValueError("expected 'auto', 'cpu' or 'cuda[:N]'")
         return v
 

@@ -110,7 +110,8 @@ def render(records: list[dict], fmt: str = "markdown", columns: Sequence[str] | 
     raw = fmt in ("csv", "json")
     df = build_frame(records, columns, raw=raw)
     if fmt == "markdown":
-        return df.to_markdown(index=False)
+        arrows = " · ".join(f"{a} {d} is better" for d, a in ARROW.items() if any(a in c for c in df.columns))
+        return df.to_markdown(index=False) + (f"\n\n{arrows}" if arrows else "")
     if fmt == "latex":
         return df.to_latex(index=False, escape=True)
     if fmt == "html":
