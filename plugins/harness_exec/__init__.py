@@ -1,11 +1,18 @@
-"""Built-in executors: where a suite's cells run."""
+"""Built-in executors: where a suite's cells run.
+
+``local`` runs them one after another in this process, ``process`` in parallel worker
+processes of this machine, ``submitit`` as Slurm jobs. All three call
+``harness.runner.execute_cell``, so records land in the same place whichever is used.
+"""
 from __future__ import annotations
 
 import harness
 
 from .local import LocalExecutor
+from .process import ProcessExecutor
+from .slurm import SubmititExecutor
 
 
 @harness.hookimpl
 def harness_executors():
-    return {"local": LocalExecutor}
+    return {"local": LocalExecutor, "process": ProcessExecutor, "submitit": SubmititExecutor}

@@ -1,0 +1,120 @@
+"""Cells in parallel worker processes on this machine.
+
+Each cell gets a fresh process (spawn context, never fork: a forked copy of a parent with
+torch threads or CUDA initialised can deadlock). One process per cell costs an interpreter
+start and a torch import (a second or two) but buys isolation: a worker that segfaults,
+is killed by the OOM killer or hangs past ``timeout`` becomes one failed record, and the
+memory of a finished cell goes back to the system.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from multiprocessing.connection import wait
+
+from harness.errors import UserError
+from harness.records import environment, write_record
+from harness.runner import CellJob, execute_cell
+
+
+def _worker(job: CellJob, conn, threads: int) -> None:
+    """Child side: run one cell and send its record back (it is also on disk)."""
+    import torch
+
+    torch.set_num_threads(threads)  # a cell's own `threads` setting still wins inside execute_cell
+    try:
+        conn.send(execute_cell(job))
+    finally:
+        conn.close()
+
+
+def failed_record(job: CellJob, error: str) -> dict:
+    """The record of a cell whose worker never reported back; written by the parent."""
+    record = {
+        "suite": job.suite, "cell": job.cell, "label": job.label, "seed": job.seed, "config": job.config,
+        "status": "failed", "error": error, "metrics": {}, "env": environment(None), "plugins": {},
+    }
+    write_record(job.record_path, record)
+    return record
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class ProcessExecutor:
+    """Run up to ``jobs`` cells at once, each in its own worker process (spawn)."""
+
+    def __init__(self, jobs: int | None = None, timeout: float | None = None, threads: int | None = None):
+        cpus = os.cpu_count() or 1
+        self.jobs = cpus if jobs is None else jobs
+        if not isinstance(self.jobs, int) or self.jobs < 1:
+            raise UserError(f"executor 'process': jobs must be a positive integer, got {jobs!r}")
+        if timeout is not None and timeout <= 0:
+            raise UserError(f"executor 'process': timeout must be > 0 seconds, got {timeout!r}")
+        self.timeout = timeout
+        # Split the cores between the workers: N processes each using every core thrash.
+        self.threads = threads or max(1, cpus // self.jobs)
+
+    def run(self, jobs, on_done, on_start=None):
+        ctx = mp.get_context("spawn")
+        queue = list(jobs)
+        # Keyed by the parent's end of each pipe: it turns readable when the record arrives,
+        # or at EOF when the worker dies without one. (Waiting on the process instead could
+        # deadlock: a worker blocks sending a record larger than the pipe buffer.)
+        running: dict = {}  # connection -> (job, process, start time)
+        try:
+            while queue or running:
+                while queue and len(running) < self.jobs:
+                    job = queue.pop(0)
+                    recv, send = ctx.Pipe(duplex=False)
+                    proc = ctx.Process(target=_worker, args=(job, send, self.threads), name=f"cell-{job.cell}")
+                    proc.start()
+                    send.close()  # only the child holds the write end now
+                    running[recv] = (job, proc, time.monotonic())
+                    if on_start:
+                        on_start(job)
+                for conn in wait(list(running), timeout=self._next_deadline(running)):
+                    job, proc, _ = running.pop(conn)
+                    on_done(job, self._collect(job, proc, conn))
+                for conn, (job, proc, started) in list(running.items()):
+                    if self.timeout and time.monotonic() - started > self.timeout:
+                        del running[conn]
+                        _stop(proc, conn)
+                        on_done(job, failed_record(job, f"TimeoutError: cell ran past {self.timeout:g} s; "
+                                                        "its worker was killed"))
+        finally:  # interrupted: leave no orphan workers behind
+            for conn, (job, proc, _) in running.items():
+                _stop(proc, conn)
+
+    def _next_deadline(self, running) -> float | None:
+        if not self.timeout:
+            return None
+        now = time.monotonic()
+        return max(0.0, min(started + self.timeout - now for _, _, started in running.values()))
+
+    @staticmethod
+    def _collect(job: CellJob, proc, conn) -> dict:
+        try:
+            record = conn.recv()
+        except (EOFError, OSError):  # died before sending: segfault, OOM killer, os._exit
+            record = None
+        conn.close()
+        proc.join()
+        if isinstance(record, dict):
+            return record
+        return failed_record(job, f"WorkerCrash: the worker process died ({_exit_reason(proc.exitcode)}) "
+                                  "before the cell finished")
+
+
+def _stop(proc, conn) -> None:
+    proc.kill()
+    proc.join()
+    conn.close()

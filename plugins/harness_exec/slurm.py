@@ -1,0 +1,82 @@
+"""Each cell a Slurm job, through submitit.
+
+The cells of a suite go out as one job array; every job runs ``execute_cell`` on its node
+and writes its record straight into the results folder (which must therefore be on a
+file system the nodes share), exactly where the local executor would. submitit's logs
+and pickles go next to the records, under ``<results>/<suite>/submitit/``.
+
+``cluster="local"`` runs the same jobs as subprocesses of this machine through submitit's
+own local executor: the code path is the Slurm one except for sbatch, so it is testable
+without a cluster.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from harness.errors import UserError, suggest
+from harness.runner import CellJob, execute_cell
+
+from .process import failed_record
+
+CLUSTERS = ("slurm", "local", "debug")
+# submitit's own default time limit is minutes; a training cell needs far more.
+DEFAULT_TIMEOUT_MIN = 12 * 60
+
+
+class SubmititExecutor:
+    """Each cell a Slurm job (submitit); cluster='local' runs them as local subprocesses."""
+
+    def __init__(self, cluster: str | None = None, folder: str | None = None, jobs: int | None = None,
+                 poll: float = 5.0, **parameters):
+        if cluster is not None and cluster not in CLUSTERS:
+            raise UserError(f"executor 'submitit': unknown cluster {cluster!r}{suggest(cluster, CLUSTERS)}")
+        if jobs is not None and (not isinstance(jobs, int) or jobs < 1):
+            raise UserError(f"executor 'submitit': jobs must be a positive integer, got {jobs!r}")
+        self.cluster, self.folder, self.poll = cluster, folder, poll
+        self.parameters = {"timeout_min": DEFAULT_TIMEOUT_MIN, **parameters}
+        if jobs is not None:  # how many array tasks Slurm may run at once
+            self.parameters.setdefault("slurm_array_parallelism", jobs)
+        with tempfile.TemporaryDirectory() as tmp:  # fail on a misspelt option now, not after planning
+            self._executor(Path(tmp))
+
+    def _executor(self, folder: Path):
+        import submitit
+
+        try:
+            executor = submitit.AutoExecutor(folder=folder, cluster=self.cluster)
+            executor.update_parameters(**self.parameters)
+        except (NameError, AssertionError, ValueError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"executor 'submitit': {first}") from None
+        return executor
+
+    def log_folder(self, job: CellJob) -> Path:
+        return Path(self.folder) if self.folder else Path(job.results_dir) / "submitit"
+
+    def run(self, jobs, on_done, on_start=None):
+        jobs = list(jobs)
+        if not jobs:
+            return
+        executor = self._executor(self.log_folder(jobs[0]) / "%j")
+        executor.update_parameters(name=f"harness-{jobs[0].suite}")
+        submitted = executor.map_array(execute_cell, jobs)
+        pending = dict(zip(submitted, jobs))
+        for job in jobs:
+            if on_start:
+                on_start(job)
+        while pending:
+            finished = [s for s in pending if s.done()]
+            for sub in finished:
+                on_done(pending[sub], self._collect(sub, pending.pop(sub)))
+            if pending and not finished:
+                time.sleep(self.poll)
+
+    @staticmethod
+    def _collect(sub, job: CellJob) -> dict:
+        try:
+            return sub.result()
+        except Exception as exc:  # the job died (node failure, time limit, OOM kill): a failed cell
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return failed_record(job, f"SlurmJobFailed: job {sub.job_id} ({reason}); log: {sub.paths.stderr}")

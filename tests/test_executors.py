@@ -1,0 +1,151 @@
+"""The process and submitit executors: same records as the local one, failures stay local."""
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+import harness
+from harness.cli import main
+from harness.records import load_records
+from conftest import pip_install_target
+
+SUITE = """\
+suite: execs
+seed: 0
+base:
+  backbone: {name: toy, width: 4}
+  metrics: [params, gflops]
+  device: cpu
+matrix:
+  backbone.width: [2, 4, 8]
+"""
+
+# A plugin whose backbone takes its worker process down with it, as a segfault or the
+# OOM killer would: no exception, no record from the child.
+CRASHY = '''
+import os
+import harness
+from torch import nn
+
+
+class Crashy(nn.Module):
+    def __init__(self, exit_code):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.exit_code = exit_code
+
+    def forward(self, x, t, y=None):
+        os._exit(self.exit_code)
+
+
+def crashy(*, input_size: int = 8, in_channels: int = 3, num_classes: int = 10, context_dim: int = 0,
+           exit_code: int = 3):
+    """A backbone whose forward kills its process."""
+    return Crashy(exit_code)
+
+
+@harness.hookimpl
+def harness_backbones():
+    return {"crashy": crashy}
+'''
+
+
+def _suite(tmp_path, text=SUITE):
+    path = tmp_path / "execs.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _by_width(results):
+    return {r["config"]["backbone"]["width"]: r for r in load_records(results / "execs")}
+
+
+@pytest.fixture(scope="module")
+def crashy_site(tmp_path_factory):
+    src = tmp_path_factory.mktemp("crashy-src")
+    (src / "harness_crashy.py").write_text(CRASHY)
+    (src / "pyproject.toml").write_text(textwrap.dedent("""\
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "harness-crashy"
+        version = "0.0.1"
+        [project.entry-points.harness]
+        crashy = "harness_crashy"
+        [tool.setuptools]
+        py-modules = ["harness_crashy"]
+        """))
+    return pip_install_target(src, tmp_path_factory.mktemp("site-crashy"))
+
+
+def test_process_executor_matches_local_records(tmp_path, plugin_site, with_site):
+    with_site(plugin_site)
+    local, proc = tmp_path / "local", tmp_path / "proc"
+    assert main(["run", str(_suite(tmp_path)), "--results", str(local)]) == 0
+    assert main(["run", str(_suite(tmp_path)), "--results", str(proc), "--executor", "process", "--jobs", "2"]) == 0
+    a, b = _by_width(local), _by_width(proc)
+    assert sorted(a) == sorted(b) == [2, 4, 8]
+    for width in a:  # same cell ids, same figures, whichever executor ran them
+        assert a[width]["cell"] == b[width]["cell"]
+        assert a[width]["metrics"]["params"]["value"] == b[width]["metrics"]["params"]["value"]
+        assert a[width]["metrics"]["gflops"]["value"] == b[width]["metrics"]["gflops"]["value"]
+    assert b[2]["env"]["threads"] == max(1, (__import__("os").cpu_count() or 1) // 2)
+    assert b[2]["plugins"]["toy"] == "harness-toy 0.3.1"  # the worker loaded the same plugins
+
+
+def test_process_worker_crash_is_a_failed_record(tmp_path, plugin_site, crashy_site, with_site):
+    with_site(plugin_site)
+    with_site(crashy_site)
+    text = SUITE + "include:\n  - {backbone: {name: crashy}}\n"
+    results = tmp_path / "r"
+    assert main(["run", str(_suite(tmp_path, text)), "--results", str(results), "--executor", "process",
+                 "--jobs", "2"]) == 1
+    records = load_records(results / "execs")
+    failed = [r for r in records if r["status"] == "failed"]
+    assert len(records) == 4 and len(failed) == 1
+    assert failed[0]["config"]["backbone"]["name"] == "crashy"
+    assert "worker process died (exit code 3)" in failed[0]["error"]
+    # a rerun retries only the failed cell
+    assert main(["run", str(_suite(tmp_path, text)), "--results", str(results), "--executor", "process"]) == 1
+
+
+def test_process_timeout_kills_the_cell_only(tmp_path, plugin_site, with_site):
+    with_site(plugin_site)
+    text = SUITE.replace("backbone.width: [2, 4, 8]", "backbone.sleep: [0, 30]")
+    results = tmp_path / "r"
+    executor = harness.create("executor", "process", jobs=2, timeout=8)
+    from harness.runner import plan, run_jobs
+    from harness.suite import load_suite
+
+    jobs = plan(load_suite(_suite(tmp_path, text)), results)
+    records = {r["config"]["backbone"]["sleep"]: r for r in run_jobs(jobs, executor)}
+    assert records[0]["status"] == "ok"
+    assert records[30]["status"] == "failed" and "ran past 8 s" in records[30]["error"]
+    assert {r["status"] for r in load_records(results)} == {"ok", "failed"}
+
+
+def test_executor_options_are_checked():
+    with pytest.raises(harness.UserError, match="jobs must be a positive integer"):
+        harness.create("executor", "process", jobs=0)
+    with pytest.raises(harness.UserError, match="unknown cluster 'slrum'; did you mean 'slurm'"):
+        harness.create("executor", "submitit", cluster="slrum")
+    with pytest.raises(harness.UserError, match="partitionn"):
+        harness.create("executor", "submitit", cluster="local", partitionn="gpu")
+    ex = harness.create("executor", "submitit", cluster="local", slurm_partition="gpu", jobs=3)
+    assert ex.parameters["slurm_partition"] == "gpu" and ex.parameters["slurm_array_parallelism"] == 3
+
+
+def test_submitit_local_runs_each_cell_as_a_job(tmp_path, plugin_site, with_site):
+    with_site(plugin_site)
+    text = SUITE + "executor: {name: submitit, cluster: local, poll: 0.2, timeout_min: 10}\n"
+    results = tmp_path / "r"
+    assert main(["run", str(_suite(tmp_path, text)), "--results", str(results)]) == 0
+    records = _by_width(results)
+    assert sorted(records) == [2, 4, 8] and {r["status"] for r in records.values()} == {"ok"}
+    logs = results / "execs" / "submitit"
+    assert len(list(logs.glob("*/*_log.out"))) == 3  # one submitit job (and log folder) per cell
+    # resumable like any run: nothing left to submit
+    assert main(["run", str(_suite(tmp_path, text)), "--results", str(results)]) == 0
+    assert len(list(logs.glob("*/*_log.out"))) == 3
