@@ -169,6 +169,44 @@ def cmd_table(args) -> int:
     return 0
 
 
+# -- leaderboard / plot --------------------------------------------------------------------
+def cmd_leaderboard(args) -> int:
+    from .leaderboard import render
+    from .records import load_records
+
+    records = load_records(args.results_dir)
+    if not records:
+        raise UserError(f"{args.results_dir}: no records found")
+    out = Path(args.out) if args.out else None
+    # links to records are relative to where the table ends up, so the page works when moved with them
+    text = render(records, args.format, args.metric, link_base=out.parent if out else None,
+                  title=f"Leaderboard: {args.results_dir}")
+    if out is None:
+        print(text)
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    _console().print(f"wrote {out} ({len(records)} record(s))")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plot import pareto_plot, scaling_plot
+    from .records import load_records
+
+    records = load_records(args.results_dir)
+    if not records:
+        raise UserError(f"{args.results_dir}: no records found")
+    if args.scaling:
+        path = scaling_plot(records, args.y or "gflops", args.out or Path(args.results_dir) / "plots" /
+                            f"scaling-{args.y or 'gflops'}.png")
+    else:
+        x, y = args.x or "gflops", args.y or "val_loss"
+        path = pareto_plot(records, x, y, args.out or Path(args.results_dir) / "plots" / f"pareto-{x}-{y}.png")
+    _console().print(f"wrote {path}")
+    return 0
+
+
 # -- flops ---------------------------------------------------------------------------------
 def _parse_options(extra: list[str]) -> dict:
     import yaml
@@ -240,6 +278,21 @@ def cmd_flops(args, extra: list[str]) -> int:
     return 0
 
 
+# -- fid -----------------------------------------------------------------------------------
+def cmd_fid(args) -> int:
+    from harness_quality.fidelity import fid_of_folders
+
+    from .errors import MetricUnavailable
+
+    try:
+        result = fid_of_folders(args.dir1, args.dir2, weights=args.weights, batch_size=args.batch_size,
+                                cuda=False if args.cpu else None)
+    except MetricUnavailable as exc:  # on the command line, missing weights is the user's to fix
+        raise UserError(f"fid: {exc} (or pass --weights PATH)") from None
+    print(json.dumps(result) if args.json else f"FID {result['fid']:.6g}  ({result['extractor']})")
+    return 0
+
+
 # -- entry point ---------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Benchmark efficient diffusion models from YAML suites.")
@@ -277,6 +330,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_table)
 
+    lb = sub.add_parser("leaderboard", help="ranked table of every record under a folder, best values marked")
+    lb.add_argument("results_dir")
+    lb.add_argument("--metric", help="rank by this metric (default: the first quality metric)")
+    lb.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"])
+    lb.add_argument("--out", metavar="FILE", help="write here (row links become relative to it); default stdout")
+    lb.set_defaults(func=cmd_leaderboard)
+
+    pt = sub.add_parser("plot", help="Pareto front of quality vs cost, or --scaling of cost vs tokens")
+    pt.add_argument("results_dir")
+    pt.add_argument("--x", help="cost metric of the Pareto plot (default gflops)")
+    pt.add_argument("--y", help="quality metric (default val_loss), or with --scaling the cost (default gflops)")
+    pt.add_argument("--scaling", action="store_true", help="y against tokens, one line per mixer")
+    pt.add_argument("--out", metavar="FILE", help="FILE.png, .svg or .pdf (default RESULTS_DIR/plots/...)")
+    pt.set_defaults(func=cmd_plot)
+
     f = sub.add_parser("flops", help="params and GFLOPs of one backbone configuration",
                        description="Options after the backbone name are passed to its factory, "
                                    "e.g. harness flops dit --size XL --patch 2 --input-size 32")
@@ -284,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--by-module", action="store_true")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_flops, takes_extra=True)
+
+    fd = sub.add_parser("fid", help="FID between two image folders (torch-fidelity, InceptionV3)")
+    fd.add_argument("dir1")
+    fd.add_argument("dir2")
+    fd.add_argument("--weights", help="local Inception weights (default: $HARNESS_FID_WEIGHTS, else download)")
+    fd.add_argument("--batch-size", type=int, default=64)
+    fd.add_argument("--cpu", action="store_true", help="do not use CUDA even when present")
+    fd.add_argument("--json", action="store_true")
+    fd.set_defaults(func=cmd_fid)
     return p
 
 
