@@ -1,0 +1,144 @@
+"""Sampling from a trained backbone: DDPM / DDIM (diffusers), classifier-free guidance,
+PNG folders and the ADM evaluation ``.npz``, sharded over torch.distributed ranks.
+
+Sample identity does not depend on how the work is split. Sample ``i`` gets its initial
+noise, its class label and its per-step DDPM noise from a generator seeded by
+``(seed, i)``; samples are grouped into fixed batches ``[b * B, (b + 1) * B)`` and batch
+``b`` goes to rank ``b % world_size``, so every batch is computed with the same inputs and
+the same shapes on 1 or N processes. A restarted sampling skips batches whose PNGs exist.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .context import derive_seed
+from .training import make_scheduler, model_learns_sigma
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+def make_sampler(name: str, schedule: str = "linear", timesteps: int = 1000, learn_sigma: bool = False):
+    """A diffusers scheduler for sampling with the training schedule's betas."""
+    from diffusers import DDIMScheduler
+
+    from .errors import UserError, suggest
+
+    if name not in SAMPLERS:
+        raise UserError(f"sampler {name!r} is not known{suggest(name, SAMPLERS)}")
+    ddpm = make_scheduler(schedule, timesteps, learn_sigma)
+    if name == "ddpm":
+        return ddpm
+    return DDIMScheduler.from_config(ddpm.config, set_alpha_to_one=False)
+
+
+def guided_eps(model, x, t, y, cfg_scale: float, guided_channels: Optional[int] = 3) -> torch.Tensor:
+    """Model output with classifier-free guidance on the noise channels.
+
+    ``guided_channels``: DiT guides only the first 3 of the 4 latent channels (its reference
+    sampler's choice); None guides them all. The learned-variance half comes from the
+    conditional pass."""
+    out = model(x, t, y)
+    if cfg_scale == 1.0 or y is None:
+        return out
+    uncond = model(x, t, None)
+    c = x.shape[1]
+    n = c if guided_channels is None else min(guided_channels, c)
+    guided = uncond[:, :n] + cfg_scale * (out[:, :n] - uncond[:, :n])
+    return torch.cat([guided, out[:, n:]], dim=1)
+
+
+@torch.no_grad()
+def sample_batch(model, indices: list[int], *, shape: tuple[int, int, int], num_classes: int = 0, seed: int = 0,
+                 sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, guided_channels: Optional[int] = 3,
+                 schedule: str = "linear", timesteps: int = 1000, labels: Optional[list[int]] = None,
+                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples (B, C, H, W) and their labels for global ``indices``; deterministic per index."""
+    device = torch.device(device)
+    learn_sigma = model_learns_sigma(model)
+    sched = make_sampler(sampler, schedule, timesteps, learn_sigma)
+    sched.set_timesteps(steps)
+    gens = [torch.Generator().manual_seed(derive_seed(seed, "sample", i)) for i in indices]
+    x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
+    y = None
+    if num_classes:
+        y = torch.tensor(labels if labels is not None else
+                         [int(torch.randint(0, num_classes, (), generator=g)) for g in gens], device=device)
+    c = shape[0]
+    for t in sched.timesteps:
+        tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
+        out = guided_eps(model, x, tt, y, cfg_scale, guided_channels)
+        if sampler == "ddim":
+            out = out[:, :c]  # DDIM's variance is fixed by eta; drop a learned one
+        elif out.shape[1] == 2 * c and not learn_sigma:
+            out = out[:, :c]
+        kwargs = {"generator": gens} if sampler == "ddpm" else {}
+        x = sched.step(out, t, x, **kwargs).prev_sample
+    return x, (y if y is not None else torch.zeros(len(x), dtype=torch.long))
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, 3) uint8, the ADM/DiT rounding."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x[:, :3].permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def sample_to_folder(model, folder: str | Path, num_samples: int, *, batch_size: int = 16,
+                     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **sample_kwargs) -> Path:
+    """Write samples ``000000.png ...`` to ``folder``, sharded across torch.distributed ranks.
+
+    Batches whose PNGs all exist are skipped, so a killed sampling resumes. ``decode`` maps
+    latents to images in [-1, 1] (a VAE) before saving. Returns the folder; every rank
+    returns after all ranks have finished (a barrier), when a process group is running."""
+    from PIL import Image
+
+    rank, world = _rank_world()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    device = sample_kwargs.get("device", "cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(rank, (num_samples + batch_size - 1) // batch_size, world):
+            idx = list(range(b * batch_size, min((b + 1) * batch_size, num_samples)))
+            paths = [folder / f"{i:06d}.png" for i in idx]
+            if all(p.is_file() for p in paths):
+                continue
+            x, _ = sample_batch(model, idx, **sample_kwargs)
+            if decode is not None:
+                x = decode(x.to(device))
+            for p, arr in zip(paths, to_uint8(x)):
+                tmp = p.with_name(p.stem + ".tmp.png")  # renamed: a kill never leaves half a PNG
+                Image.fromarray(arr).save(tmp)
+                os.replace(tmp, p)
+    finally:
+        model.train(was_training)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return folder
+
+
+def export_npz(folder: str | Path, path: str | Path, num_samples: Optional[int] = None) -> Path:
+    """The ADM evaluation suite's input: ``arr_0`` of shape (N, H, W, 3) uint8."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(folder).glob("[0-9]*.png") if ".tmp" not in p.name)[:num_samples]
+    arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
+    np.savez(path, arr_0=arr)
+    return Path(path)
