@@ -1,0 +1,118 @@
+"""The calibration batch every criterion and the ``output_loss`` metric share.
+
+LAPTOP-Diff's objective is E || eps_pruned(x_t, t) - eps_orig(x_t, t) ||^2 over data and
+timesteps, so a calibration set is a few noised training images at timesteps spread evenly
+across the schedule. Its seeds are shared by all cells of a suite (``shared=True``), so every
+criterion is judged on the same inputs.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .units import Skip, _parent, skip_kind
+
+
+def alphas_cumprod(schedule: str = "linear", timesteps: int = 1000) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    beta = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule]
+    return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule=beta).alphas_cumprod.float()
+
+
+def noise_channels(ctx) -> int:
+    return int(ctx.input_spec["in_channels"])
+
+
+def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: int = 8) -> list[dict]:
+    """One forward-kwargs dict per timestep (evenly spaced over the schedule); each holds the
+    same images, noised at that step, plus ``noise`` (the target of the task loss)."""
+    gen = ctx.generator("calibration", shared=True)
+    device = next(model.parameters()).device
+    spec = ctx.config.train
+    abar = alphas_cumprod(spec.schedule, spec.timesteps)
+    base = ctx.example_inputs(batch_size, model=model, device=device, generator=gen)
+    x0 = _data_images(ctx, batch_size, gen)
+    labels = None
+    if x0 is not None:
+        x0, labels = x0
+        x0 = x0.to(device)
+    else:  # no data block: standard normal stands in for latents
+        x0 = torch.randn(base["x"].shape, generator=gen).to(device)
+    if labels is not None and base.get("y") is not None and base["y"].dtype == torch.long:
+        base["y"] = labels.to(device)
+    noise = torch.randn(x0.shape, generator=gen).to(device)
+    steps = torch.linspace(0, spec.timesteps - 1, timesteps + 2)[1:-1].round().long()  # skip the two ends
+    out = []
+    for step in steps.tolist():
+        a = abar[step]
+        kwargs = dict(base)
+        kwargs["x"] = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        kwargs["t"] = torch.full((batch_size,), step, dtype=torch.long, device=device)
+        out.append({"inputs": kwargs, "noise": noise})
+    return out
+
+
+def _data_images(ctx, n: int, gen: torch.Generator):
+    ds = ctx.dataset
+    if ds is None:
+        return None
+    idx = torch.randperm(len(ds), generator=gen)[:n].tolist()
+    items = [ds[i] for i in idx]
+    x = torch.stack([torch.as_tensor(i[0]) for i in items]).float()
+    y = torch.as_tensor([int(i[1]) for i in items], dtype=torch.long)
+    return x, y
+
+
+def predict(model: nn.Module, batch: dict, channels: int) -> torch.Tensor:
+    """The noise prediction (the learned-variance half, if any, is dropped)."""
+    out = model(**batch["inputs"])
+    out = getattr(out, "sample", out)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out[:, :channels]
+
+
+@torch.no_grad()
+def reference_outputs(model: nn.Module, batches: list[dict], channels: int) -> list[torch.Tensor]:
+    return [predict(model, b, channels) for b in batches]
+
+
+@torch.no_grad()
+def output_loss(model: nn.Module, batches: list[dict], refs: list[torch.Tensor], channels: int) -> float:
+    """Mean squared difference to the reference outputs, averaged over timesteps."""
+    losses = [torch.mean((predict(model, b, channels) - r) ** 2).item() for b, r in zip(batches, refs)]
+    return float(sum(losses) / len(losses))
+
+
+@contextmanager
+def removed(model: nn.Module, units: list):
+    """The model with ``units`` removed. Units that become the identity are swapped for a
+    :class:`Skip` in place (and restored on exit); a skip-connection pair changes the
+    structure, so then a pruned copy is yielded instead."""
+    from .units import apply_plan, merge_plans
+
+    if any(u.drop for u in units):
+        yield apply_plan(copy.deepcopy(model), merge_plans(units))
+        return
+    saved = []
+    try:
+        for unit in units:
+            parent, attr = _parent(model, unit.name)
+            module = parent[int(attr)] if isinstance(parent, nn.ModuleList) else getattr(parent, attr)
+            saved.append((parent, attr, module))
+            _set(parent, attr, Skip(skip_kind(module), origin=unit.name))
+        yield model
+    finally:
+        for parent, attr, module in reversed(saved):
+            _set(parent, attr, module)
+
+
+def _set(parent: nn.Module, attr: str, module: nn.Module) -> None:
+    if isinstance(parent, nn.ModuleList):
+        parent[int(attr)] = module
+    else:
+        setattr(parent, attr, module)

@@ -1,0 +1,185 @@
+"""Distillation losses and the objective that combines them with weights.
+
+A loss (hook ``harness_distill_losses``) is called as
+``loss(student_out, teacher_out, noise, student_feats, teacher_feats) -> scalar``; features
+are dicts keyed by the teacher's module names. Feature losses also give ``terms(...)``: one
+value per feature, which is where LAPTOP-Diff sees a few large terms dominate.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .units import origin_names, tag_origins
+
+
+class TaskLoss:
+    """Denoising loss: MSE(student, noise)."""
+
+    name, needs_features = "task", False
+
+    def __call__(self, student_out, teacher_out, noise, student_feats, teacher_feats):
+        return F.mse_loss(student_out, noise)
+
+
+class OutputKD:
+    """Output distillation: MSE(student, teacher)."""
+
+    name, needs_features = "output-kd", False
+
+    def __call__(self, student_out, teacher_out, noise, student_feats, teacher_feats):
+        return F.mse_loss(student_out, teacher_out)
+
+
+class FeatureKD:
+    """BK-SDM feature distillation: sum over hooked features of MSE(student, teacher)."""
+
+    name, needs_features = "feature-kd", True
+
+    def term(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(s, t)
+
+    def terms(self, student_feats, teacher_feats) -> dict[str, torch.Tensor]:
+        return {k: self.term(student_feats[k], teacher_feats[k]) for k in teacher_feats if k in student_feats}
+
+    def __call__(self, student_out, teacher_out, noise, student_feats, teacher_feats):
+        terms = self.terms(student_feats, teacher_feats)
+        if not terms:
+            return student_out.new_zeros(())
+        return torch.stack(list(terms.values())).sum()
+
+
+class NormalizedFeatureKD(FeatureKD):
+    """LAPTOP-Diff: each feature term ||F_T - F_S||^2 / ||F_T||^2 (norm reconstructed)."""
+
+    name = "normalized-feature-kd"
+
+    def __init__(self, eps: float = 1e-8):
+        self.eps = eps
+
+    def term(self, s, t):
+        return (t - s).pow(2).sum() / (t.pow(2).sum() + self.eps)
+
+
+LOSSES = {c.name: c for c in (TaskLoss, OutputKD, FeatureKD, NormalizedFeatureKD)}
+
+
+# -- features -----------------------------------------------------------------------------------
+_STAGE = re.compile(r"(^|\.)((down_blocks|up_blocks|blocks|encoder|decoder)\.\d+|mid_block)$")
+
+
+def feature_points(model: nn.Module) -> list[str]:
+    """BK-SDM's feature points: the output of every down and up stage (and the mid block) of a
+    U-Net; every block of a DiT; every stage of LaMamba-Diff."""
+    return [n for n, m in model.named_modules() if n and _STAGE.search(n) and m is not None]
+
+
+class FeatureTap:
+    """Forward hooks that keep the outputs of named modules, keyed by their teacher names."""
+
+    def __init__(self, model: nn.Module, teacher_names: list[str]):
+        tag_origins(model)
+        wanted = set(teacher_names)
+        self.feats: dict[str, torch.Tensor] = {}
+        self.handles = []
+        modules = dict(model.named_modules())
+        for name, origin in origin_names(model).items():
+            if origin in wanted:
+                self.handles.append(modules[name].register_forward_hook(self._hook(origin)))
+
+    def _hook(self, key):
+        def fn(module, args, output):
+            out = getattr(output, "sample", output)
+            if isinstance(out, (tuple, list)):  # diffusers down blocks return (hidden, skips)
+                out = out[0]
+            self.feats[key] = out
+        return fn
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        feats, self.feats = self.feats, {}
+        return feats
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+class DistillObjective:
+    """Weighted sum of losses, as ``loss_fn(model, x0, t, y, noise, x_t, teacher)`` for
+    ``harness.training.train_model``. It runs the teacher (no grad) and the student with
+    feature hooks, and accumulates each term's magnitude so the record can show its share."""
+
+    def __init__(self, losses: list[tuple[object, float]], channels: int, teacher: nn.Module | None = None,
+                 features: list[str] | None = None):
+        self.losses = losses
+        self.channels = channels
+        self.features = features
+        self.needs_features = any(getattr(l, "needs_features", False) for l, _ in losses)
+        self.sums: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self._taps: dict[int, FeatureTap] = {}
+        self.teacher = teacher
+
+    def _tap(self, model: nn.Module) -> FeatureTap:
+        tap = self._taps.get(id(model))
+        if tap is None:
+            names = self.features if self.features is not None else feature_points(self.teacher or model)
+            tap = self._taps[id(model)] = FeatureTap(model, names)
+        return tap
+
+    def _out(self, model, x_t, t, y):
+        out = model(x=x_t, t=t, y=y)
+        out = getattr(out, "sample", out)
+        return out[:, :self.channels]
+
+    def __call__(self, model, x0, t, y, noise, x_t, teacher=None):
+        teacher = teacher if teacher is not None else self.teacher
+        if self.teacher is None:
+            self.teacher = teacher
+        s_feats = t_feats = {}
+        t_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_tap = self._tap(teacher) if self.needs_features else None
+                t_out = self._out(teacher, x_t, t, y)
+                t_feats = t_tap.pop() if t_tap else {}
+        s_tap = self._tap(model) if self.needs_features else None
+        s_out = self._out(model, x_t, t, y)
+        s_feats = s_tap.pop() if s_tap else {}
+        total = s_out.new_zeros(())
+        terms: dict[str, torch.Tensor] = {}
+        for loss, weight in self.losses:
+            if t_out is None and loss.name != "task":
+                raise ValueError(f"distillation loss {loss.name!r} needs a teacher")
+            value = loss(s_out, t_out, noise, s_feats, t_feats)
+            total = total + weight * value
+            terms[loss.name] = weight * value.detach()
+            self.sums[loss.name] += float(terms[loss.name])
+            if hasattr(loss, "terms"):
+                with torch.no_grad():
+                    for k, v in loss.terms(s_feats, t_feats).items():
+                        self.sums[f"{loss.name}/{k}"] += float(weight * v)
+        self.steps += 1
+        return total, terms
+
+    def shares(self) -> dict:
+        """Each loss's share of the summed total over training, and each feature term's share
+        within its feature loss (the imbalance LAPTOP-Diff describes)."""
+        top = {k: v for k, v in self.sums.items() if "/" not in k}
+        total = sum(top.values()) or 1.0
+        out = {"steps": self.steps, "losses": {k: v / total for k, v in top.items()}, "features": {}}
+        for name, value in top.items():
+            parts = {k.split("/", 1)[1]: v for k, v in self.sums.items() if k.startswith(name + "/")}
+            if parts:
+                s = sum(parts.values()) or 1.0
+                out["features"][name] = {k: v / s for k, v in parts.items()}
+        return out
+
+    def close(self):
+        for tap in self._taps.values():
+            tap.close()
+        self._taps.clear()

@@ -1,0 +1,128 @@
+"""Prunable units: discovery, removal, save/load, BK-SDM presets, budgeted selection."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import harness
+from harness_compress.selection import additivity, select_units
+from harness_compress.units import (apply_plan, bksdm_plan, conflicts, discover, load_pruned, merge_plans,
+                                    save_pruned)
+
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8)
+TINY = dict(SD15, block_out_channels=(16, 32, 32, 32), cross_attention_dim=16, attention_head_dim=4,
+            norm_num_groups=8, sample_size=16)
+
+
+def _unet(cfg, device="cpu"):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        return UNet2DConditionModel(**cfg)
+
+
+def _params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def _run(unet):
+    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        return unet(x, torch.tensor([10, 500]), encoder_hidden_states=ctx, return_dict=False)[0]
+
+
+def test_discovery_reports_unremovable_with_reasons():
+    units = {u.name: u for u in discover(_unet(TINY))}
+    assert units["down_blocks.0.resnets.0"].removable
+    assert not units["down_blocks.1.resnets.0"].removable
+    assert "channels" in units["down_blocks.1.resnets.0"].reason
+    assert not units["up_blocks.1.resnets.1"].removable
+    assert "skip" in units["up_blocks.1.resnets.1"].reason
+    assert units["down_blocks.0.attentions.1"].kind == "attention"
+    pairs = [u for u in units.values() if u.kind == "skip-pair"]
+    assert len(pairs) == 4 and all(len(u.drop) >= 2 for u in pairs)
+
+
+def test_removal_runs_saves_and_loads(tmp_path):
+    unet = _unet(TINY)
+    units = [u for u in discover(unet) if u.removable]
+    chosen = [u for u in units if u.kind == "skip-pair"][:1]
+    for u in units:
+        if len(chosen) < 3 and not any(conflicts(u, c) for c in chosen):
+            chosen.append(u)
+    assert not any(conflicts(a, b) for i, a in enumerate(chosen) for b in chosen[i + 1:])
+    plan = merge_plans(chosen)
+    before = _params(unet)
+    apply_plan(unet, plan)
+    assert _params(unet) == before - sum(u.params for u in chosen)
+    out = _run(unet)
+    assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
+    save_pruned(unet, plan, tmp_path / "pruned")
+    again = load_pruned(_unet(TINY), tmp_path / "pruned")
+    torch.testing.assert_close(_run(again), out)
+
+
+@pytest.mark.parametrize("preset,reference", [
+    ("bk-sdm-base", dict(layers_per_block=1)),
+    ("bk-sdm-small", dict(layers_per_block=1, mid_block_type=None)),
+    ("bk-sdm-tiny", dict(layers_per_block=1, mid_block_type=None, block_out_channels=(320, 640, 1280),
+                         down_block_types=("CrossAttnDownBlock2D",) * 3, up_block_types=("CrossAttnUpBlock2D",) * 3)),
+])
+def test_bksdm_presets_equal_the_bksdm_architectures(preset, reference):
+    """Removing BK-SDM's blocks from SD-1.5 gives exactly the U-Net diffusers builds from
+    BK-SDM's configuration: same parameter names, shapes and count."""
+    full = _unet(SD15, "meta")
+    pruned = apply_plan(full, bksdm_plan(full, preset))
+    ref = _unet(dict(SD15, **reference), "meta")
+    assert {k: v.shape for k, v in pruned.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert _params(pruned) == _params(ref)
+
+
+def test_bksdm_tiny_runs_on_a_small_sd_unet():
+    unet = _unet(TINY)
+    apply_plan(unet, bksdm_plan(unet, "bk-sdm-tiny"))
+    assert _run(unet).shape == (2, 4, 16, 16)
+
+
+def test_dit_blocks_are_units():
+    model = harness.create("backbone", "dit", size="tiny", input_size=8, in_channels=4, num_classes=3, patch=2)
+    units = discover(model)
+    assert [u.name for u in units] == [f"blocks.{i}" for i in range(4)]
+    apply_plan(model, {"skip": ["blocks.1"], "drop": []})
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert out.shape == (2, 8, 8, 8)
+
+
+def test_knapsack_beats_greedy_where_greedy_is_wrong():
+    # Greedy by score per parameter takes the two cheap halves (1.2 in all); the exact
+    # solution removes 'a' alone (0.9).
+    scores = {"a": 0.9, "b": 0.6, "c": 0.6}
+    weights = {"a": 10.0, "b": 6.0, "c": 6.0}
+    exact = select_units(scores, weights, 10.0, "knapsack")
+    greedy = select_units(scores, weights, 10.0, "greedy")
+    assert sorted(exact) == ["a"]
+    assert sum(scores[n] for n in greedy) > sum(scores[n] for n in exact)
+    assert sum(weights[n] for n in greedy) >= 10
+
+
+def test_selection_respects_clashes_and_unreachable_budgets():
+    scores = {"a": 0.1, "b": 0.1, "c": 5.0}
+    weights = {"a": 5.0, "b": 5.0, "c": 5.0}
+    for method in ("knapsack", "greedy"):
+        chosen = select_units(scores, weights, 10.0, method, clashes=[("a", "b")])
+        assert "c" in chosen and not {"a", "b"} <= set(chosen)
+    with pytest.raises(harness.UserError, match="not reachable"):
+        select_units(scores, weights, 16.0)
+
+
+def test_additivity_of_an_additive_loss_is_one():
+    single = {f"u{i}": float(i + 1) for i in range(8)}
+    result = additivity(list(single), single, lambda chosen: sum(single[n] for n in chosen), subsets=10)
+    assert result["pearson"] == pytest.approx(1.0)
+    result = additivity(list(single), single, lambda chosen: float(len(chosen) % 2), subsets=10)
+    assert result["pearson"] < 0.9
