@@ -1,0 +1,132 @@
+"""Sample-quality metrics of a cell's (trained) model.
+
+``val_loss`` is the offline figure: the denoising loss on the held-out split at fixed
+timesteps with fixed noise, drawn from shared seeds so every candidate faces the same test.
+``fid``, ``kid`` and ``isc`` generate samples (harness.sampling) and hand them to
+torch-fidelity with the data set's images as reference.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from harness.context import CellContext
+from harness.sampling import sample_to_folder
+
+from .fidelity import fidelity_metrics, resolve_extractor
+
+
+class ValLoss:
+    """Denoising MSE on the held-out split at fixed timesteps and fixed noise (shared seeds)."""
+
+    name, direction, unit = "val_loss", "lower", "mse"
+
+    def __init__(self, num_timesteps: int = 10, max_samples: int = 256, batch_size: int = 64):
+        if num_timesteps < 1 or max_samples < 1 or batch_size < 1:
+            raise ValueError("val_loss needs num_timesteps, max_samples and batch_size >= 1")
+        self.num_timesteps, self.max_samples, self.batch_size = num_timesteps, max_samples, batch_size
+
+    def __call__(self, ctx: CellContext) -> dict:
+        from harness.training import make_scheduler
+
+        ds = ctx.make_dataset("val")
+        if ds is None:
+            raise ValueError("val_loss needs a data block (data: {name: shapes, resolution: 32})")
+        spec = ctx.config.train
+        ac = make_scheduler(spec.schedule, spec.timesteps).alphas_cumprod
+        n = min(len(ds), self.max_samples)
+        # Evenly spaced timesteps from the middle of each bin: the whole schedule, no draw.
+        ts = [int((k + 0.5) * spec.timesteps / self.num_timesteps) for k in range(self.num_timesteps)]
+        x0 = torch.stack([ds[i][0] for i in range(n)])
+        y = torch.tensor([ds[i][1] for i in range(n)], dtype=torch.long)
+        noise = torch.randn((len(ts),) + tuple(x0.shape), generator=ctx.generator("val-noise", shared=True))
+        model, device = ctx.model, ctx.device
+        was_training = model.training
+        model.eval()
+        per_t = []
+        try:
+            with torch.inference_mode():
+                for k, t in enumerate(ts):
+                    total = 0.0
+                    for s in range(0, n, self.batch_size):
+                        xb, nb = x0[s:s + self.batch_size].to(device), noise[k, s:s + self.batch_size].to(device)
+                        yb = y[s:s + self.batch_size].to(device) if ds.num_classes else None
+                        a = ac[t].item()
+                        x_t = a ** 0.5 * xb + (1 - a) ** 0.5 * nb
+                        tt = torch.full((len(xb),), t, device=device, dtype=torch.long)
+                        eps = model(x_t, tt, yb)[:, : xb.shape[1]]
+                        total += F.mse_loss(eps.float(), nb.float(), reduction="sum").item()
+                    per_t.append(total / noise[k].numel())
+        finally:
+            model.train(was_training)
+        return {"value": sum(per_t) / len(per_t), "per_timestep": dict(zip(map(str, ts), per_t)),
+                "samples": n, "timesteps": len(ts)}
+
+
+class _SampleMetric:
+    """Shared part of fid/kid/isc: sample the cell's model to PNGs, run torch-fidelity."""
+
+    name = direction = unit = ""
+    key = ""
+
+    def __init__(self, num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
+                 guided_channels: int | None = 3, batch_size: int = 50, reference_split: str = "train",
+                 reference_size: int | None = None, weights: str | None = None,
+                 extractor: str = "inception-v3-compat", feature_layer: str | None = None):
+        if num_samples < 2 or steps < 1 or batch_size < 1:
+            raise ValueError(f"{self.name} needs num_samples >= 2, steps >= 1, batch_size >= 1")
+        self.sample_opts = {"num_samples": num_samples, "sampler": sampler, "steps": steps,
+                            "cfg_scale": cfg_scale, "guided_channels": guided_channels}
+        self.batch_size, self.reference_split, self.reference_size = batch_size, reference_split, reference_size
+        self.weights, self.extractor, self.feature_layer = weights, extractor, feature_layer
+
+    def __call__(self, ctx: CellContext) -> dict:
+        # Weights first: offline without them there is nothing to compute, so do not sample.
+        extractor = resolve_extractor(self.extractor, self.weights)
+        ds = ctx.dataset
+        if ds is None:
+            raise ValueError(f"{self.name} needs a data block to sample and to compare against")
+        folder = self._samples(ctx, ds)
+        ref = ctx.make_dataset(self.reference_split) if self.reference_split != "train" else ds
+        from harness_data.datasets import cache_root
+
+        cache = cache_root(ctx.config.data.options.get("cache_dir")) / "fidelity"
+        out = fidelity_metrics(str(folder), ref, extractor, metrics=(self.key,), feature_layer=self.feature_layer,
+                               reference_size=self.reference_size, cuda=ctx.device.type == "cuda",
+                               cache_root=str(cache))
+        value = out.pop("value")
+        return {"value": value, **out, **self.sample_opts, "reference": f"{getattr(ds, 'name', '?')}"}
+
+    def _samples(self, ctx: CellContext, ds) -> Path:
+        spec = ctx.config.train
+        opts = {**self.sample_opts, "schedule": spec.schedule, "timesteps": spec.timesteps}
+        key = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:10]
+        root = ctx.workdir if ctx.workdir else Path(__import__("tempfile").mkdtemp())
+        decode = getattr(ds, "decode", None)
+        n = opts.pop("num_samples")
+        return sample_to_folder(ctx.model, Path(root) / f"samples-{key}", n, batch_size=self.batch_size,
+                                decode=decode, shape=(ds.channels, ds.resolution, ds.resolution),
+                                num_classes=ds.num_classes, seed=ctx.seed("samples", shared=True),
+                                device=ctx.device, **opts)
+
+
+class FID(_SampleMetric):
+    """Frechet Inception Distance of generated samples to the data set (torch-fidelity)."""
+
+    name, direction, unit, key = "fid", "lower", "", "fid"
+
+
+class KID(_SampleMetric):
+    """Kernel Inception Distance of generated samples to the data set (torch-fidelity)."""
+
+    name, direction, unit, key = "kid", "lower", "", "kid"
+
+
+class ISC(_SampleMetric):
+    """Inception Score of generated samples (torch-fidelity; no reference needed)."""
+
+    name, direction, unit, key = "isc", "higher", "", "isc"

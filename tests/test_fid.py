@@ -1,0 +1,235 @@
+"""FID/KID/IS and val_loss: closed-form Frechet distance, parity of `harness fid` with
+torch-fidelity, cached reference statistics, unavailable offline, shared validation noise."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import harness
+from harness import MetricUnavailable
+from harness_quality import fidelity
+
+TINY_EXTRACTOR = "harness-test-tiny"
+
+
+class TinyExtractor(__import__("torch_fidelity").feature_extractor_base.FeatureExtractorBase):
+    """Fixed random projection of 4x4-pooled pixels: FID/KID/IS in milliseconds."""
+
+    calls = 0
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("proj", torch.randn(48, 16, generator=gen))
+        self.register_buffer("head", torch.randn(16, 10, generator=gen))
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("feat", "logits_unbiased")
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "logits_unbiased" if metric == "isc" else "feat"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    def forward(self, x):
+        type(self).calls += len(x)
+        feat = F.adaptive_avg_pool2d(x.float() / 255, 4).flatten(1) @ self.proj
+        out = {"feat": feat, "logits_unbiased": feat @ self.head}
+        return tuple(out[k] for k in self.features_list)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_extractor():
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if TINY_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(TINY_EXTRACTOR, TinyExtractor)
+
+
+# -- the Frechet distance itself ------------------------------------------------------------
+def test_frechet_distance_of_gaussians_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    d = 6
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    # Diagonal covariances: d = |mu1 - mu2|^2 + sum (s1 + s2 - 2 sqrt(s1 s2)).
+    s1, s2 = rng.uniform(0.5, 2, d), rng.uniform(0.5, 2, d)
+    closed = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert fidelity.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(closed, rel=1e-9)
+    # A full covariance against a scaled identity a*I: tr sqrt(a S) = sqrt(a) * sum sqrt(eig S).
+    a_ = rng.normal(size=(d, d))
+    S = a_ @ a_.T + 0.1 * np.eye(d)
+    closed = np.sum((mu1 - mu2) ** 2) + 2.0 * d + np.trace(S) - 2 * np.sqrt(2.0) * np.sum(np.sqrt(np.linalg.eigvalsh(S)))
+    assert fidelity.frechet_distance(mu1, 2.0 * np.eye(d), mu2, S) == pytest.approx(closed, rel=1e-9)
+    assert fidelity.frechet_distance(mu1, S, mu1, S) == pytest.approx(0.0, abs=1e-8)
+
+
+# -- harness fid == torch-fidelity --------------------------------------------------------------
+def _folder(path, n, seed):
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
+    return path
+
+
+@pytest.fixture(scope="module")
+def random_inception(tmp_path_factory):
+    """A randomly initialised InceptionV3 state dict in torch-fidelity's format, saved locally."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Untrained(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    path = tmp_path_factory.mktemp("inception") / "inception-random.pth"
+    torch.save({}, path)
+    torch.manual_seed(0)
+    model = Untrained("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.slow  # two InceptionV3 passes on the CPU (~20 s on 2 busy cores)
+def test_harness_fid_equals_torch_fidelity(tmp_path, random_inception, capsys):
+    import torch_fidelity
+
+    from harness.cli import main
+
+    d1, d2 = _folder(tmp_path / "a", 3, 0), _folder(tmp_path / "b", 3, 1)
+    assert main(["fid", str(d1), str(d2), "--weights", random_inception, "--json", "--cpu"]) == 0
+    ours = json.loads(capsys.readouterr().out)["fid"]
+    direct = torch_fidelity.calculate_metrics(input1=str(d1), input2=str(d2), fid=True, cuda=False, verbose=False,
+                                              cache=False, feature_extractor_weights_path=random_inception)
+    assert ours == direct["frechet_inception_distance"] and ours > 0
+
+
+def test_harness_fid_without_weights_offline_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from harness.cli import main
+
+    monkeypatch.delenv("HARNESS_FID_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(fidelity, "_online", lambda *a, **k: False)
+    d = _folder(tmp_path / "a", 2, 0)
+    assert main(["fid", str(d), str(d)]) == 2
+    assert "--weights" in capsys.readouterr().err
+
+
+# -- metrics in a cell ----------------------------------------------------------------------------
+def _suite(tmp_path, metrics, backbone=None, steps=0):
+    from harness.runner import execute_cell, plan
+    from harness.suite import load_suite
+
+    doc = {"suite": "q", "seed": 0,
+           "base": {"backbone": backbone or {"name": "dit", "size": "tiny", "patch": 4, "depth": 1,
+                                             "hidden_size": 32, "num_heads": 2},
+                    "data": {"name": "shapes", "resolution": 16, "size": 24, "cache_dir": str(tmp_path / "cache")},
+                    "train": {"steps": steps, "batch_size": 8},
+                    "metrics": metrics, "device": "cpu"}}
+    path = tmp_path / "suite.yaml"
+    path.write_text(json.dumps(doc))
+    jobs = plan(load_suite(path), tmp_path / "results")
+    return [execute_cell(j) for j in jobs]
+
+
+def test_fid_kid_isc_in_a_cell_with_cached_reference(tmp_path):
+    opts = {"num_samples": 8, "steps": 2, "batch_size": 4, "extractor": TINY_EXTRACTOR}
+    TinyExtractor.calls = 0
+    (rec,) = _suite(tmp_path, [{"name": "fid", **opts}, {"name": "kid", **opts}, {"name": "isc", **opts}])
+    assert rec["status"] == "ok", rec.get("traceback")
+    m = rec["metrics"]
+    assert m["fid"]["value"] > 0 and m["fid"]["samples"] == 8 and m["fid"]["reference_images"] == 24
+    assert np.isfinite(m["kid"]["value"]) and m["isc"]["value"] >= 1.0
+    # fid and kid share the reference features: 8 + 24 for fid, only 8 more for kid, 8 for isc.
+    assert TinyExtractor.calls == 8 + 24 + 8 + 8
+    cached = list((tmp_path / "cache" / "fidelity").glob("harness-ref-*"))
+    assert cached and all(TINY_EXTRACTOR in p.name for p in cached)
+
+
+def test_fid_equals_torch_fidelity_on_the_same_samples(tmp_path):
+    import torch_fidelity
+
+    opts = {"num_samples": 6, "steps": 2, "batch_size": 3, "extractor": TINY_EXTRACTOR}
+    (rec,) = _suite(tmp_path, [{"name": "fid", **opts}])
+    samples = next((tmp_path / "results" / "q" / rec["cell"]).glob("samples-*"))
+    ds = harness.create("dataset", "shapes", resolution=16, size=24,
+                        seed=__import__("harness.context", fromlist=["x"]).derive_seed(0, "data"))
+    ref = _folder_from(ds, tmp_path / "ref")
+    direct = torch_fidelity.calculate_metrics(input1=str(samples), input2=str(ref), fid=True, cuda=False,
+                                              verbose=False, cache=False, feature_extractor=TINY_EXTRACTOR)
+    assert rec["metrics"]["fid"]["value"] == pytest.approx(direct["frechet_inception_distance"], rel=1e-6)
+
+
+def _folder_from(ds, path):
+    path.mkdir()
+    for i, img in enumerate(ds.uint8_images()):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(path / f"{i:03d}.png")
+    return path
+
+
+def test_fid_offline_without_weights_is_unavailable_not_a_number(tmp_path, monkeypatch):
+    from harness.table import render
+
+    monkeypatch.delenv("HARNESS_FID_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(fidelity, "_online", lambda *a, **k: False)
+    (rec,) = _suite(tmp_path, ["params", {"name": "fid", "num_samples": 4}])
+    assert rec["status"] == "ok"
+    fid = rec["metrics"]["fid"]
+    assert fid["status"] == "unavailable" and fid["value"] is None and "HARNESS_FID_WEIGHTS" in fid["reason"]
+    assert not list((tmp_path / "results").rglob("samples-*"))  # nothing sampled for nothing
+    assert "n/a (no Inception weights" in render([rec], "markdown")
+
+
+def test_resolve_extractor_prefers_the_given_weights(tmp_path, monkeypatch):
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"abc")
+    monkeypatch.setenv("HARNESS_FID_WEIGHTS", str(w))
+    env = fidelity.resolve_extractor()
+    assert env.weights == str(w) and env.identity.endswith(fidelity.file_hash(w))
+    w2 = tmp_path / "w2.pth"
+    w2.write_bytes(b"abd")
+    assert fidelity.resolve_extractor(weights=str(w2)).identity != env.identity
+    with pytest.raises(harness.UserError, match="not a file"):
+        fidelity.resolve_extractor(weights=str(tmp_path / "missing.pth"))
+
+
+# -- val_loss -------------------------------------------------------------------------------------
+def test_val_loss_is_the_same_test_for_every_candidate(tmp_path):
+    from harness.context import CellContext
+    from harness.suite import CellConfig
+    from harness_quality.metrics import ValLoss
+
+    def ctx(cell, hidden):
+        cfg = CellConfig.model_validate({
+            "backbone": {"name": "dit", "size": "tiny", "patch": 4, "depth": 1, "hidden_size": hidden, "num_heads": 2},
+            "data": {"name": "shapes", "resolution": 16, "size": 16}, "metrics": ["val_loss"], "device": "cpu"})
+        return CellContext("s", cell, 0, cfg)
+
+    metric = ValLoss(num_timesteps=4, max_samples=16, batch_size=8)
+    a, b = ctx("a", 32), ctx("b", 32)
+    b.model = a.model  # same weights in two cells: the test set and noise are shared
+    ra, rb = metric(a), metric(b)
+    assert ra["value"] == rb["value"] and ra["timesteps"] == 4 and ra["samples"] == 16
+    # An untrained adaLN-Zero DiT predicts zero noise: the loss is the noise's variance, ~1.
+    assert ra["value"] == pytest.approx(1.0, abs=0.1)
+    c = ctx("c", 64)
+    with torch.no_grad():
+        for p in c.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert metric(c)["value"] != ra["value"]
+
+
+def test_trained_cell_records_loss_curve_and_val_loss(tmp_path):
+    (rec,) = _suite(tmp_path, ["params", {"name": "val_loss", "num_timesteps": 3, "max_samples": 16}], steps=4)
+    assert rec["status"] == "ok", rec.get("traceback")
+    assert rec["train"]["steps"] == 4 and rec["train"]["loss_curve"]
+    assert 0 < rec["metrics"]["val_loss"]["value"] < 2
