@@ -22,6 +22,7 @@ _NO_MACS = {
     "aten::softmax", "aten::unflatten", "aten::repeat", "aten::flip", "aten::pad", "aten::constant_pad_nd",
     "aten::pixel_shuffle", "aten::pixel_unshuffle", "aten::roll", "aten::clamp", "aten::arange",
     "aten::embedding", "aten::index", "aten::gather", "aten::where", "aten::masked_fill", "aten::fill_",
+    "aten::lift_fresh",  # a constant made during the trace (a mixer's cached index or mask)
 }
 
 

@@ -1,11 +1,32 @@
-"""Built-in token mixers. Each maps (B, L, dim) tokens on an H x W grid to (B, L, dim)."""
+"""Built-in token mixers. Each maps (B, L, dim) tokens on an H x W grid to (B, L, dim).
+
+- ``attention``: global multi-head attention (SDPA), quadratic in tokens.
+- ``window-attention``: Swin window attention (window.py), linear in tokens.
+- ``mamba``: Mamba v1 over raster order, 1 or 2 directions (mamba.py).
+- ``ss2d``: VMamba/LaMamba-Diff four-direction 2-D scan (ss2d.py).
+- ``lamamba``: SS2D then window attention, as one mixer (lamamba.py).
+
+The selective scan they share is ``harness_mixers.scan.selective_scan``; its FLOPs reach
+fvcore through the ``harness_flop_handles`` hook below.
+"""
 from __future__ import annotations
 
 import harness
 
 from .attention import attention
+from .lamamba import lamamba
+from .mamba import mamba
+from .scan import selective_scan_flop
+from .ss2d import ss2d
+from .window import window_attention
 
 
 @harness.hookimpl
 def harness_mixers():
-    return {"attention": attention}
+    return {"attention": attention, "window-attention": window_attention, "mamba": mamba, "ss2d": ss2d,
+            "lamamba": lamamba}
+
+
+@harness.hookimpl
+def harness_flop_handles():
+    return {"prim::PythonOp.SelectiveScanFn": selective_scan_flop}
