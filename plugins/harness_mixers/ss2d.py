@@ -73,11 +73,14 @@ class SS2D(nn.Module):
         x = F.silu(self.conv2d(x.transpose(1, 2).reshape(b, self.d_inner, h, w))).flatten(2)  # (B, d, L)
         order, back = scan_orders(h, w, self.snake)
         xs = x[:, :, order.to(x.device)].transpose(1, 2)  # (B, K, d, L): each direction's sequence
-        proj = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dt, B, C = proj.split([self.dt_rank, self.d_state, self.d_state], dim=2)
-        delta = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_projs_weight)
+        # Batched matmuls with the batch operand first (fvcore counts these exactly; einsum's
+        # count goes through numpy's path estimate and is off).
+        proj = xs.transpose(2, 3) @ self.x_proj_weight.transpose(1, 2)  # (B, K, L, rank + 2N)
+        dt, B, C = proj.split([self.dt_rank, self.d_state, self.d_state], dim=3)
+        delta = (dt @ self.dt_projs_weight.transpose(1, 2)).transpose(2, 3)  # (B, K, d, L)
         y = selective_scan(xs.reshape(b, -1, n), delta.reshape(b, -1, n), -torch.exp(self.A_logs.float()),
-                           B, C, self.Ds.float(), delta_bias=self.dt_projs_bias.flatten().float(),
+                           B.transpose(2, 3), C.transpose(2, 3), self.Ds.float(),
+                           delta_bias=self.dt_projs_bias.flatten().float(),
                            delta_softplus=True).view(b, K, self.d_inner, n)
         # Back to raster order (position p of direction k was visited at step argsort(order)[k, p]).
         y = y.transpose(2, 3).reshape(b, K * n, self.d_inner)[:, back.to(x.device)]
