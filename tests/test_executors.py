@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import textwrap
+import time
 
 import pytest
 
@@ -80,13 +81,15 @@ def crashy_site(tmp_path_factory):
     return pip_install_target(src, tmp_path_factory.mktemp("site-crashy"))
 
 
+@pytest.mark.slow
 def test_process_executor_matches_local_records(tmp_path, plugin_site, with_site):
     with_site(plugin_site)
     local, proc = tmp_path / "local", tmp_path / "proc"
-    assert main(["run", str(_suite(tmp_path)), "--results", str(local)]) == 0
-    assert main(["run", str(_suite(tmp_path)), "--results", str(proc), "--executor", "process", "--jobs", "2"]) == 0
+    suite = _suite(tmp_path, SUITE.replace("[2, 4, 8]", "[2, 8]"))
+    assert main(["run", str(suite), "--results", str(local)]) == 0
+    assert main(["run", str(suite), "--results", str(proc), "--executor", "process", "--jobs", "2"]) == 0
     a, b = _by_width(local), _by_width(proc)
-    assert sorted(a) == sorted(b) == [2, 4, 8]
+    assert sorted(a) == sorted(b) == [2, 8]
     for width in a:  # same cell ids, same figures, whichever executor ran them
         assert a[width]["cell"] == b[width]["cell"]
         assert a[width]["metrics"]["params"]["value"] == b[width]["metrics"]["params"]["value"]
@@ -95,35 +98,36 @@ def test_process_executor_matches_local_records(tmp_path, plugin_site, with_site
     assert b[2]["plugins"]["toy"] == "harness-toy 0.3.1"  # the worker loaded the same plugins
 
 
+@pytest.mark.slow
 def test_process_worker_crash_is_a_failed_record(tmp_path, plugin_site, crashy_site, with_site):
     with_site(plugin_site)
     with_site(crashy_site)
-    text = SUITE + "include:\n  - {backbone: {name: crashy}}\n"
+    text = SUITE.replace("[2, 4, 8]", "[2]") + "include:\n  - {backbone: {name: crashy}}\n"
     results = tmp_path / "r"
     assert main(["run", str(_suite(tmp_path, text)), "--results", str(results), "--executor", "process",
                  "--jobs", "2"]) == 1
     records = load_records(results / "execs")
     failed = [r for r in records if r["status"] == "failed"]
-    assert len(records) == 4 and len(failed) == 1
+    assert len(records) == 2 and len(failed) == 1
     assert failed[0]["config"]["backbone"]["name"] == "crashy"
     assert "worker process died (exit code 3)" in failed[0]["error"]
     # a rerun retries only the failed cell
     assert main(["run", str(_suite(tmp_path, text)), "--results", str(results), "--executor", "process"]) == 1
 
 
-def test_process_timeout_kills_the_cell_only(tmp_path, plugin_site, with_site):
+def test_process_timeout_kills_the_worker(tmp_path, plugin_site, with_site):
     with_site(plugin_site)
-    text = SUITE.replace("backbone.width: [2, 4, 8]", "backbone.sleep: [0, 30]")
-    results = tmp_path / "r"
-    executor = harness.create("executor", "process", jobs=2, timeout=8)
+    text = SUITE.replace("backbone.width: [2, 4, 8]", "backbone.sleep: [600]")
+    executor = harness.create("executor", "process", jobs=1, timeout=3)
     from harness.runner import plan, run_jobs
     from harness.suite import load_suite
 
-    jobs = plan(load_suite(_suite(tmp_path, text)), results)
-    records = {r["config"]["backbone"]["sleep"]: r for r in run_jobs(jobs, executor)}
-    assert records[0]["status"] == "ok"
-    assert records[30]["status"] == "failed" and "ran past 8 s" in records[30]["error"]
-    assert {r["status"] for r in load_records(results)} == {"ok", "failed"}
+    jobs = plan(load_suite(_suite(tmp_path, text)), tmp_path / "r")
+    t0 = time.monotonic()
+    [record] = run_jobs(jobs, executor)
+    assert time.monotonic() - t0 < 120  # killed at the timeout, not left to sleep for 600 s
+    assert record["status"] == "failed" and "ran past 3 s" in record["error"]
+    assert load_records(tmp_path / "r")[0]["status"] == "failed"  # on disk too
 
 
 def test_executor_options_are_checked():
@@ -137,15 +141,16 @@ def test_executor_options_are_checked():
     assert ex.parameters["slurm_partition"] == "gpu" and ex.parameters["slurm_array_parallelism"] == 3
 
 
+@pytest.mark.slow
 def test_submitit_local_runs_each_cell_as_a_job(tmp_path, plugin_site, with_site):
     with_site(plugin_site)
-    text = SUITE + "executor: {name: submitit, cluster: local, poll: 0.2, timeout_min: 10}\n"
+    text = SUITE.replace("[2, 4, 8]", "[2, 8]") + "executor: {name: submitit, cluster: local, poll: 0.2, timeout_min: 10}\n"
     results = tmp_path / "r"
     assert main(["run", str(_suite(tmp_path, text)), "--results", str(results)]) == 0
     records = _by_width(results)
-    assert sorted(records) == [2, 4, 8] and {r["status"] for r in records.values()} == {"ok"}
+    assert sorted(records) == [2, 8] and {r["status"] for r in records.values()} == {"ok"}
     logs = results / "execs" / "submitit"
-    assert len(list(logs.glob("*/*_log.out"))) == 3  # one submitit job (and log folder) per cell
+    assert len(list(logs.glob("*_log.out"))) == 2  # one submitit job (and log) per cell
     # resumable like any run: nothing left to submit
     assert main(["run", str(_suite(tmp_path, text)), "--results", str(results)]) == 0
-    assert len(list(logs.glob("*/*_log.out"))) == 3
+    assert len(list(logs.glob("*_log.out"))) == 2

@@ -59,7 +59,7 @@ class SubmititExecutor:
         jobs = list(jobs)
         if not jobs:
             return
-        executor = self._executor(self.log_folder(jobs[0]) / "%j")
+        executor = self._executor(self.log_folder(jobs[0]))  # <job id>_<task>_log.out etc.
         executor.update_parameters(name=f"harness-{jobs[0].suite}")
         submitted = executor.map_array(execute_cell, jobs)
         pending = dict(zip(submitted, jobs))
