@@ -11,10 +11,12 @@ from __future__ import annotations
 import html
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .errors import UserError, suggest
@@ -40,7 +42,8 @@ class Board:
 
 
 def _number(v) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    """A finite float, or None; pandas hands back numpy scalars, which are Numbers too."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
         return None
     return float(v) if math.isfinite(v) else None
 
@@ -108,6 +111,7 @@ def _legend(board: Board, best_mark: str) -> str:
 def _marked(board: Board, wrap, link) -> pd.DataFrame:
     """The formatted frame with best cells wrapped and the cell id turned into a link."""
     df = board.shown.copy().astype(object)
+    df = df.where(df.notna(), "")  # a config key a backbone does not have: blank, not "nan"
     for m, rows in board.best.items():
         col = board.metrics[m]
         for i in rows:

@@ -61,7 +61,9 @@ def _labels(frame: pd.DataFrame, metric_cols: list[str]) -> list[str]:
     """A short name per cell: the config values that vary between the plotted cells."""
     keys = [c for c in frame.columns if c not in metric_cols and c not in ("cell", "status")]
     keys = [k for k in keys if frame[k].astype(str).nunique() > 1] or ["cell"]
-    return [" ".join(str(v) for v in row) for row in frame[keys].itertuples(index=False)]
+    names = [k.split(".")[-1] for k in keys]
+    return [" ".join(f"{n}={v}" for n, v in zip(names, row) if not pd.isna(v))
+            for row in frame[keys].itertuples(index=False)]
 
 
 def pareto_front(points: list[tuple[float, float]], x_lower: bool = True, y_lower: bool = True) -> list[int]:

@@ -18,10 +18,10 @@ from harness.records import load_records, write_record
 
 # (suite, mixer, tokens side, params, gflops, latency ms, val_loss); figures are made up.
 ROWS = [
-    ("mixers", "attention", 16, 33.0e6, 6.06, 41.0, 0.210),
-    ("mixers", "mamba", 16, 30.5e6, 4.10, 55.0, 0.205),
-    ("mixers", "window-attention", 16, 32.9e6, 5.02, 38.0, 0.230),
-    ("scaling", "attention", 32, 33.0e6, 24.2, 160.0, None),
+    ("mixers", "attention", 16, 33_000_000, 6.06, 41.0, 0.210),
+    ("mixers", "mamba", 16, 30_500_000, 4.10, 55.0, 0.205),
+    ("mixers", "window-attention", 16, 32_900_000, 5.02, 38.0, 0.230),
+    ("scaling", "attention", 32, 33_000_000, 24.2, 160.0, None),
 ]
 
 
@@ -82,6 +82,8 @@ def test_markdown_shows_direction_best_and_links(results, tmp_path):
 def test_metric_option_reranks_and_rejects_unknown(results):
     board = build(load_records(results), metric="latency")
     assert list(board.raw["latency"])[:2] == [38.0, 41.0]
+    board = build(load_records(results), metric="params")  # integer figures rank too
+    assert list(board.raw["params"])[:4] == [30_500_000, 32_900_000, 33_000_000, 33_000_000]
     with pytest.raises(UserError, match=r"unknown metric 'gflop'.*did you mean 'gflops'"):
         build(load_records(results), metric="gflop")
 
