@@ -223,7 +223,10 @@ class LaMambaDiff(nn.Module):
         nn.init.zeros_(self.final_linear.bias)
 
     def forward(self, x, t, y=None):
-        b, _, h, w = x.shape
+        b = x.shape[0]
+        # The map size as Python ints (the model is built for one size, like its position
+        # embedding): under fvcore's trace x.shape holds tensors, which mixers index with.
+        h = w = self.input_size
         x = self.x_norm(self.x_embedder(x).flatten(2).transpose(1, 2)) + self.pos_embed
         c = self.t_embedder(t)
         if self.y_embedder is not None:
