@@ -100,6 +100,15 @@ def build(records: list[dict], metric: str | None = None, link_base: str | Path 
     return Board(shown, raw, headers, directions, best, links, metric, id_columns)
 
 
+def _text(v) -> str:
+    """A config value as written: pandas turns an int column with gaps into floats (2.0)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def _legend(board: Board, best_mark: str) -> str:
     parts = [f"{a} {d} is better" for d, a in ARROW.items() if d in board.directions.values()]
     parts.append(f"{best_mark}: best in column")
@@ -111,7 +120,8 @@ def _legend(board: Board, best_mark: str) -> str:
 def _marked(board: Board, wrap, link) -> pd.DataFrame:
     """The formatted frame with best cells wrapped and the cell id turned into a link."""
     df = board.shown.copy().astype(object)
-    df = df.where(df.notna(), "")  # a config key a backbone does not have: blank, not "nan"
+    for col in board.id_columns:  # a config key a backbone does not have: blank, not "nan"
+        df[col] = [_text(v) for v in df[col]]
     for m, rows in board.best.items():
         col = board.metrics[m]
         for i in rows:
@@ -221,10 +231,10 @@ def to_html(board: Board, title: str = "Leaderboard") -> str:
         cells = [f'<td class="num" data-v="{i + 1}">{i + 1}</td>']
         for col in board.shown.columns:
             text = board.shown.iloc[i][col]
-            text = "" if text is None or (isinstance(text, float) and math.isnan(text)) else str(text)
+            text = _text(text)
             metric = names.get(col)
             raw = board.raw.iloc[i][metric if metric else col]
-            num = _number(raw) if metric else None
+            num = _number(raw) if col != "cell" else None  # config values like patch sort as numbers too
             classes = (["num"] if num is not None else []) + (["best"] if i in board.best.get(metric, ()) else [])
             sort_value = repr(num) if num is not None else ("" if metric else text)
             inner = e(text)
