@@ -8,6 +8,7 @@ criterion is judged on the same inputs.
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import contextmanager
 
 import torch
@@ -17,10 +18,17 @@ from .units import Skip, _parent, skip_kind
 
 
 def alphas_cumprod(schedule: str = "linear", timesteps: int = 1000) -> torch.Tensor:
-    from diffusers import DDPMScheduler
-
-    beta = {"linear": "linear", "cosine": "squaredcos_cap_v2"}[schedule]
-    return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule=beta).alphas_cumprod.float()
+    """The training schedule's cumulative alphas (diffusers' DDPM betas: linear 1e-4..0.02, or
+    squaredcos_cap_v2), written out so that scoring a DiT does not import diffusers."""
+    if schedule == "linear":
+        betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+    elif schedule == "cosine":
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = torch.tensor([min(1 - f((i + 1) / timesteps) / f(i / timesteps), 0.999) for i in range(timesteps)],
+                             dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return torch.cumprod(1 - betas, 0).float()
 
 
 def noise_channels(ctx) -> int:

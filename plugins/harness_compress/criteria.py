@@ -187,10 +187,8 @@ class BKSDM(Criterion):
                 rank = 0
             elif re.search(rf"down_blocks\.{innermost}\.", name) or re.search(r"up_blocks\.0\.", name):
                 rank = 2
-            elif "down_blocks." in name and k >= 1:
-                rank = 0
-            elif "up_blocks." in name and k == 1:
-                rank = 0
+            elif ("down_blocks." in name and k >= 1) or ("up_blocks." in name and k == 1):
+                rank = 0.5  # what BK-SDM removes, where no pair takes it whole
             elif "mid_block." in name:
                 rank = 1
             else:

@@ -97,14 +97,7 @@ def _is_up_path(name: str) -> bool:
 
 def discover(model: nn.Module) -> list[Unit]:
     """Every candidate unit of ``model`` in module order, removable or not (with the reason)."""
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
-
-    try:
-        from diffusers.models.transformers.transformer_2d import Transformer2DModel
-    except ImportError:  # older diffusers layout
-        from diffusers.models.transformer_2d import Transformer2DModel
-
+    # Matched by class name, not isinstance: importing diffusers costs seconds, and a DiT has none.
     units: list[Unit] = []
     inside: list[str] = []  # names of units already taken whole (their children are not units)
     for name, module in model.named_modules():
@@ -113,7 +106,8 @@ def discover(model: nn.Module) -> list[Unit]:
         cls = type(module).__name__
         if isinstance(module, Skip):
             continue
-        if isinstance(module, ResnetBlock2D):
+        diffusers = type(module).__module__.startswith("diffusers.")
+        if diffusers and cls == "ResnetBlock2D":
             unit = Unit(name, "resnet", _param_count(module))
             if getattr(module, "up", False) or getattr(module, "down", False):
                 unit.removable, unit.reason = False, "resamples (up/down ResNet)"
@@ -123,16 +117,16 @@ def discover(model: nn.Module) -> list[Unit]:
                 unit.removable, unit.reason = False, f"changes channels {module.in_channels}->{module.out_channels}"
             units.append(unit)
             inside.append(name)
-        elif isinstance(module, Transformer2DModel):
+        elif diffusers and cls == "Transformer2DModel":
             blocks = module.transformer_blocks
             if len(blocks) == 1:  # the whole layer (norm, proj_in/out included) is one unit
                 units.append(Unit(name, "attention", _param_count(module)))
                 inside.append(name)
             # several blocks: each is a unit, found as BasicTransformerBlock below
-        elif cls == "BasicTransformerBlock":
+        elif diffusers and cls == "BasicTransformerBlock":
             units.append(Unit(name, "transformer", _param_count(module)))
             inside.append(name)
-        elif isinstance(module, Attention) and getattr(module, "residual_connection", False):
+        elif diffusers and cls == "Attention" and getattr(module, "residual_connection", False):
             units.append(Unit(name, "attention", _param_count(module)))
             inside.append(name)
         elif cls in _TOKEN_BLOCKS:

@@ -1,0 +1,73 @@
+"""Distillation losses, feature hooks with renamed (pruned) students, and loss shares."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import harness
+from harness_compress.distill import DistillObjective, FeatureTap, feature_points
+from harness_compress.units import apply_plan, bksdm_plan
+
+
+def _loss(name, **kw):
+    return harness.create("loss", name, **kw)
+
+
+def test_loss_values():
+    s, t, noise = torch.zeros(2, 3), torch.ones(2, 3), torch.full((2, 3), 2.0)
+    feats_s = {"a": torch.zeros(2, 4), "b": torch.ones(2, 4)}
+    feats_t = {"a": torch.ones(2, 4), "b": torch.full((2, 4), 3.0)}
+    assert _loss("task")(s, t, noise, {}, {}).item() == pytest.approx(4.0)
+    assert _loss("output-kd")(s, t, noise, {}, {}).item() == pytest.approx(1.0)
+    assert _loss("feature-kd")(s, t, noise, feats_s, feats_t).item() == pytest.approx(1.0 + 4.0)
+    # ||t - s||^2 / ||t||^2 per term: 8/8 + 32/72; the large feature no longer dominates
+    assert _loss("normalized-feature-kd")(s, t, noise, feats_s, feats_t).item() == pytest.approx(1 + 32 / 72)
+
+
+def _dit():
+    torch.manual_seed(0)
+    model = harness.create("backbone", "dit", size="tiny", input_size=8, in_channels=4, num_classes=3, patch=2,
+                           depth=3, hidden_size=32, num_heads=2, learn_sigma=False)
+    for block in model.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)
+    return model
+
+
+def test_objective_trains_a_pruned_student_and_keeps_shares():
+    teacher = _dit().eval().requires_grad_(False)
+    student = apply_plan(copy.deepcopy(teacher), {"skip": ["blocks.1"], "drop": []}).requires_grad_(True)
+    losses = [(_loss("task"), 1.0), (_loss("output-kd"), 1.0), (_loss("normalized-feature-kd"), 2.0)]
+    objective = DistillObjective(losses, channels=4, teacher=teacher)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t, y = torch.tensor([10, 700]), torch.tensor([0, 2])
+    loss, terms = objective(student, x0, t, y, noise, 0.5 * x0 + 0.5 * noise, teacher)
+    loss.backward()
+    assert set(terms) == {"task", "output-kd", "normalized-feature-kd"}
+    assert loss.item() == pytest.approx(sum(float(v) for v in terms.values()), rel=1e-5)
+    assert student.blocks[0].attn.qkv.weight.grad is not None
+    shares = objective.shares()
+    assert sum(shares["losses"].values()) == pytest.approx(1.0)
+    feats = shares["features"]["normalized-feature-kd"]
+    assert set(feats) == {"blocks.0", "blocks.1", "blocks.2"} and sum(feats.values()) == pytest.approx(1.0)
+    objective.close()
+
+
+def test_features_follow_renamed_modules_after_drops():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=16, layers_per_block=2, block_out_channels=(16, 32, 32, 32),
+                                cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+    teacher_points = feature_points(unet)
+    assert "down_blocks.0" in teacher_points and "mid_block" in teacher_points and "up_blocks.3" in teacher_points
+    student = apply_plan(copy.deepcopy(unet), bksdm_plan(unet, "bk-sdm-tiny"))
+    tap = FeatureTap(student, teacher_points)
+    with torch.no_grad():
+        student(torch.randn(1, 4, 16, 16), torch.tensor([3]), encoder_hidden_states=torch.randn(1, 3, 16))
+    feats = tap.pop()
+    # the tiny student's first up block is the teacher's second one; its innermost stage is gone
+    assert "up_blocks.1" in feats and "up_blocks.0" not in feats and "down_blocks.3" not in feats
+    assert feats["up_blocks.1"].shape[1] == 32
+    tap.close()
