@@ -249,6 +249,9 @@ def cmd_flops(args, extra: list[str]) -> int:
     ctx = CellContext("flops", "flops", 0, config, reg=reg)
     with torch.no_grad():
         model = ctx.model.eval()
+        unpruned = sum(p.numel() for p in model.parameters())
+        if args.prune:
+            model = _apply_prune(model, args.prune)
         params = sum(p.numel() for p in model.parameters())
         fc = count_flops(model, ctx.example_inputs(1, generator=torch.Generator().manual_seed(0)),
                          reg.flop_handles())
@@ -256,6 +259,8 @@ def cmd_flops(args, extra: list[str]) -> int:
               "gflops": fc.total / 1e9, "batch_size": 1, "convention": "1 multiply-add = 1 FLOP (fvcore)",
               "uncounted_ops": fc.uncounted_ops}
     result.update(getattr(model, "flops_extra", {}) or {})
+    if args.prune:
+        result["prune"] = {"plan": args.prune, "params_before": unpruned, "removed_ratio": 1 - params / unpruned}
     if args.by_module:
         result["by_module"] = {k: {"params": fc.params_by_module[k], "gflops": v / 1e9}
                                for k, v in fc.by_module.items()}
@@ -275,6 +280,66 @@ def cmd_flops(args, extra: list[str]) -> int:
         for k, v in result["by_module"].items():
             table.add_row(k, f"{v['params']:,}", f"{v['gflops']:.3f}")
         console.print(table)
+    return 0
+
+
+def _apply_prune(model, spec: str):
+    """A BK-SDM preset name, or a plan file (``plan.json`` as saved with a pruned model)."""
+    from harness_compress.units import BKSDM_PRESETS, apply_plan, bksdm_plan
+
+    from .errors import suggest
+
+    if spec in BKSDM_PRESETS:
+        return apply_plan(model, bksdm_plan(model, spec))
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "plan.json"
+    if not path.is_file():
+        raise UserError(f"--prune {spec!r}: neither a preset{suggest(spec, BKSDM_PRESETS)} nor a plan file")
+    try:
+        plan = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"--prune {spec}: not a JSON plan ({exc})") from None
+    return apply_plan(model, plan)
+
+
+# -- prune ---------------------------------------------------------------------------------
+def cmd_prune(args, extra: list[str]) -> int:
+    from harness_compress.units import discover
+
+    from .context import CellContext
+    from .plugins import registry
+    from .suite import CellConfig
+
+    options = _parse_options(extra)
+    reg = registry()
+    reg.get("backbone", args.backbone).check_options(options)
+    config = CellConfig.model_validate({"backbone": {"name": args.backbone, **options}, "metrics": ["params"],
+                                        "device": "cpu"})
+    model = CellContext("prune", "prune", 0, config, reg=reg).build_backbone(device="meta")  # sizes only
+    total = sum(p.numel() for p in model.parameters())
+    units = discover(model)
+    removable = [u for u in units if u.removable]
+    if args.json:
+        print(json.dumps({"backbone": args.backbone, "options": options, "params": total,
+                          "units": [u.to_dict() for u in units]}, indent=2))
+        return 0
+    from rich.table import Table
+
+    table = Table("unit", "kind", "params", "share", "removable", box=None)
+    table.columns[0].overflow = table.columns[4].overflow = "fold"  # long module paths: wrap, never cut
+    for u in units:
+        table.add_row(u.name, u.kind, f"{u.params:,}", f"{u.params / total:.2%}",
+                      "yes" if u.removable else f"no: {u.reason}")
+    console = _console()
+    console.print(table)
+    # pairs overlap single units, so the removable total counts each module once
+    covered: dict[str, int] = {}
+    for u in removable:
+        for name in u.covers:
+            covered.setdefault(name, sum(p.numel() for p in model.get_submodule(name).parameters()))
+    console.print(f"{args.backbone}: {total:,} params; {len(removable)} removable units "
+                  f"covering {sum(covered.values()) / total:.1%} of them")
     return 0
 
 
@@ -351,7 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("backbone")
     f.add_argument("--by-module", action="store_true")
     f.add_argument("--json", action="store_true")
+    f.add_argument("--prune", metavar="PRESET|PLAN", help="measure pruned: bk-sdm-base/small/tiny or a plan.json")
     f.set_defaults(func=cmd_flops, takes_extra=True)
+
+    pr = sub.add_parser("prune", help="the prunable units of one backbone configuration",
+                        description="Options after the backbone name are passed to its factory, "
+                                    "e.g. harness prune unet --preset sd15")
+    pr.add_argument("backbone")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_prune, takes_extra=True)
 
     fd = sub.add_parser("fid", help="FID between two image folders (torch-fidelity, InceptionV3)")
     fd.add_argument("dir1")

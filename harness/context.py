@@ -101,8 +101,9 @@ class CellContext:
     def build_backbone(self, device: str | torch.device | None = None) -> torch.nn.Module:
         device = torch.device(device) if device is not None else self.device
         torch.manual_seed(self.seed("init"))
+        options = self.backbone_options  # outside the device context: it may build the data set
         with torch.device(device):
-            model = self.registry.create("backbone", self.config.backbone.name, **self.backbone_options)
+            model = self.registry.create("backbone", self.config.backbone.name, **options)
         return model
 
     @property

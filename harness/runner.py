@@ -73,9 +73,10 @@ def execute_cell(job: CellJob) -> dict:
             torch.set_num_threads(config.threads)
         ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
         record["env"] = environment(str(ctx.device))
-        if config.train.steps > 0:
+        compress = config.prune is not None or config.distill is not None
+        if config.train.steps > 0 and not compress:  # a compression cell trains (and caches) its teacher itself
             stages.train_cell(ctx)
-        if config.prune or config.distill:
+        if compress:
             stages.compress_cell(ctx)
         for spec in config.metric_specs():
             metric = reg.create("metric", spec.name, **spec.options)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -53,6 +53,61 @@ class TrainSpec(_Strict):
     log_every: int = Field(10, gt=0)
 
 
+class PruneSpec(_Strict):
+    """Layer pruning: a criterion scores the units, a selection removes ``ratio`` of the budget;
+    or a fixed ``preset`` (BK-SDM's handcrafted removals)."""
+
+    criterion: Optional[Union[str, ComponentSpec]] = None
+    preset: Optional[Literal["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"]] = None
+    ratio: Optional[float] = Field(None, gt=0, lt=1)
+    budget: Literal["params", "gflops"] = "params"
+    selection: Literal["knapsack", "greedy"] = "knapsack"
+    additivity: int = Field(0, ge=0)  # random subsets for the additivity check (0: skip)
+    calibration_batch: int = Field(8, gt=0)
+    calibration_timesteps: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if (self.criterion is None) == (self.preset is None):
+            raise ValueError("give either criterion (with ratio) or preset")
+        if self.criterion is not None and self.ratio is None:
+            raise ValueError("a criterion needs ratio (the fraction of the budget to remove, 0 < ratio < 1)")
+        return self
+
+    def criterion_spec(self) -> Optional[ComponentSpec]:
+        c = self.criterion
+        return ComponentSpec(name=c) if isinstance(c, str) else c
+
+
+class DistillTerm(ComponentSpec):
+    """``{name: loss, weight: 1.0, **options}``."""
+
+    weight: float = 1.0
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DistillSpec(_Strict):
+    """Retraining of the pruned student against the teacher; a bare list means ``losses``."""
+
+    losses: list[Union[str, DistillTerm]] = Field(min_length=1)
+    steps: int = Field(100, ge=0)
+    batch_size: Optional[int] = Field(None, gt=0)
+    lr: Optional[float] = Field(None, gt=0)
+    ema: Optional[float] = Field(None, ge=0, lt=1)  # none by default: a short retraining's EMA lags
+    features: Optional[list[str]] = None  # teacher module names; default: every stage output
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, v):
+        return {"losses": v} if isinstance(v, list) else v
+
+    def terms(self) -> list[DistillTerm]:
+        return [DistillTerm(name=t) if isinstance(t, str) else t for t in self.losses]
+
+
 class CellConfig(_Strict):
     backbone: ComponentSpec
     data: Optional[ComponentSpec] = None
@@ -61,8 +116,8 @@ class CellConfig(_Strict):
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: Optional[int] = Field(None, gt=0)
-    prune: Optional[dict[str, Any]] = None
-    distill: Optional[list[Any]] = None
+    prune: Optional[PruneSpec] = None
+    distill: Optional[DistillSpec] = None
 
     @field_validator("device")
     @classmethod
@@ -300,6 +355,11 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
         checks.append((("data",), "dataset", parsed.data))
     for i, m in enumerate(parsed.metric_specs()):
         checks.append((("metrics", i), "metric", m))
+    if parsed.prune is not None and parsed.prune.criterion is not None:
+        checks.append((("prune", "criterion"), "criterion", parsed.prune.criterion_spec()))
+    if parsed.distill is not None:
+        for i, term in enumerate(parsed.distill.terms()):
+            checks.append((("distill", i), "loss", term))
     for loc, kind, spec in checks:
         try:
             comp = reg.get(kind, spec.name)
