@@ -15,6 +15,7 @@ import time
 from multiprocessing.connection import wait
 
 from harness.errors import UserError
+from harness.plugins import registry
 from harness.records import environment, write_record
 from harness.runner import CellJob, execute_cell
 
@@ -34,7 +35,8 @@ def failed_record(job: CellJob, error: str) -> dict:
     """The record of a cell whose worker never reported back; written by the parent."""
     record = {
         "suite": job.suite, "cell": job.cell, "label": job.label, "seed": job.seed, "config": job.config,
-        "status": "failed", "error": error, "metrics": {}, "env": environment(None), "plugins": {},
+        "status": "failed", "error": error, "metrics": {}, "env": environment(None),
+        "plugins": registry().versions(),  # the worker loads the same entry points as this process
     }
     write_record(job.record_path, record)
     return record

@@ -66,12 +66,17 @@ class SubmititExecutor:
         for job in jobs:
             if on_start:
                 on_start(job)
-        while pending:
-            finished = [s for s in pending if s.done()]
-            for sub in finished:
-                on_done(pending[sub], self._collect(sub, pending.pop(sub)))
-            if pending and not finished:
-                time.sleep(self.poll)
+        try:
+            while pending:
+                finished = [s for s in pending if s.done()]
+                for sub in finished:
+                    on_done(pending[sub], self._collect(sub, pending.pop(sub)))
+                if pending and not finished:
+                    time.sleep(self.poll)
+        except BaseException:  # Ctrl-C: cancel what is left, so a rerun does not race live jobs
+            for sub in pending:
+                sub.cancel(check=False)
+            raise
 
     @staticmethod
     def _collect(sub, job: CellJob) -> dict:
