@@ -111,7 +111,7 @@ def scan_parity(device: torch.device, batch: int, dim: int, state: int, length: 
 
 
 def latency(device: torch.device, name: str, options: dict, input_size: int, batch: int, dtype: torch.dtype,
-            runs: int) -> dict:
+            runs: int, warmup: int = 3) -> dict:
     import harness
 
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def latency(device: torch.device, name: str, options: dict, input_size: int, bat
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     with torch.inference_mode():
-        for _ in range(3):  # warm-up: kernels, allocator, cuDNN choices
+        for _ in range(warmup):  # kernels, allocator, cuDNN choices
             model(x, t, y)
         _sync(device)
         for _ in range(runs):
@@ -136,7 +136,7 @@ def latency(device: torch.device, name: str, options: dict, input_size: int, bat
     q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     out = {"backbone": name, "options": options, "input_size": input_size, "batch_size": batch,
            "dtype": str(dtype).replace("torch.", ""), "ms_median": statistics.median(times), "ms_iqr": q[2] - q[0],
-           "runs": runs, "params": sum(p.numel() for p in model.parameters())}
+           "runs": runs, "warmup": warmup, "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         out["images_per_s"] = batch / (out["ms_median"] / 1e3)
@@ -168,11 +168,13 @@ def main(argv=None) -> int:
     report = Report(Path(args.out), device)
     start = time.perf_counter()
     dtype = getattr(torch, args.dtype)
-    if args.tiny:
+    if args.tiny:  # a 16x16 latent (128 px), one warm-up: seconds on a CPU
+        latent, warmup = 16, 1
         scans = [(1, 16, 4, 64)]
         models = {"dit-tiny/2": ("dit", {"size": "tiny", "patch": 2}), "lamamba-tiny": ("lamamba", {"size": "tiny"})}
-    else:  # the CPU benchmark's shape, then a LaMamba-XL-sized scan (4 directions x 2 x 320, L 1024)
+    else:  # 256x256 (latent 32); scans: the CPU benchmark's shape, then a LaMamba-XL-sized scan (4 directions x 2 x 320, L 1024)
         scans = [(2, 384, 16, 1024), (1, 2560, 16, 1024)]
+        latent, warmup = 32, 3
         models = {"DiT-XL/2": ("dit", {"size": "XL", "patch": 2}), "LaMamba-Diff-XL": ("lamamba", {"size": "XL"})}
 
     for batch, dim, state, length in scans:
@@ -180,12 +182,12 @@ def main(argv=None) -> int:
         report.run("scan", key, lambda: scan_parity(device, batch, dim, state, length))
     for bs in args.batch_sizes:
         for label, (name, options) in models.items():
-            key = f"{label}@256-bs{bs}"
+            key = f"{label}@{8 * latent}-bs{bs}"
             if time.perf_counter() - start > args.budget_s:
                 report.data["errors"][f"latency/{key}"] = f"skipped: past the {args.budget_s:.0f} s budget"
                 report.save()
                 continue
-            report.run("latency", key, lambda: latency(device, name, options, 32, bs, dtype, args.runs))
+            report.run("latency", key, lambda: latency(device, name, options, latent, bs, dtype, args.runs, warmup))
     report.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report.data["total_s"] = round(time.perf_counter() - start, 1)
     report.save()

@@ -12,7 +12,7 @@ SCRIPT = REPO / "scripts" / "gpu_check.sh"
 
 def test_tiny_cpu_run_writes_every_figure(tmp_path):
     out = tmp_path / "g.json"
-    proc = subprocess.run([str(SCRIPT), str(out), "--device", "cpu", "--tiny", "--runs", "2", "--batch-sizes", "1", "2"],
+    proc = subprocess.run([str(SCRIPT), str(out), "--device", "cpu", "--tiny", "--runs", "1", "--batch-sizes", "1", "2"],
                           capture_output=True, text=True, timeout=300)
     data = json.loads(out.read_text())
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:], data.get("errors"))
@@ -20,7 +20,7 @@ def test_tiny_cpu_run_writes_every_figure(tmp_path):
     (scan,) = data["scan"].values()
     assert scan["finite"] and scan["max_rel_err"] < 1e-4  # CPU against itself: same code path
     keys = set(data["latency"])
-    assert keys == {f"{m}@256-bs{b}" for m in ("dit-tiny/2", "lamamba-tiny") for b in (1, 2)}
+    assert keys == {f"{m}@128-bs{b}" for m in ("dit-tiny/2", "lamamba-tiny") for b in (1, 2)}
     assert all(v["ms_median"] > 0 and v["dtype"] == "bfloat16" for v in data["latency"].values())
 
 
