@@ -334,10 +334,9 @@ def cmd_prune(args, extra: list[str]) -> int:
     console = _console()
     console.print(table)
     # pairs overlap single units, so the removable total counts each module once
-    covered: dict[str, int] = {}
-    for u in removable:
-        for name in u.covers:
-            covered.setdefault(name, sum(p.numel() for p in model.get_submodule(name).parameters()))
+    names = {name for u in removable for name in u.covers}
+    names = {n for n in names if not any(n.startswith(o + ".") for o in names)}  # nested: count once
+    covered = {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
     console.print(f"{args.backbone}: {total:,} params; {len(removable)} removable units "
                   f"covering {sum(covered.values()) / total:.1%} of them")
     return 0

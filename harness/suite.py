@@ -96,7 +96,7 @@ class DistillSpec(_Strict):
     steps: int = Field(100, ge=0)
     batch_size: Optional[int] = Field(None, gt=0)
     lr: Optional[float] = Field(None, gt=0)
-    ema: Optional[float] = Field(None, ge=0, lt=1)  # none by default: a short retraining's EMA lags
+    ema: Optional[float] = Field(0.0, ge=0, lt=1)  # 0: the EMA is the weights (a short retraining's EMA lags)
     features: Optional[list[str]] = None  # teacher module names; default: every stage output
 
     @model_validator(mode="before")
