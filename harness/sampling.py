@@ -142,3 +142,70 @@ def export_npz(folder: str | Path, path: str | Path, num_samples: Optional[int] 
     arr = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
     np.savez(path, arr_0=arr)
     return Path(path)
+
+
+# -- torchrun entry point ------------------------------------------------------------------------
+def load_trained(record_path: str | Path, device: str | torch.device = "cpu"):
+    """The EMA model and data set of a trained cell, from its record and its checkpoint."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .context import CellContext
+    from .errors import UserError
+    from .suite import CellConfig
+
+    record_path = Path(record_path)
+    if not record_path.is_file():
+        raise UserError(f"{record_path}: no such cell record (results/<suite>/<cell>.json)")
+    rec = json.loads(record_path.read_text())
+    workdir = record_path.with_suffix("")
+    ckpt = workdir / "train-checkpoint.safetensors"
+    if not ckpt.is_file():
+        raise UserError(f"{ckpt}: the cell has no training checkpoint (was train.steps > 0?)")
+    ctx = CellContext(rec["suite"], rec["cell"], rec["seed"], CellConfig.model_validate(rec["config"]),
+                      workdir=workdir)
+    model = ctx.build_backbone(device="cpu")
+    model.load_state_dict({k[4:]: v for k, v in load_file(str(ckpt)).items() if k.startswith("ema.")})
+    return ctx, model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``torchrun --nproc-per-node N -m harness.sampling results/SUITE/CELL.json --out DIR``"""
+    import argparse
+
+    import torch.distributed as dist
+
+    p = argparse.ArgumentParser(prog="python -m harness.sampling", description=main.__doc__)
+    p.add_argument("record", help="a trained cell's record, results/<suite>/<cell>.json")
+    p.add_argument("--out", required=True, help="folder for 000000.png ...")
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--guided-channels", type=int, default=3, help="-1: guide every channel")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--npz", help="also write the ADM evaluation .npz here (rank 0)")
+    args = p.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    ctx, model = load_trained(args.record, device)
+    ds, spec = ctx.dataset, ctx.config.train
+    sample_to_folder(model, args.out, args.num_samples, batch_size=args.batch_size,
+                     decode=getattr(ds, "decode", None), shape=(ds.channels, ds.resolution, ds.resolution),
+                     num_classes=ds.num_classes, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                     cfg_scale=args.cfg_scale, guided_channels=None if args.guided_channels < 0 else args.guided_channels,
+                     schedule=spec.schedule, timesteps=spec.timesteps, device=device)
+    if args.npz and _rank_world()[0] == 0:
+        export_npz(args.out, args.npz, args.num_samples)
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

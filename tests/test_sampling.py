@@ -115,3 +115,24 @@ def test_adm_npz_export(tmp_path):
     arr = np.load(path)["arr_0"]
     assert arr.shape == (5, 8, 8, 3) and arr.dtype == np.uint8
     assert np.array_equal(arr[0], _pngs(tmp_path / "s")["000000.png"])
+
+
+def test_entry_point_samples_a_trained_cell(tmp_path):
+    import json
+
+    from harness.runner import execute_cell, plan
+    from harness.suite import load_suite
+
+    doc = {"suite": "s", "seed": 0, "base": {
+        "backbone": {"name": "dit", "size": "tiny", "patch": 4, "depth": 1, "hidden_size": 32, "num_heads": 2},
+        "data": {"name": "shapes", "resolution": 8, "size": 16}, "train": {"steps": 2, "batch_size": 4},
+        "metrics": ["params"], "device": "cpu"}}
+    (tmp_path / "s.yaml").write_text(json.dumps(doc))
+    (job,) = plan(load_suite(tmp_path / "s.yaml"), tmp_path / "results")
+    assert execute_cell(job)["status"] == "ok"
+    out = tmp_path / "samples"
+    assert sampling.main([str(job.record_path), "--out", str(out), "--num-samples", "3", "--steps", "2",
+                          "--sampler", "ddim", "--npz", str(tmp_path / "s.npz")]) == 0
+    assert len(_pngs(out)) == 3 and np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 3)
+    with pytest.raises(harness.UserError, match="no such cell record"):
+        sampling.main([str(tmp_path / "missing.json"), "--out", str(out)])
