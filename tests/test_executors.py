@@ -154,3 +154,38 @@ def test_submitit_local_runs_each_cell_as_a_job(tmp_path, plugin_site, with_site
     # resumable like any run: nothing left to submit
     assert main(["run", str(_suite(tmp_path, text)), "--results", str(results)]) == 0
     assert len(list(logs.glob("*_log.out"))) == 2
+
+
+@pytest.mark.slow
+def test_submitit_interrupt_cancels_pending_jobs(tmp_path, plugin_site, with_site, monkeypatch):
+    with_site(plugin_site)
+    from harness.runner import plan
+    from harness.suite import load_suite
+    from harness_exec import slurm
+
+    text = SUITE.replace("backbone.width: [2, 4, 8]", "backbone.sleep: [600]")
+    jobs = plan(load_suite(_suite(tmp_path, text)), tmp_path / "r")
+    executor = harness.create("executor", "submitit", cluster="local", poll=0.1)
+    submitted = []
+    make = executor._executor
+
+    def capturing(folder):
+        inner = make(folder)
+        real = inner.map_array
+        inner.map_array = lambda fn, items: submitted.extend(real(fn, items)) or submitted
+        return inner
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executor, "_executor", capturing)
+    monkeypatch.setattr(slurm.time, "sleep", interrupt)  # Ctrl-C while waiting for the jobs
+    with pytest.raises(KeyboardInterrupt):
+        executor.run(jobs, lambda job, record: None)
+    monkeypatch.undo()
+    assert len(submitted) == 1
+    deadline = time.monotonic() + 60
+    while not submitted[0].done() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert submitted[0].done()  # stopped well before its 600 s of sleep
+    assert not jobs[0].record_path.exists()
