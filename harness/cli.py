@@ -58,9 +58,11 @@ def cmd_run(args) -> int:
     out_dir = Path(args.results) / suite.name
     ensure_writable(out_dir)
     exec_spec = suite.spec.executor
-    name = args.executor or (exec_spec.name if exec_spec else "local")
+    name = args.executor or (exec_spec.name if exec_spec else None)
+    if name is None:  # `--jobs N` alone asks for parallel cells on this machine
+        name = "process" if args.jobs and args.jobs > 1 else "local"
     options = dict(exec_spec.options) if exec_spec and not args.executor else {}
-    if args.jobs is not None:
+    if args.jobs is not None and not (name == "local" and args.jobs == 1):
         options["jobs"] = args.jobs
     executor = registry().create("executor", name, **options)
     todo, done = pending(jobs, args.rerun)

@@ -13,11 +13,21 @@ FORMATS = ("markdown", "latex", "csv", "html", "json")
 ARROW = {"lower": "↓", "higher": "↑"}
 
 
+def _component_label(spec: dict) -> str:
+    """``{name: window-attention, window_size: 4}`` -> ``window-attention(window_size=4)``."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "name")
+    return f"{spec['name']}({opts})" if opts else str(spec["name"])
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and "name" in v and prefix:
+            # a nested component (a mixer given as a mapping in some cells, a name in others):
+            # one column, whichever form the suite used
+            out[key] = _component_label(v)
+        elif isinstance(v, dict):
             out.update(_flatten(v, key + "."))
         elif isinstance(v, list):
             out[key] = ",".join(x if isinstance(x, str) else json.dumps(x, sort_keys=True) for x in v)
@@ -86,7 +96,8 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
             else:
                 row[m] = format_metric(m, entry) if entry is not None else ""
         rows.append(row)
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows).astype(object)
+    df = df.where(df.notna(), None if raw else "")  # a key some backbones lack: blank, not "nan"
     if (df["status"] == "ok").all():
         df = df.drop(columns="status")
     if not raw:

@@ -110,3 +110,16 @@ def test_flops_dit_xl2_matches_paper():
     data = json.loads(proc.stdout)
     assert abs(data["params"] / 675e6 - 1) < 0.01
     assert abs(data["gflops"] / 118.6 - 1) < 0.01
+
+
+def test_table_mixed_component_forms_and_missing_keys(tmp_path, capsys):
+    a = record("a", "S", 1, 1.0)
+    a["config"]["backbone"]["mixer"] = "attention"
+    b = record("b", "S", 2, 2.0)
+    b["config"]["backbone"]["mixer"] = {"name": "window-attention", "window_size": 4}
+    b["config"]["backbone"]["patch"] = 2  # a key the other record lacks
+    write_record(tmp_path / "a.json", a)
+    write_record(tmp_path / "b.json", b)
+    code, out, _ = cli(["table", str(tmp_path)], capsys)
+    assert code == 0 and "window-attention(window_size=4)" in out
+    assert "backbone.mixer.name" not in out and "nan" not in out
