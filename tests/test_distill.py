@@ -71,3 +71,26 @@ def test_features_follow_renamed_modules_after_drops():
     assert "up_blocks.1" in feats and "up_blocks.0" not in feats and "down_blocks.3" not in feats
     assert feats["up_blocks.1"].shape[1] == 32
     tap.close()
+
+
+def test_a_compression_cell_end_to_end(tmp_path):
+    """Teacher trained and cached, pruned by laptop, retrained with two losses, measured."""
+    from harness.runner import CellJob, execute_cell
+
+    config = {"backbone": {"name": "dit", "size": "tiny", "patch": 2, "depth": 3, "hidden_size": 32, "num_heads": 2},
+              "data": {"name": "shapes", "resolution": 8, "size": 32},
+              "train": {"steps": 2, "batch_size": 4},
+              "prune": {"criterion": "laptop", "ratio": 0.3, "calibration_batch": 2, "calibration_timesteps": 2,
+                        "additivity": 3},
+              "distill": {"losses": ["task", {"name": "normalized-feature-kd", "weight": 0.5}], "steps": 2,
+                          "batch_size": 4},
+              "metrics": ["params", {"name": "output_loss", "batch_size": 2, "timesteps": 2}], "device": "cpu"}
+    job = CellJob("t", "t.yaml", "c1", "base", 0, config, str(tmp_path / "t"))
+    record = execute_cell(job)
+    assert record["status"] == "ok", record.get("traceback")
+    prune = record["prune"]
+    assert prune["criterion"] == "laptop" and prune["removed_params_ratio"] >= 0.3
+    assert len(prune["plan"]["skip"]) >= 1 and prune["additivity"]["subsets"] == 3
+    assert set(record["distill"]["shares"]["losses"]) == {"task", "normalized-feature-kd"}
+    assert record["metrics"]["output_loss"]["value"] >= 0
+    assert (tmp_path / "t" / "teachers").is_dir() and (tmp_path / "t" / "c1" / "pruned" / "plan.json").is_file()

@@ -126,3 +126,16 @@ def test_additivity_of_an_additive_loss_is_one():
     assert result["pearson"] == pytest.approx(1.0)
     result = additivity(list(single), single, lambda chosen: float(len(chosen) % 2), subsets=10)
     assert result["pearson"] < 0.9
+
+
+def test_prune_command_lists_units(capsys):
+    import json
+
+    from harness.cli import main
+
+    assert main(["prune", "dit", "--size", "tiny", "--depth", "3", "--input-size", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [u["name"] for u in out["units"]] == ["blocks.0", "blocks.1", "blocks.2"]
+    assert all(u["removable"] and u["params"] > 0 for u in out["units"])
+    assert main(["flops", "dit", "--size", "tiny", "--input-size", "8", "--prune", "bk-sdm-smal"]) == 2
+    assert "did you mean 'bk-sdm-small'" in capsys.readouterr().err
