@@ -228,3 +228,18 @@ def test_ss2d_equals_four_separate_scans_put_back_and_summed():
         total[:, :, order[k]] += y  # step i of direction k is raster cell order[k, i]
     expected = m.out_proj(m.out_norm(total.transpose(1, 2)) * F.silu(z))
     torch.testing.assert_close(m(x, (h, w)), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_window_bias_cache_follows_the_bias_table():
+    """Forwards without gradients reuse bias + mask until the table is updated in place."""
+    torch.manual_seed(0)
+    m = WindowAttention(DIM, HEADS, 4, 2)
+    x = torch.randn(1, 64, DIM)
+    with torch.no_grad():
+        cached = m(x, (8, 8))
+    with_grad = m(x, (8, 8)).detach()
+    torch.testing.assert_close(cached, with_grad)
+    with torch.no_grad():
+        m.relative_position_bias_table.add_(1.0 * torch.randn_like(m.relative_position_bias_table))
+        after = m(x, (8, 8))
+    torch.testing.assert_close(after, _masked_full_attention(m, x, (8, 8)).detach(), atol=2e-6, rtol=1e-5)

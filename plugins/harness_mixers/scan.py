@@ -79,9 +79,11 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     drive = (delta * u).unsqueeze(-1) * B.transpose(-1, -2)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
-    for t in range(u.shape[-1]):
-        h = decay[:, :, t] * h + drive[:, :, t]
-        ys.append((h * C[:, :, :, t]).sum(-1))
+    # unbind, not indexing per step: the backward of L index ops would add L full-size zero
+    # tensors (quadratic in L); unbind's backward is one stack.
+    for a_t, b_t, c_t in zip(decay.unbind(2), drive.unbind(2), C.unbind(3)):
+        h = a_t * h + b_t
+        ys.append((h * c_t).sum(-1))
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + u * D[:, None]

@@ -34,22 +34,25 @@ def _relative_index(wh: int, ww: int, size: int) -> torch.Tensor:
 
 
 def _windows(a: np.ndarray, wh: int, ww: int) -> np.ndarray:
-    """(H, W) -> (windows, wh * ww), the order of :func:`_partition`."""
+    """(H, W) -> (windows, wh * ww): windows in raster order, cells in raster order within."""
     h, w = a.shape
     return a.reshape(h // wh, wh, w // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
 
 
-def _partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B * windows, wh * ww, C)."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, wh * ww, c)
+@lru_cache(maxsize=64)
+def _gather_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each window cell comes from, and where each token's output lands.
 
-
-def _merge(x: torch.Tensor, b: int, h: int, w: int, wh: int, ww: int) -> torch.Tensor:
-    """Inverse of :func:`_partition`."""
-    x = x.view(b, h // wh, w // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, -1)
+    ``into``: (windows * wh * ww,) raster index into the padded map of each window cell, after
+    the map is rolled by (-sh, -sw); ``back``: (h * w,) the window cell of each original token.
+    One gather each way replaces pad, roll, partition and their inverses (six copies)."""
+    hp, wp = h + (-h % wh), w + (-w % ww)
+    rows, cols = np.meshgrid((np.arange(hp) + sh) % hp, (np.arange(wp) + sw) % wp, indexing="ij")
+    into = _windows(rows * wp + cols, wh, ww).ravel()
+    where = np.empty(hp * wp, dtype=np.int64)
+    where[into] = np.arange(into.size)
+    back = where.reshape(hp, wp)[:h, :w].ravel()
+    return torch.from_numpy(into), torch.from_numpy(back)
 
 
 @lru_cache(maxsize=64)
@@ -91,6 +94,7 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self._cache = None  # (key, bias + mask) for forwards without gradients
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, window_size={self.window_size}, shift_size={self.shift_size}"
@@ -98,6 +102,23 @@ class WindowAttention(nn.Module):
     def _bias(self, wh: int, ww: int) -> torch.Tensor:
         index = _relative_index(wh, ww, self.window_size).to(self.relative_position_bias_table.device)
         return self.relative_position_bias_table[index].view(wh * ww, wh * ww, -1).permute(2, 0, 1)
+
+    def _masked_bias(self, h, w, pad_h, pad_w, wh, ww, sh, sw, x) -> torch.Tensor:
+        """Relative position bias (heads, t, t), plus the shift/padding mask: (nW, heads, t, t).
+
+        Without gradients (sampling, benchmarks) the sum is cached until the bias table changes
+        (its version counter moves on every in-place update), which saves a pass over a
+        tensor as large as the attention matrices."""
+        key = (h, w, wh, ww, sh, sw, x.device, x.dtype, self.relative_position_bias_table._version)
+        if not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        bias = self._bias(wh, ww).to(x.dtype)
+        mask = _mask(h, w, pad_h, pad_w, wh, ww, sh, sw)
+        if mask is not None:
+            bias = bias + mask.to(x.device, x.dtype)[:, None]
+        if not torch.is_grad_enabled():
+            self._cache = (key, bias)
+        return bias
 
     def forward(self, x: torch.Tensor, hw) -> torch.Tensor:
         b, n, c = x.shape
@@ -107,25 +128,21 @@ class WindowAttention(nn.Module):
         sh = self.shift_size if h > self.window_size else 0
         sw = self.shift_size if w > self.window_size else 0
         pad_h, pad_w = -h % wh, -w % ww
-        x = x.view(b, h, w, c)
         if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        if sh or sw:
-            x = torch.roll(x, (-sh, -sw), dims=(1, 2))
-        hp, wp = h + pad_h, w + pad_w
-        windows = _partition(x, wh, ww)  # (B * nW, wh * ww, C)
-        nw, t = windows.shape[0] // b, wh * ww
-        qkv = self.qkv(windows).view(-1, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        bias = self._bias(wh, ww).to(x.dtype)  # heads, t, t
-        mask = _mask(h, w, pad_h, pad_w, wh, ww, sh, sw)
-        if mask is not None:  # (nW, t, t), broadcast over the batch and the heads
-            bias = (bias[None] + mask.to(x.device, x.dtype)[:, None]).repeat(b, 1, 1, 1)
+            x = F.pad(x.view(b, h, w, c), (0, 0, 0, pad_w, 0, pad_h)).flatten(1, 2)
+        into, back = _gather_index(h, w, wh, ww, sh, sw)
+        windows = x[:, into.to(x.device)]  # (B, nW * t, C): rolled, padded, cut into windows
+        t = wh * ww
+        nw = windows.shape[1] // t
+        # 4-D (B * nW, heads, t, d): SDPA's fused CPU kernel takes 4-D only (5-D runs the
+        # unfused math path, twice as slow at 4096 tokens).
+        qkv = self.qkv(windows).view(b * nw, t, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        bias = self._masked_bias(h, w, pad_h, pad_w, wh, ww, sh, sw, x)  # (heads or nW * heads, t, t)
+        if bias.dim() == 4 and b > 1:
+            bias = bias.expand(b, -1, -1, -1, -1).reshape(b * nw, self.num_heads, t, t)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias)
-        out = self.proj(out.transpose(1, 2).reshape(-1, t, c))
-        x = _merge(out, b, hp, wp, wh, ww)
-        if sh or sw:
-            x = torch.roll(x, (sh, sw), dims=(1, 2))
-        return x[:, :h, :w].reshape(b, n, c)
+        out = self.proj(out.transpose(1, 2).reshape(b, nw * t, c))
+        return out[:, back.to(x.device)]
 
 
 def resolve_shift(shift, window_size: int, block_index: int) -> int:
