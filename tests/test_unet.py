@@ -88,6 +88,8 @@ def test_bad_preset_and_missing_weights_are_user_errors(tmp_path):
         harness.create("backbone", "unet", preset="sd-15")
     with pytest.raises(UserError, match="config.json"):
         harness.create("backbone", "unet", preset="sd15", pretrained=str(tmp_path))
+    with pytest.raises(UserError, match="learn_sigma"):
+        harness.create("backbone", "unet", preset="sd-tiny", learn_sigma=True)
     with pytest.raises(UserError, match="context_dim"):
         harness.create("backbone", "unet", preset="adm-tiny", context_dim=768)
 

@@ -175,7 +175,7 @@ def _load_pretrained(cls, source: str):
 
 # -- factory ---------------------------------------------------------------------------------
 def unet(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, context_dim: int = 0,
-         preset: str = "adm", pretrained: str | None = None, learn_sigma: bool = True) -> nn.Module:
+         preset: str = "adm", pretrained: str | None = None, learn_sigma: bool | None = None) -> nn.Module:
     """U-Nets via diffusers: class-conditional ADM (adm, adm-tiny) and Stable Diffusion (sd15, sdxl)."""
     from diffusers import UNet2DConditionModel, UNet2DModel
 
@@ -188,9 +188,13 @@ def unet(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
             model = _load_pretrained(UNet2DModel, pretrained)
             classes = (model.config.num_class_embeds or 1) - 1
             return ClassUNet(model, classes, model.config.out_channels == 2 * model.config.in_channels)
+        learn_sigma = True if learn_sigma is None else learn_sigma  # ADM learns the variance
         out = 2 * in_channels if learn_sigma else in_channels
         cfg = adm_config(input_size, in_channels, out, num_classes, tiny=preset == "adm-tiny")
         return ClassUNet(UNet2DModel(**cfg), num_classes, learn_sigma)
+
+    if learn_sigma:
+        raise UserError(f"unet preset {preset!r} predicts noise only; learn_sigma must be false")
 
     if pretrained:
         return TextUNet(_load_pretrained(UNet2DConditionModel, pretrained))
