@@ -57,7 +57,7 @@ def tiny_pipeline(tmp_path_factory):
     vae = AutoencoderKL(block_out_channels=(8, 16), norm_num_groups=8, latent_channels=4, sample_size=32,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config())),
-                                   tokenizer=_tokenizer(), unet=unet, scheduler=DDIMScheduler(),
+                                   tokenizer=_tokenizer(), unet=unet, scheduler=DDIMScheduler(clip_sample=False),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     folder = tmp_path_factory.mktemp("pipe")
     pipe.save_pretrained(folder)
