@@ -67,7 +67,8 @@ def load_records(root: str | Path) -> list[dict]:
         if rec is not None:
             rec["_path"] = str(f)
             out.append(rec)
-    return out
+    # suite by suite, each in the order of its cells (records predating `index` go last)
+    return sorted(out, key=lambda r: (r["suite"], r.get("index", float("inf")), r["cell"]))
 
 
 def ensure_writable(folder: Path) -> None:

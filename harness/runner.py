@@ -32,6 +32,7 @@ class CellJob:
     seed: int
     config: dict
     results_dir: str
+    index: int = 0  # position in the suite, so tables keep the suite's order
 
     @property
     def record_path(self) -> Path:
@@ -60,7 +61,7 @@ def execute_cell(job: CellJob) -> dict:
     reg = registry()
     config = CellConfig.model_validate(job.config)
     record = {
-        "suite": job.suite, "cell": job.cell, "label": job.label, "seed": job.seed,
+        "suite": job.suite, "cell": job.cell, "label": job.label, "index": job.index, "seed": job.seed,
         "config": job.config, "status": "running", "error": None, "metrics": {},
         "env": {}, "plugins": reg.versions(), "started": _now(),
     }
@@ -113,7 +114,7 @@ def plan(suite: Suite, results_root: Path, only: str | None = None) -> list[Cell
     for cell in cells:
         validate_cell(suite, cell)
         jobs.append(CellJob(suite.name, suite.source, cell.id, cell.label, cell.seed, cell.config,
-                            str(results_root / suite.name)))
+                            str(results_root / suite.name), index=len(jobs)))
     return jobs
 
 

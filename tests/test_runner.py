@@ -150,3 +150,12 @@ def test_seeds_reproduce_and_separate_cells(tmp_path):
     w1 = a1.build_backbone().blocks[0].attn.qkv.weight
     w2 = a2.build_backbone().blocks[0].attn.qkv.weight
     assert (w1 == w2).all()
+
+
+def test_records_come_back_in_suite_order(tmp_path, plugin_site, with_site):
+    with_site(plugin_site)
+    results = tmp_path / "results"
+    text = SUITE.replace("[2, 4, 8]", "[8, 2, 4, 16, 1]").replace(
+        "[params, gflops, {name: latency, warmup: 1, min_runs: 2, min_time: 0}]", "[params]")
+    assert main(["run", str(suite_file(tmp_path, text)), "--results", str(results)]) == 0
+    assert [r["config"]["backbone"]["width"] for r in load_records(results)] == [8, 2, 4, 16, 1]

@@ -34,7 +34,8 @@ def _worker(job: CellJob, conn, threads: int) -> None:
 def failed_record(job: CellJob, error: str) -> dict:
     """The record of a cell whose worker never reported back; written by the parent."""
     record = {
-        "suite": job.suite, "cell": job.cell, "label": job.label, "seed": job.seed, "config": job.config,
+        "suite": job.suite, "cell": job.cell, "label": job.label, "index": job.index, "seed": job.seed,
+        "config": job.config,
         "status": "failed", "error": error, "metrics": {}, "env": environment(None),
         "plugins": registry().versions(),  # the worker loads the same entry points as this process
     }
