@@ -76,8 +76,9 @@ def resolve_extractor(name: str = INCEPTION, weights: Optional[str] = None) -> E
     cached = Path(torch.hub.get_dir()) / "checkpoints" / fname
     if cached.is_file() or _online():
         return Extractor(name, None, f"{name}-{fname}")
-    raise MetricUnavailable(f"no Inception weights: offline and {cached} is missing; set the metric's "
-                            "weights option or HARNESS_FID_WEIGHTS to a local torch-fidelity Inception file")
+    # Short: the table prints it in the cell. The file's full path is in the docs.
+    raise MetricUnavailable(f"no Inception weights offline; set HARNESS_FID_WEIGHTS or the weights option "
+                            f"(torch-fidelity's {fname})")
 
 
 class ReferenceImages(torch.utils.data.Dataset):
