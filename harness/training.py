@@ -156,6 +156,17 @@ def _batch(ds, idx: torch.Tensor):
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
 
+def _check_null_class(model, num_classes: int) -> None:
+    """Label dropout feeds the null class (index num_classes); a DiT-style label table built
+    without it (class_dropout_prob 0) would fail deep inside the forward, so say it here."""
+    from .errors import UserError
+
+    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
+    if isinstance(table, torch.nn.Embedding) and table.num_embeddings <= num_classes:
+        raise UserError("train.label_dropout > 0 needs the backbone's null class; give the backbone "
+                        "class_dropout_prob > 0 or set train.label_dropout: 0")
+
+
 # -- the loop -----------------------------------------------------------------------------------
 def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = None,
                 teacher: Optional[torch.nn.Module] = None, tag: str = "train") -> dict:
@@ -198,6 +209,8 @@ def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = N
                             weight_decay=spec.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if spec.ema is not None else model
     num_classes = int(getattr(ds, "num_classes", 0) or 0)
+    if num_classes and spec.label_dropout > 0:
+        _check_null_class(model, num_classes)
     data_seed = ctx.seed(f"{tag}-data", shared=True)
     noise_seed = ctx.seed(f"{tag}-noise", shared=True)
     every = spec.checkpoint_every or max(1, spec.steps // 10)

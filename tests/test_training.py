@@ -132,3 +132,14 @@ def test_ema_warms_up_then_uses_the_given_decay():
     before = ema.weight.detach().clone()
     training.ema_update(ema, model, 0.5, step=10_000)  # warm-up over: the given decay
     assert torch.allclose(ema.weight, 0.5 * before + 0.5 * model.weight)
+
+
+def test_label_dropout_without_a_null_class_is_a_user_error(tmp_path):
+    from harness import UserError
+
+    ctx = make_ctx(tmp_path, backbone=dict(TINY, class_dropout_prob=0.0))
+    with pytest.raises(UserError, match="label_dropout"):
+        training.train_cell(ctx)
+    ok = make_ctx(tmp_path, cell="ok", backbone=dict(TINY, class_dropout_prob=0.0), train={"label_dropout": 0.0})
+    training.train_cell(ok)
+    assert ok.extra["train"]["steps"] == 6
