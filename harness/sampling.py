@@ -56,10 +56,15 @@ def guided_eps(model, x, t, y, cfg_scale: float, guided_channels: Optional[int] 
 def sample_batch(model, indices: list[int], *, shape: tuple[int, int, int], num_classes: int = 0, seed: int = 0,
                  sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, guided_channels: Optional[int] = 3,
                  schedule: str = "linear", timesteps: int = 1000, labels: Optional[list[int]] = None,
+                 learn_sigma: Optional[bool] = None,
                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples (B, C, H, W) and their labels for global ``indices``; deterministic per index."""
+    """Samples (B, C, H, W) and their labels for global ``indices``; deterministic per index.
+
+    ``learn_sigma``: whether DDPM uses the model's variance channels. Give False for a
+    model whose variance half was never trained (train.learn_sigma off); None trusts the
+    model's own ``learn_sigma`` attribute."""
     device = torch.device(device)
-    learn_sigma = model_learns_sigma(model)
+    learn_sigma = model_learns_sigma(model) if learn_sigma is None else learn_sigma and model_learns_sigma(model)
     sched = make_sampler(sampler, schedule, timesteps, learn_sigma)
     sched.set_timesteps(steps)
     gens = [torch.Generator().manual_seed(derive_seed(seed, "sample", i)) for i in indices]
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                      decode=getattr(ds, "decode", None), shape=(ds.channels, ds.resolution, ds.resolution),
                      num_classes=ds.num_classes, seed=args.seed, sampler=args.sampler, steps=args.steps,
                      cfg_scale=args.cfg_scale, guided_channels=None if args.guided_channels < 0 else args.guided_channels,
-                     schedule=spec.schedule, timesteps=spec.timesteps, device=device)
+                     schedule=spec.schedule, timesteps=spec.timesteps, learn_sigma=spec.learn_sigma, device=device)
     if args.npz and _rank_world()[0] == 0:
         export_npz(args.out, args.npz, args.num_samples)
     if world > 1:

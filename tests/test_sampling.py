@@ -136,3 +136,12 @@ def test_entry_point_samples_a_trained_cell(tmp_path):
     assert len(_pngs(out)) == 3 and np.load(tmp_path / "s.npz")["arr_0"].shape == (3, 8, 8, 3)
     with pytest.raises(harness.UserError, match="no such cell record"):
         sampling.main([str(tmp_path / "missing.json"), "--out", str(out)])
+
+
+def test_ddpm_ignores_an_untrained_variance_when_told():
+    m = tiny_model()
+    learned, _ = sampling.sample_batch(m, [0], sampler="ddpm", **KW)
+    fixed, _ = sampling.sample_batch(m, [0], sampler="ddpm", learn_sigma=False, **KW)
+    m.learn_sigma = False  # same weights, variance channels ignored by the model's own flag
+    same, _ = sampling.sample_batch(m, [0], sampler="ddpm", **KW)
+    assert torch.equal(fixed, same) and not torch.allclose(fixed, learned)

@@ -103,7 +103,9 @@ class _SampleMetric:
 
     def _samples(self, ctx: CellContext, ds) -> Path:
         spec = ctx.config.train
-        opts = {**self.sample_opts, "schedule": spec.schedule, "timesteps": spec.timesteps}
+        # An untrained variance half (train.learn_sigma off) must not drive DDPM's variance.
+        opts = {**self.sample_opts, "schedule": spec.schedule, "timesteps": spec.timesteps,
+                "learn_sigma": spec.learn_sigma}
         key = hashlib.sha256(json.dumps(opts, sort_keys=True).encode()).hexdigest()[:10]
         root = ctx.workdir if ctx.workdir else Path(__import__("tempfile").mkdtemp())
         decode = getattr(ds, "decode", None)
