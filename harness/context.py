@@ -91,6 +91,11 @@ class CellContext:
         comp = self.registry.get("backbone", self.config.backbone.name)
         defaults = comp.defaults()
         spec = {k: self.backbone_options.get(k, defaults.get(k)) for k in INPUT_KEYS}
+        # A factory default of None means "the model decides" (e.g. a preset's native size):
+        # read it back from the built model's attribute of the same name.
+        for k in ("input_size", "in_channels", "num_classes"):
+            if spec[k] is None and k in defaults:
+                spec[k] = getattr(self.model, k, None)
         spec["context_dim"] = spec["context_dim"] or 0
         missing = [k for k in ("input_size", "in_channels", "num_classes") if spec[k] is None]
         if missing:

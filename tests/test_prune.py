@@ -98,6 +98,28 @@ def test_dit_blocks_are_units():
     assert out.shape == (2, 8, 8, 8)
 
 
+def test_adm_small_can_lose_half_its_parameters_and_still_runs():
+    """The compression suite's U-Net: skip pairs and attention make a 50% budget reachable
+    (adm-tiny, one ResNet per stage, stops near a third)."""
+    model = harness.create("backbone", "unet", preset="adm-small", input_size=16, in_channels=3, num_classes=4)
+    total = _params(model)
+    units = [u for u in discover(model) if u.removable]
+    assert any(u.kind == "skip-pair" for u in units) and any(u.kind == "attention" for u in units)
+    clashes = [(a.name, b.name) for i, a in enumerate(units) for b in units[i + 1:] if conflicts(a, b)]
+    chosen = select_units({u.name: 1.0 for u in units}, {u.name: float(u.params) for u in units}, 0.5 * total,
+                          "knapsack", clashes)
+    pruned = apply_plan(model, merge_plans([u for u in units if u.name in chosen]))
+    assert _params(pruned) <= 0.5 * total
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert pruned(x, torch.tensor([10, 500]), torch.tensor([0, 3])).shape == (2, 6, 16, 16)
+    tiny = harness.create("backbone", "unet", preset="adm-tiny", input_size=16, in_channels=3, num_classes=4)
+    tiny_units = [u for u in discover(tiny) if u.removable]
+    with pytest.raises(harness.UserError, match="not reachable"):
+        select_units({u.name: 1.0 for u in tiny_units}, {u.name: float(u.params) for u in tiny_units},
+                     0.5 * _params(tiny), "knapsack")
+
+
 def test_knapsack_beats_greedy_where_greedy_is_wrong():
     # Greedy by score per parameter takes the two cheap halves (1.2 in all); the exact
     # solution removes 'a' alone (0.9).

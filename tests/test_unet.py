@@ -23,6 +23,27 @@ def test_sd15_parameter_count_on_meta():
     assert type(model.unet).__name__ == "UNet2DConditionModel"  # reachable for pruning
 
 
+@pytest.mark.parametrize("preset, native", [("sd15", 64), ("sdxl", 128), ("adm-tiny", 32)])
+def test_default_input_is_the_presets_native_size(preset, native):
+    assert _meta(preset=preset).input_size == native
+    assert _meta(preset=preset, input_size=24).input_size == 24  # an explicit size wins
+
+
+def test_cell_input_spec_reads_the_native_size_from_the_model():
+    """`harness flops unet --preset sd15` measures SD-1.5 at its 64x64 latent, not 32."""
+    from harness.context import CellContext
+    from harness.suite import CellConfig
+
+    def spec(**options):
+        config = CellConfig.model_validate({"backbone": {"name": "unet", "preset": "sd-tiny", **options},
+                                            "metrics": ["params"], "device": "cpu"})
+        ctx = CellContext("s", "c", 0, config)
+        return ctx.input_spec["input_size"], ctx.example_inputs(1)["x"].shape[-1]
+
+    assert spec() == (16, 16)  # sd-tiny's sample_size
+    assert spec(input_size=8) == (8, 8)
+
+
 def test_sdxl_builds_on_meta_with_its_extra_inputs():
     model = _meta(preset="sdxl", input_size=128)
     assert 2.5e9 < _params(model) < 2.7e9  # SDXL's U-Net is 2.6B
