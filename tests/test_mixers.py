@@ -243,3 +243,15 @@ def test_window_bias_cache_follows_the_bias_table():
         m.relative_position_bias_table.add_(1.0 * torch.randn_like(m.relative_position_bias_table))
         after = m(x, (8, 8))
     torch.testing.assert_close(after, _masked_full_attention(m, x, (8, 8)).detach(), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["window-attention", "ss2d", "lamamba", "mamba", "attention"])
+def test_inference_mode_then_training_forward(name):
+    """A latency run (inference mode) first must not poison cached index tensors."""
+    torch.manual_seed(0)
+    opts = {"num_heads": 4} if name in ("attention", "window-attention", "lamamba") else {}
+    mixer = harness.create("mixer", name, dim=32, **opts)
+    x = torch.randn(2, 36, 32)
+    with torch.inference_mode():
+        mixer(x, (6, 6))
+    mixer(x, (6, 6)).sum().backward()

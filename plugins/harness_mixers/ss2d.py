@@ -11,20 +11,20 @@ The four directions run as one scan of width 4 * d_inner with four groups of B a
 """
 from __future__ import annotations
 
-from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cache import shape_cache
 from .mamba import init_ssm_, resolve_dt_rank
 from .scan import selective_scan
 
 K = 4  # directions
 
 
-@lru_cache(maxsize=64)
+@shape_cache
 def scan_orders(h: int, w: int, snake: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, L) raster index visited at each step of each direction, and the flat (K * L) index
     that puts the (K, L) outputs back in raster order, direction by direction.

@@ -10,7 +10,6 @@ globally, unshifted.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -19,12 +18,14 @@ from torch import nn
 
 from harness.errors import UserError
 
+from ._cache import shape_cache
+
 _MASKED = -100.0  # Swin's mask value: exp(-100) is nothing next to any real logit
 
 
 # The index and mask helpers use numpy: they are bookkeeping, cached per map size, and
 # fvcore's trace must see only the model's compute.
-@lru_cache(maxsize=64)
+@shape_cache
 def _relative_index(wh: int, ww: int, size: int) -> torch.Tensor:
     """Index into the (2 size - 1)^2 bias table for every pair of cells of a wh x ww window."""
     ys, xs = np.divmod(np.arange(wh * ww), ww)
@@ -39,7 +40,7 @@ def _windows(a: np.ndarray, wh: int, ww: int) -> np.ndarray:
     return a.reshape(h // wh, wh, w // ww, ww).transpose(0, 2, 1, 3).reshape(-1, wh * ww)
 
 
-@lru_cache(maxsize=64)
+@shape_cache
 def _gather_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each window cell comes from, and where each token's output lands.
 
@@ -55,7 +56,7 @@ def _gather_index(h: int, w: int, wh: int, ww: int, sh: int, sw: int) -> tuple[t
     return torch.from_numpy(into), torch.from_numpy(back)
 
 
-@lru_cache(maxsize=64)
+@shape_cache
 def _mask(h: int, w: int, pad_h: int, pad_w: int, wh: int, ww: int, sh: int, sw: int) -> torch.Tensor | None:
     """Additive mask (windows, n, n) for a padded h x w map rolled by (-sh, -sw), or None.
 
