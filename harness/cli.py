@@ -235,20 +235,27 @@ def _parse_options(extra: list[str]) -> dict:
     return options
 
 
-def cmd_flops(args, extra: list[str]) -> int:
-    import torch
-
+def _backbone_context(backbone: str, extra: list[str]):
+    """A CPU cell context for one backbone configuration given as ``--option value`` pairs."""
     from .context import CellContext
-    from .flops import count_flops
     from .plugins import registry
     from .suite import CellConfig
 
     options = _parse_options(extra)
     reg = registry()
-    reg.get("backbone", args.backbone).check_options(options)
-    config = CellConfig.model_validate({"backbone": {"name": args.backbone, **options}, "metrics": ["gflops"],
+    reg.get("backbone", backbone).check_options(options)
+    config = CellConfig.model_validate({"backbone": {"name": backbone, **options}, "metrics": ["params"],
                                         "device": "cpu"})
-    ctx = CellContext("flops", "flops", 0, config, reg=reg)
+    return CellContext(backbone, "cli", 0, config, reg=reg), options
+
+
+def cmd_flops(args, extra: list[str]) -> int:
+    import torch
+
+    from .flops import count_flops
+
+    ctx, options = _backbone_context(args.backbone, extra)
+    reg = ctx.registry
     with torch.no_grad():
         model = ctx.model.eval()
         unpruned = sum(p.numel() for p in model.parameters())
@@ -309,16 +316,8 @@ def _apply_prune(model, spec: str):
 def cmd_prune(args, extra: list[str]) -> int:
     from harness_compress.units import discover
 
-    from .context import CellContext
-    from .plugins import registry
-    from .suite import CellConfig
-
-    options = _parse_options(extra)
-    reg = registry()
-    reg.get("backbone", args.backbone).check_options(options)
-    config = CellConfig.model_validate({"backbone": {"name": args.backbone, **options}, "metrics": ["params"],
-                                        "device": "cpu"})
-    model = CellContext("prune", "prune", 0, config, reg=reg).build_backbone(device="meta")  # sizes only
+    ctx, options = _backbone_context(args.backbone, extra)
+    model = ctx.build_backbone(device="meta")  # sizes only
     total = sum(p.numel() for p in model.parameters())
     units = discover(model)
     removable = [u for u in units if u.removable]

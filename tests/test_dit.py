@@ -83,17 +83,18 @@ def test_pretrained_round_trip(tmp_path):
 
 
 def test_cfg_guides_first_three_channels_only():
+    from harness.sampling import guided_eps
+
     model = tiny()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     model.eval()
-    x = torch.randn(2, 4, 8, 8).repeat(2, 1, 1, 1)
-    t = torch.tensor([5] * 4)
-    y = torch.tensor([1, 2, 10, 10])
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([5, 5]), torch.tensor([1, 2])
     plain = model(x, t, y)
-    guided = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
-    assert torch.allclose(guided[:, 3:], plain[:, 3:])
-    assert not torch.allclose(guided[:2, :3], plain[:2, :3])
+    guided = guided_eps(model, x, t, y, cfg_scale=4.0)
+    assert torch.allclose(guided[:, 3:], plain[:, 3:])  # 4th noise channel and the variance
+    uncond = model(x, t, None)  # the null class
+    assert torch.allclose(guided[:, :3], uncond[:, :3] + 4.0 * (plain[:, :3] - uncond[:, :3]), atol=1e-6)
 
 
 def test_bad_options():

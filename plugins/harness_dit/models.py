@@ -204,19 +204,6 @@ class DiT(nn.Module):
             x = block(x, c, hw)
         return self.unpatchify(self.final_layer(x, c))
 
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = 3):
-        """Classifier-free guidance on a batch whose second half holds the null labels.
-
-        Like the reference, guidance is applied to the first ``guided_channels`` channels
-        only (3, the paper's choice); None guides all noise channels."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        n = self.in_channels if guided_channels is None else guided_channels
-        eps, rest = out[:, :n], out[:, n:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
-
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
     grid_h = np.arange(grid_size, dtype=np.float32)

@@ -249,16 +249,6 @@ class LaMambaDiff(nn.Module):
         x = self.final_linear(modulate(self.norm_final(x), shift, scale))
         return x.transpose(1, 2).reshape(b, self.out_channels, h, w)
 
-    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = 3):
-        """Classifier-free guidance on a batch whose second half holds the null labels (as DiT)."""
-        half = x[: len(x) // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)
-        n = self.in_channels if guided_channels is None else guided_channels
-        eps, rest = out[:, :n], out[:, n:]
-        cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
-        half_eps = uncond + cfg_scale * (cond - uncond)
-        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
-
 
 _DEFAULT_SSM, _DEFAULT_ATTN = "ss2d", "window-attention"
 
