@@ -96,7 +96,9 @@ class CellContext:
         for k in ("input_size", "in_channels", "num_classes"):
             if spec[k] is None and k in defaults:
                 spec[k] = getattr(self.model, k, None)
-        spec["context_dim"] = spec["context_dim"] or 0
+        # 0 is "no text context" unless the built model says it takes one (an SD preset's
+        # cross-attention width comes from its config, not from an option)
+        spec["context_dim"] = spec["context_dim"] or getattr(self.model, "context_dim", 0) or 0
         missing = [k for k in ("input_size", "in_channels", "num_classes") if spec[k] is None]
         if missing:
             raise ValueError(f"backbone {self.config.backbone.name!r} gives no default for {missing}; "

@@ -123,3 +123,9 @@ def test_table_mixed_component_forms_and_missing_keys(tmp_path, capsys):
     code, out, _ = cli(["table", str(tmp_path)], capsys)
     assert code == 0 and "window-attention(window_size=4)" in out
     assert "backbone.mixer.name" not in out and "nan" not in out
+
+
+def test_flops_reports_a_text_unets_context_width(capsys):
+    code, out, _ = cli(["flops", "unet", "--preset", "sd-tiny", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["input"]["context_dim"] > 0  # the preset's cross-attention width, not 0

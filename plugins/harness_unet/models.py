@@ -135,6 +135,10 @@ class TextUNet(nn.Module):
         return self.unet.config.sample_size
 
     @property
+    def context_dim(self) -> int:
+        return self.unet.config.cross_attention_dim
+
+    @property
     def needs_text_time(self) -> bool:
         return self.unet.config.addition_embed_type == "text_time"
 
