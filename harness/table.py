@@ -96,7 +96,7 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
             else:
                 row[m] = format_metric(m, entry) if entry is not None else ""
         rows.append(row)
-    df = pd.DataFrame(rows).astype(object)
+    df = pd.DataFrame(rows, dtype=object)  # object: an int column with gaps stays int
     df = df.where(df.notna(), None if raw else "")  # a key some backbones lack: blank, not "nan"
     if (df["status"] == "ok").all():
         df = df.drop(columns="status")
