@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,26 @@ def pip_install_target(src: Path, target: Path) -> Path:
         check=True, capture_output=True, text=True,
     )
     return target
+
+
+def make_dist(root: Path, dist: str, module: str, body: str, ep_name: str | None = None) -> Path:
+    """Source of a one-package plugin distribution whose entry point in `harness` is ``module``."""
+    pkg = root / dist
+    (pkg / module).mkdir(parents=True)
+    (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+        [project]
+        name = "{dist}"
+        version = "1.0"
+        [project.entry-points.harness]
+        {ep_name or module} = "{module}"
+        [tool.setuptools]
+        packages = ["{module}"]
+    """))
+    (pkg / module / "__init__.py").write_text(textwrap.dedent(body))
+    return pkg
 
 
 @pytest.fixture(scope="session")

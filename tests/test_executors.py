@@ -9,7 +9,7 @@ import pytest
 import harness
 from harness.cli import main
 from harness.records import load_records
-from conftest import pip_install_target
+from conftest import make_dist, pip_install_target
 
 SUITE = """\
 suite: execs
@@ -64,20 +64,7 @@ def _by_width(results):
 
 @pytest.fixture(scope="module")
 def crashy_site(tmp_path_factory):
-    src = tmp_path_factory.mktemp("crashy-src")
-    (src / "harness_crashy.py").write_text(CRASHY)
-    (src / "pyproject.toml").write_text(textwrap.dedent("""\
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "harness-crashy"
-        version = "0.0.1"
-        [project.entry-points.harness]
-        crashy = "harness_crashy"
-        [tool.setuptools]
-        py-modules = ["harness_crashy"]
-        """))
+    src = make_dist(tmp_path_factory.mktemp("crashy-src"), "harness-crashy", "harness_crashy", CRASHY)
     return pip_install_target(src, tmp_path_factory.mktemp("site-crashy"))
 
 

@@ -1,34 +1,13 @@
 """Plugin discovery through real entry points, name clashes, broken plugins, blocking."""
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 
 import harness
 from harness.errors import PluginError, UserError
 from harness.plugins import Registry
 
-from conftest import pip_install_target
-
-
-def make_dist(root, dist: str, module: str, body: str, ep_name: str | None = None):
-    pkg = root / dist
-    (pkg / module).mkdir(parents=True)
-    (pkg / "pyproject.toml").write_text(textwrap.dedent(f"""
-        [build-system]
-        requires = ["setuptools>=64"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "{dist}"
-        version = "1.0"
-        [project.entry-points.harness]
-        {ep_name or module} = "{module}"
-        [tool.setuptools]
-        packages = ["{module}"]
-    """))
-    (pkg / module / "__init__.py").write_text(textwrap.dedent(body))
-    return pkg
+from conftest import make_dist, pip_install_target
 
 
 def test_builtins_come_through_entry_points():
