@@ -269,7 +269,12 @@ def cmd_flops(args, extra: list[str]) -> int:
               "uncounted_ops": fc.uncounted_ops}
     result.update(getattr(model, "flops_extra", {}) or {})
     if args.prune:
+        from harness_compress.units import bksdm_reference
+
         result["prune"] = {"plan": args.prune, "params_before": unpruned, "removed_ratio": 1 - params / unpruned}
+        reference = bksdm_reference(args.prune, unpruned, params)
+        if reference:
+            result["prune"]["bk_sdm_published"] = reference
     if args.by_module:
         result["by_module"] = {k: {"params": fc.params_by_module[k], "gflops": v / 1e9}
                                for k, v in fc.by_module.items()}
@@ -280,6 +285,13 @@ def cmd_flops(args, extra: list[str]) -> int:
     console.print(f"{args.backbone} {options or ''} input {ctx.input_spec}")
     console.print(f"params  {params:,} ({params / 1e6:.2f}M)")
     console.print(f"GFLOPs  {fc.total / 1e9:.2f}  (batch 1, 1 multiply-add = 1 FLOP)")
+    if args.prune:
+        prune = result["prune"]
+        console.print(f"pruned  {args.prune}: {prune['removed_ratio']:.1%} of {unpruned:,} parameters removed")
+        if "bk_sdm_published" in prune:
+            ref = prune["bk_sdm_published"]
+            console.print(f"BK-SDM publishes {ref['published_b']:.2f}B (rounded up to 0.01B); here "
+                          f"{ref['ours_b']:.2f}B: {'matches' if ref['match'] else 'DOES NOT MATCH'}")
     if fc.uncounted_ops:
         console.print(f"not counted (no FLOP handle): {', '.join(sorted(fc.uncounted_ops))}")
     if args.by_module:

@@ -161,3 +161,42 @@ def test_prune_command_lists_units(capsys):
     assert all(u["removable"] and u["params"] > 0 for u in out["units"])
     assert main(["flops", "dit", "--size", "tiny", "--input-size", "8", "--prune", "bk-sdm-smal"]) == 2
     assert "did you mean 'bk-sdm-small'" in capsys.readouterr().err
+
+
+def test_bksdm_presets_give_the_published_sizes():
+    """BK-SDM prints sizes rounded up to 0.01B; with that rounding every preset's exact count
+    is the published U-Net size, and the SD-1.x teacher is its 0.86B."""
+    from harness_compress.units import BKSDM_PUBLISHED_B, SD1_UNET_PARAMS, bksdm_reference, bksdm_size
+
+    full = _unet(SD15, "meta")
+    assert _params(full) == SD1_UNET_PARAMS and bksdm_size(SD1_UNET_PARAMS) == 0.86
+    for preset, published in BKSDM_PUBLISHED_B.items():
+        pruned = _params(apply_plan(_unet(SD15, "meta"), bksdm_plan(_unet(SD15, "meta"), preset)))
+        ref = bksdm_reference(preset, SD1_UNET_PARAMS, pruned)
+        assert ref["match"] and ref["ours_b"] == published, preset
+    assert bksdm_size(482_346_884) == 0.49 and round(482_346_884 / 1e9, 2) == 0.48  # why rounding matters
+    assert bksdm_reference("bk-sdm-small", 1234, 1000) is None  # not an SD-1.x U-Net: no published size
+
+
+def test_bksdm_rounding_reproduces_the_whole_pipeline_sizes():
+    """The rounding convention, checked on figures we do not ship: text encoder + U-Net + VAE
+    decoder of SD-1.4 and the three students are the model card's 1.04 / 0.76 / 0.66 / 0.50B."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from harness_compress.units import bksdm_size
+
+    with torch.device("meta"):
+        decoder = AutoencoderKL(block_out_channels=(128, 256, 512, 512), latent_channels=4, layers_per_block=2,
+                                down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4).decoder
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                            num_hidden_layers=12, vocab_size=49408, max_position_embeddings=77))
+    rest = _params(decoder) + _params(text)
+    assert rest == 49_490_179 + 123_060_480
+    sizes = {None: 1.04, "bk-sdm-base": 0.76, "bk-sdm-small": 0.66, "bk-sdm-tiny": 0.50}
+    for preset, published in sizes.items():
+        unet = _unet(SD15, "meta")
+        if preset:
+            unet = apply_plan(unet, bksdm_plan(unet, preset))
+        assert bksdm_size(_params(unet) + rest) == published, preset

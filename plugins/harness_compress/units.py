@@ -251,6 +251,29 @@ def _find_unet(model: nn.Module) -> tuple[nn.Module, str]:
 
 BKSDM_PRESETS = ("bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny")
 
+# The U-Net sizes BK-SDM publishes for its SD-1.x students (model card of
+# Nota-NetsPresso/BK-SDM; arXiv 2305.15798), in billions of parameters, and the count of the
+# SD-1.x U-Net they were cut from. BK-SDM prints sizes rounded *up* to 0.01B: all sixteen of
+# its U-Net and whole-pipeline figures (SD-1.4 and SD-2.1-base families) are the ceiling of
+# the exact count, while rounding to nearest misses seven of them (e.g. Small, 482.3M).
+BKSDM_PUBLISHED_B = {"bk-sdm-base": 0.58, "bk-sdm-small": 0.49, "bk-sdm-tiny": 0.33}
+SD1_UNET_PARAMS = 859_520_964
+
+
+def bksdm_size(params: int) -> float:
+    """A parameter count as BK-SDM prints it: billions, rounded up to two decimals."""
+    return -(-params // 10 ** 7) / 100
+
+
+def bksdm_reference(preset: str, params_before: int, params_after: int) -> dict | None:
+    """How a pruned count compares with BK-SDM's published size (SD-1.x U-Nets only)."""
+    if preset not in BKSDM_PUBLISHED_B or params_before != SD1_UNET_PARAMS:
+        return None
+    published = BKSDM_PUBLISHED_B[preset]
+    return {"published_b": published, "ours_b": bksdm_size(params_after), "match": bksdm_size(params_after) == published,
+            "rounding": "billions rounded up to 0.01, as BK-SDM prints sizes",
+            "source": "BK-SDM model card (Nota-NetsPresso/BK-SDM), arXiv 2305.15798"}
+
 
 def bksdm_plan(model: nn.Module, preset: str) -> dict:
     """BK-SDM's handcrafted removal for an SD-1.x/2.x U-Net (4 stages, 2 ResNets per down stage).
