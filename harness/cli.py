@@ -27,6 +27,11 @@ def _prepare(args):
     from .suite import load_suite
 
     suite = load_suite(args.suite)
+    seed = getattr(args, "seed", None)
+    if seed is not None:  # a replicate: other draws, other cell ids, same results folder
+        if seed < 0:
+            raise UserError(f"--seed {seed}: expected an integer >= 0")
+        suite.spec.seed = seed
     jobs = plan(suite, Path(args.results), getattr(args, "only", None))
     return suite, jobs
 
@@ -384,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rerun", action="store_true", help="run cells again even if their record is ok")
     r.add_argument("--executor", help="executor name (default: the suite's, else local)")
     r.add_argument("--jobs", type=int, help="parallel jobs, for executors that take them")
+    r.add_argument("--seed", type=int, help="replace the suite's seed (a replicate run; cell ids change with it)")
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a suite without running it")

@@ -77,6 +77,7 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
     if not varying:
         varying = [k for k in ("backbone.name",) if k in keys]
     suites = {r["suite"] for r in records}
+    seeds = {r.get("seed") for r in records}
     metric_names = list(dict.fromkeys(m for r in records for m in r.get("metrics", {})))
     rows = []
     for rec, f in zip(records, flat):
@@ -84,6 +85,8 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
         if len(suites) > 1:
             row["suite"] = rec["suite"]
         row["cell"] = rec["cell"]
+        if len(seeds) > 1:  # replicates of one suite (`harness run --seed`)
+            row["seed"] = rec.get("seed")
         for k in varying:
             row[k] = f.get(k)
         row["status"] = rec["status"]

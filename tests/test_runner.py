@@ -159,3 +159,20 @@ def test_records_come_back_in_suite_order(tmp_path, plugin_site, with_site):
         "[params, gflops, {name: latency, warmup: 1, min_runs: 2, min_time: 0}]", "[params]")
     assert main(["run", str(suite_file(tmp_path, text)), "--results", str(results)]) == 0
     assert [r["config"]["backbone"]["width"] for r in load_records(results)] == [8, 2, 4, 16, 1]
+
+
+def test_seed_option_runs_a_replicate_beside_the_first(tmp_path, plugin_site, with_site, capsys):
+    with_site(plugin_site)
+    results = tmp_path / "results"
+    text = SUITE.replace("[2, 4, 8]", "[2, 4]").replace(
+        "[params, gflops, {name: latency, warmup: 1, min_runs: 2, min_time: 0}]", "[params]")
+    path = suite_file(tmp_path, text)
+    assert main(["run", str(path), "--results", str(results)]) == 0
+    assert main(["run", str(path), "--results", str(results), "--seed", "3"]) == 0
+    records = load_records(results / "toys")
+    assert sorted(r["seed"] for r in records) == [0, 0, 3, 3] and len({r["cell"] for r in records}) == 4
+    capsys.readouterr()
+    assert main(["table", str(results / "toys"), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith("cell,seed,")
+    assert main(["run", str(path), "--results", str(results), "--seed", "-1"]) == 2
+    assert "--seed -1: expected an integer >= 0" in capsys.readouterr().err
