@@ -94,3 +94,48 @@ def test_a_compression_cell_end_to_end(tmp_path):
     assert set(record["distill"]["shares"]["losses"]) == {"task", "normalized-feature-kd"}
     assert record["metrics"]["output_loss"]["value"] >= 0
     assert (tmp_path / "t" / "teachers").is_dir() and (tmp_path / "t" / "c1" / "pruned" / "plan.json").is_file()
+
+
+def test_output_loss_is_measured_on_held_out_data(tmp_path):
+    """The metric's default set is the val split with its own seeds, not the calibration set
+    the criterion scored on (whose loss the prune record keeps as ``one_shot_output_loss``)."""
+    from harness.runner import CellJob, execute_cell
+
+    config = {"backbone": {"name": "dit", "size": "tiny", "patch": 2, "depth": 3, "hidden_size": 32, "num_heads": 2},
+              "data": {"name": "shapes", "resolution": 8, "size": 16},
+              "train": {"steps": 10, "batch_size": 4, "lr": 0.01},
+              "prune": {"criterion": "magnitude", "ratio": 0.3, "calibration_batch": 4, "calibration_timesteps": 3},
+              "metrics": [{"name": "output_loss", "batch_size": 4, "timesteps": 3}], "device": "cpu"}
+    record = execute_cell(CellJob("t", "t.yaml", "c1", "base", 0, config, str(tmp_path / "t")))
+    assert record["status"] == "ok", record.get("traceback")
+    held = record["metrics"]["output_loss"]
+    assert held["data"].startswith("held-out") and held["value"] > 0
+    assert held["value"] != pytest.approx(record["prune"]["one_shot_output_loss"], rel=1e-3, abs=0)
+
+
+def test_output_loss_inputs_held_out_or_in_sample():
+    import copy
+
+    from harness.context import CellContext
+    from harness.suite import CellConfig
+    from harness_compress.calibration import calibration_inputs, output_loss, reference_outputs
+    from harness_compress.metrics import OutputLoss
+    from harness_compress.units import apply_plan
+
+    config = CellConfig.model_validate({
+        "backbone": {"name": "dit", "size": "tiny", "input_size": 8, "in_channels": 3, "patch": 2, "depth": 2},
+        "data": {"name": "shapes", "resolution": 8, "size": 16}, "metrics": ["params"], "device": "cpu"})
+    ctx = CellContext("t", "c", 0, config)
+    teacher = ctx.model.eval()
+    torch.nn.init.normal_(teacher.final_layer.linear.weight, std=0.1)  # zero-initialised: output would be 0
+    torch.nn.init.normal_(teacher.blocks[1].adaLN_modulation[-1].weight, std=0.5)
+    ctx.teacher, ctx.model = teacher, apply_plan(copy.deepcopy(teacher), {"skip": ["blocks.1"], "drop": []})
+    calib = calibration_inputs(ctx, teacher, 4, 2)
+    held = calibration_inputs(ctx, teacher, 4, 2, split="val", purpose="output-loss")
+    assert not torch.equal(calib[0]["inputs"]["x"], held[0]["inputs"]["x"])
+    assert not torch.equal(calib[0]["noise"], held[0]["noise"])
+    in_sample = output_loss(ctx.model, calib, reference_outputs(teacher, calib, 3), 3)
+    assert OutputLoss(4, 2, held_out=False)(ctx)["value"] == pytest.approx(in_sample, rel=1e-6)
+    assert OutputLoss(4, 2)(ctx)["value"] == pytest.approx(output_loss(ctx.model, held, reference_outputs(teacher, held, 3), 3), rel=1e-6)
+    with pytest.raises(Exception, match="val split of 'shapes' has 16 images; 32 were asked"):
+        OutputLoss(32, 2)(ctx)

@@ -1,9 +1,11 @@
-"""The calibration batch every criterion and the ``output_loss`` metric share.
+"""Noised inputs for pruning criteria (calibration) and for the ``output_loss`` metric (held out).
 
 LAPTOP-Diff's objective is E || eps_pruned(x_t, t) - eps_orig(x_t, t) ||^2 over data and
 timesteps, so a calibration set is a few noised training images at timesteps spread evenly
 across the schedule. Its seeds are shared by all cells of a suite (``shared=True``), so every
-criterion is judged on the same inputs.
+criterion scores on the same inputs. The metric draws its own set from the validation split
+with other seeds: a criterion fitted to its calibration batch must also win on data it never
+saw, or the comparison rewards overfitting the batch.
 """
 from __future__ import annotations
 
@@ -35,15 +37,17 @@ def noise_channels(ctx) -> int:
     return int(ctx.input_spec["in_channels"])
 
 
-def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: int = 8) -> list[dict]:
+def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: int = 8,
+                       split: str = "train", purpose: str = "calibration") -> list[dict]:
     """One forward-kwargs dict per timestep (evenly spaced over the schedule); each holds the
-    same images, noised at that step, plus ``noise`` (the target of the task loss)."""
-    gen = ctx.generator("calibration", shared=True)
+    same images of ``split``, noised at that step, plus ``noise`` (the target of the task loss).
+    ``purpose`` names the seed stream, so a held-out set never repeats the calibration draw."""
+    gen = ctx.generator(purpose, shared=True)
     device = next(model.parameters()).device
     spec = ctx.config.train
     abar = alphas_cumprod(spec.schedule, spec.timesteps)
     base = ctx.example_inputs(batch_size, model=model, device=device, generator=gen)
-    x0 = _data_images(ctx, batch_size, gen)
+    x0 = _data_images(ctx, batch_size, gen, split)
     labels = None
     if x0 is not None:
         x0, labels = x0
@@ -64,10 +68,15 @@ def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: in
     return out
 
 
-def _data_images(ctx, n: int, gen: torch.Generator):
-    ds = ctx.dataset
+def _data_images(ctx, n: int, gen: torch.Generator, split: str = "train"):
+    ds = ctx.dataset if split == "train" else (ctx.make_dataset(split) if ctx.config.data else None)
     if ds is None:
         return None
+    if len(ds) < n:
+        from harness.errors import UserError
+
+        raise UserError(f"data: the {split} split of {ctx.config.data.name!r} has {len(ds)} images; "
+                        f"{n} were asked for (lower the batch size, or use a larger data set)")
     idx = torch.randperm(len(ds), generator=gen)[:n].tolist()
     items = [ds[i] for i in idx]
     x = torch.stack([torch.as_tensor(i[0]) for i in items]).float()

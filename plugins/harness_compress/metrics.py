@@ -1,18 +1,25 @@
 """``output_loss``: how far the cell's (pruned) model strays from its teacher."""
 from __future__ import annotations
 
-from harness.errors import MetricUnavailable
+from harness.errors import MetricUnavailable, UserError
 
 from .calibration import calibration_inputs, noise_channels, output_loss, reference_outputs
 
 
 class OutputLoss:
-    """E||eps_student - eps_teacher||^2 on the calibration batch across the schedule."""
+    """E||eps_student - eps_teacher||^2 over images x timesteps spread across the schedule.
+
+    ``held_out`` (default): images of the validation split, noise from a seed stream of its
+    own, so the set differs from the calibration batch every criterion scored on. With
+    ``held_out: false`` it is the calibration set itself (the in-sample figure, which the
+    prune record also keeps as ``one_shot_output_loss``)."""
 
     name, direction, unit = "output_loss", "lower", "mse"
 
-    def __init__(self, batch_size: int = 8, timesteps: int = 8):
-        self.batch_size, self.timesteps = batch_size, timesteps
+    def __init__(self, batch_size: int = 64, timesteps: int = 16, held_out: bool = True):
+        if batch_size < 1 or timesteps < 1:
+            raise UserError(f"metric 'output_loss': batch_size and timesteps must be >= 1 (got {batch_size}, {timesteps})")
+        self.batch_size, self.timesteps, self.held_out = batch_size, timesteps, held_out
 
     def __call__(self, ctx) -> dict:
         teacher = getattr(ctx, "teacher", None)
@@ -21,10 +28,12 @@ class OutputLoss:
         student = ctx.model
         modes = (student.training, teacher.training)
         student.eval(), teacher.eval()
+        where = dict(split="val", purpose="output-loss") if self.held_out else {}
         try:
-            batches = calibration_inputs(ctx, teacher, self.batch_size, self.timesteps)
+            batches = calibration_inputs(ctx, teacher, self.batch_size, self.timesteps, **where)
             c = noise_channels(ctx)
             value = output_loss(student, batches, reference_outputs(teacher, batches, c), c)
         finally:
             student.train(modes[0]), teacher.train(modes[1])
-        return {"value": value, "batch_size": self.batch_size, "timesteps": self.timesteps}
+        return {"value": value, "batch_size": self.batch_size, "timesteps": self.timesteps,
+                "data": "held-out (val split)" if self.held_out else "calibration set"}
