@@ -96,6 +96,10 @@ class CellContext:
         for k in ("input_size", "in_channels", "num_classes"):
             if spec[k] is None and k in defaults:
                 spec[k] = getattr(self.model, k, None)
+        # A text-conditioned model takes no class label whatever the factory's default says
+        # (its num_classes attribute is 0); an explicit option still wins.
+        if "num_classes" not in self.backbone_options and getattr(self.model, "num_classes", None) == 0:
+            spec["num_classes"] = 0
         # 0 is "no text context" unless the built model says it takes one (an SD preset's
         # cross-attention width comes from its config, not from an option)
         spec["context_dim"] = spec["context_dim"] or getattr(self.model, "context_dim", 0) or 0

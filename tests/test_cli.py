@@ -129,3 +129,6 @@ def test_flops_reports_a_text_unets_context_width(capsys):
     code, out, _ = cli(["flops", "unet", "--preset", "sd-tiny", "--json"], capsys)
     data = json.loads(out)
     assert code == 0 and data["input"]["context_dim"] > 0  # the preset's cross-attention width, not 0
+    assert data["input"]["num_classes"] == 0  # text-conditioned: no class label, whatever the default
+    code, out, _ = cli(["flops", "unet", "--preset", "adm-tiny", "--input-size", "8", "--json"], capsys)
+    assert code == 0 and json.loads(out)["input"]["num_classes"] == 1000 and json.loads(out)["input"]["context_dim"] == 0

@@ -125,6 +125,7 @@ class TextUNet(nn.Module):
     as keyword arguments; ``example_inputs`` supplies them."""
 
     learn_sigma = False
+    num_classes = 0  # conditioned on text, not on a class label
 
     def __init__(self, unet: nn.Module):
         super().__init__()
