@@ -82,6 +82,9 @@ def _teacher(ctx) -> torch.nn.Module:
         tmp = cache.with_suffix(f".tmp{id(model)}")
         save_file(_untie({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}), str(tmp))
         tmp.replace(cache)  # atomic: a parallel cell never reads a torn file
+        from .training import _ckpt_path
+
+        _ckpt_path(ctx, "teacher").unlink(missing_ok=True)  # only a killed training needs it
     return model
 
 

@@ -94,6 +94,7 @@ def test_a_compression_cell_end_to_end(tmp_path):
     assert set(record["distill"]["shares"]["losses"]) == {"task", "normalized-feature-kd"}
     assert record["metrics"]["output_loss"]["value"] >= 0
     assert (tmp_path / "t" / "teachers").is_dir() and (tmp_path / "t" / "c1" / "pruned" / "plan.json").is_file()
+    assert not (tmp_path / "t" / "c1" / "teacher-checkpoint.safetensors").exists()  # cached: no longer needed
 
 
 def test_output_loss_is_measured_on_held_out_data(tmp_path):
