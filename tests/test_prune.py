@@ -1,6 +1,7 @@
 """Prunable units: discovery, removal, save/load, BK-SDM presets, budgeted selection."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,8 +147,24 @@ def test_additivity_of_an_additive_loss_is_one():
     single = {f"u{i}": float(i + 1) for i in range(8)}
     result = additivity(list(single), single, lambda chosen: sum(single[n] for n in chosen), subsets=10)
     assert result["pearson"] == pytest.approx(1.0)
+    assert result["pearson_ci95"] == pytest.approx([1.0, 1.0])
     result = additivity(list(single), single, lambda chosen: float(len(chosen) % 2), subsets=10)
     assert result["pearson"] < 0.9
+
+
+def test_additivity_reports_bootstrap_intervals_that_narrow_with_more_subsets():
+    single = {f"u{i}": float(i + 1) for i in range(12)}
+    noise = np.random.default_rng(0)
+
+    def noisy(chosen):
+        return sum(single[n] for n in chosen) * float(noise.uniform(0.5, 1.5))
+
+    small = additivity(list(single), single, noisy, subsets=12, seed=1)
+    large = additivity(list(single), single, noisy, subsets=200, seed=1)
+    for r in (small, large):
+        lo, hi = r["pearson_ci95"]
+        assert lo <= r["pearson"] <= hi < 1 and r["spearman_ci95"][0] <= r["spearman"] <= r["spearman_ci95"][1]
+    assert np.diff(large["pearson_ci95"])[0] < np.diff(small["pearson_ci95"])[0]
 
 
 def test_prune_command_lists_units(capsys):

@@ -102,9 +102,38 @@ def additivity(names: list[str], single: dict[str, float], loss_of_set, subsets:
         pairs.append((sum(single[n] for n in chosen), loss_of_set(chosen), k))
     pred = np.array([p[0] for p in pairs])
     meas = np.array([p[1] for p in pairs])
-    r = float(np.corrcoef(pred, meas)[0, 1]) if len(pairs) > 1 and pred.std() > 0 and meas.std() > 0 else float("nan")
+    return {"pearson": _pearson(pred, meas), "spearman": _spearman(pred, meas), "subsets": len(pairs),
+            **_bootstrap(pred, meas, rng),
+            "pairs": [{"sum_single": float(a), "measured": float(b), "size": k} for a, b, k in pairs]}
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
-    rho = float(spearmanr(pred, meas).statistic) if len(pairs) > 1 else float("nan")
-    return {"pearson": r, "spearman": rho, "subsets": len(pairs),
-            "pairs": [{"sum_single": float(a), "measured": float(b), "size": k} for a, b, k in pairs]}
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:  # a resample of one repeated subset
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def _bootstrap(x: np.ndarray, y: np.ndarray, rng, resamples: int = 2000) -> dict:
+    """95% percentile intervals of both correlations over resampled subsets: with a few
+    dozen subsets a single correlation says little about how near 0.9 the truth is."""
+    if len(x) < 3:
+        return {}
+    out = {}
+    for name, fn in (("pearson", _pearson), ("spearman", _spearman)):
+        values = []
+        for _ in range(resamples):
+            idx = rng.integers(0, len(x), len(x))
+            v = fn(x[idx], y[idx])
+            if np.isfinite(v):
+                values.append(v)
+        if values:
+            out[f"{name}_ci95"] = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+    return out
