@@ -99,6 +99,29 @@ def test_dit_blocks_are_units():
     assert out.shape == (2, 8, 8, 8)
 
 
+def test_lamamba_blocks_are_units_and_the_pruned_model_saves_and_loads(tmp_path):
+    def build():
+        torch.manual_seed(0)
+        return harness.create("backbone", "lamamba", size="tiny", input_size=16, in_channels=4, num_classes=3)
+
+    model = build().eval()
+    units = discover(model)
+    assert units and all(u.removable and u.kind == "block" for u in units)
+    assert {"mid.blocks.0", "encoder.0.blocks.0", "decoder.3.blocks.1"} <= {u.name for u in units}
+    before = _params(model)
+    plan = {"skip": ["mid.blocks.0", "decoder.1.blocks.1"], "drop": []}
+    apply_plan(model, plan)
+    removed = sum(u.params for u in units if u.name in plan["skip"])
+    assert _params(model) == before - removed
+    x, t, y = torch.randn(2, 4, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 2])
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert out.shape[0] == 2 and out.shape[2:] == (16, 16) and torch.isfinite(out).all()
+    save_pruned(model, plan, tmp_path / "pruned")
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(build(), tmp_path / "pruned").eval()(x, t, y), out)
+
+
 def test_adm_small_can_lose_half_its_parameters_and_still_runs():
     """The compression suite's U-Net: skip pairs and attention make a 50% budget reachable
     (adm-tiny, one ResNet per stage, stops near a third)."""
