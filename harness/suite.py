@@ -65,11 +65,18 @@ class PruneSpec(_Strict):
     additivity: int = Field(0, ge=0)  # random subsets for the additivity check (0: skip)
     calibration_batch: int = Field(8, gt=0)
     calibration_timesteps: int = Field(8, gt=0)
+    # text U-Nets: calibrate on encoded prompts (a prompt file, and the hub id or folder of a
+    # pipeline whose tokenizer and text encoder(s) encode them) instead of a random context
+    calibration_prompts: Optional[str] = None
+    calibration_pipeline: Optional[str] = None
 
     @model_validator(mode="after")
     def _one_way(self):
         if (self.criterion is None) == (self.preset is None):
             raise ValueError("give either criterion (with ratio) or preset")
+        if (self.calibration_prompts is None) != (self.calibration_pipeline is None):
+            raise ValueError("calibration_prompts and calibration_pipeline go together (prompts, and the "
+                             "pipeline whose text encoder encodes them)")
         if self.criterion is not None and self.ratio is None:
             raise ValueError("a criterion needs ratio (the fraction of the budget to remove, 0 < ratio < 1)")
         return self
@@ -357,6 +364,12 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
         checks.append((("metrics", i), "metric", m))
     if parsed.prune is not None and parsed.prune.criterion is not None:
         checks.append((("prune", "criterion"), "criterion", parsed.prune.criterion_spec()))
+    if parsed.prune is not None and parsed.prune.calibration_prompts is not None:
+        prompts = Path(parsed.prune.calibration_prompts)
+        if not prompts.is_file():
+            loc = ("prune", "calibration_prompts")
+            raise UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: prompt file {str(prompts)!r} not found "
+                            f"(paths are relative to the directory harness runs in)")
     if parsed.distill is not None:
         for i, term in enumerate(parsed.distill.terms()):
             checks.append((("distill", i), "loss", term))

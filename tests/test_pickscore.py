@@ -7,6 +7,7 @@ import string
 import pytest
 import torch
 
+from harness.errors import UserError
 from harness_t2i import scoring
 
 PROMPTS = ["a red circle", "a blue square", "two green dots"]
@@ -22,8 +23,8 @@ def _tokenizer():
 
 
 def _text_config(**kw):
-    return dict(vocab_size=55, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1, **kw)
+    return {**dict(vocab_size=55, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1), **kw}
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,103 @@ def test_metric_samples_through_the_pipeline_with_the_cells_unet(tiny_clip, tiny
     assert out["teacher"] == pytest.approx(out["value"]) and out["drop_percent"] == pytest.approx(0, abs=1e-6)
     images = scoring.generate(pipe, PROMPTS[:2], steps=2, guidance_scale=1.0, seed=0, batch_size=1)
     assert len(images) == 2 and images[0].size == (32, 32)
+
+
+# -- calibration on prompts (text U-Nets) -------------------------------------------------------
+def _text_cell(preset, prompts, pipeline, backbone=None):
+    from harness.context import CellContext
+    from harness.suite import CellConfig
+
+    config = CellConfig.model_validate({
+        "backbone": backbone or {"name": "unet", "preset": preset},
+        "prune": {"criterion": "laptop", "ratio": 0.3, "calibration_prompts": str(prompts),
+                  "calibration_pipeline": pipeline},
+        "metrics": ["params"], "device": "cpu"})
+    return CellContext("t", "c", 0, config)
+
+
+def _encoded(pipe, prompts):
+    return pipe.encode_prompt(prompt=prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+
+
+def test_text_unets_calibrate_on_the_pipelines_prompt_embeddings(tiny_pipeline, tmp_path):
+    import harness
+    from harness_compress.calibration import calibration_inputs
+    from harness_compress.units import discover
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    ctx = _text_cell("sd-tiny", prompts, tiny_pipeline)
+    batches = calibration_inputs(ctx, ctx.model, 4, 2)
+    held = calibration_inputs(ctx, ctx.model, 4, 2, split="val", purpose="output-loss",
+                              prompts=(str(prompts), tiny_pipeline))
+    pipe = scoring.load_pipeline(tiny_pipeline)
+    table = _encoded(pipe, PROMPTS)[0]
+    for y in (batches[0]["inputs"]["y"], held[0]["inputs"]["y"]):
+        assert y.shape == (4, 77, 32)
+        assert all(any(torch.allclose(row, ref, atol=1e-6) for ref in table) for row in y)  # each row: a prompt
+    assert torch.equal(batches[0]["inputs"]["y"], batches[1]["inputs"]["y"])  # same prompts at every timestep
+    scores = harness.create("criterion", "laptop", batch_size=2, timesteps=2).score(
+        ctx.model.eval(), [u for u in discover(ctx.model) if u.removable][:3], ctx)
+    assert len(scores) == 3 and all(v >= 0 for v in scores.values())
+    # the metric conditions its held-out set on its own prompt file
+    from harness_compress.metrics import OutputLoss
+
+    ctx.teacher = ctx.model
+    out = OutputLoss(2, 1, prompts=str(prompts), pipeline=tiny_pipeline)(ctx)
+    assert out["value"] == 0 and out["prompts"] == str(prompts)  # the teacher against itself
+    with pytest.raises(UserError, match="prompts and pipeline go together"):
+        OutputLoss(2, 1, prompts=str(prompts))
+
+
+def test_sdxl_calibration_takes_both_encoders_and_the_pooled_embedding(tmp_path):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from harness_compress.calibration import calibration_inputs
+
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLPipeline(
+        vae=None, unet=None, scheduler=EulerDiscreteScheduler(),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**_text_config(hidden_size=16, num_attention_heads=2))),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(hidden_size=16, num_attention_heads=2,
+                                                                                 projection_dim=32))),
+        tokenizer=_tokenizer(), tokenizer_2=_tokenizer())
+    folder = tmp_path / "sdxl"
+    pipe.save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    ctx = _text_cell("sdxl-tiny", prompts, str(folder))
+    inputs = calibration_inputs(ctx, ctx.model, 3, 1)[0]["inputs"]
+    embeds, _, pooled, _ = _encoded(pipe, PROMPTS)
+    assert inputs["y"].shape == (3, 77, 32) and inputs["text_embeds"].shape == (3, 32)
+    for y, p in zip(inputs["y"], inputs["text_embeds"]):
+        i = next(i for i in range(3) if torch.allclose(y, embeds[i], atol=1e-6))
+        torch.testing.assert_close(p, pooled[i])
+    with torch.no_grad():
+        assert torch.isfinite(ctx.model.eval()(**inputs)).all()
+
+
+def test_prompt_calibration_errors(tmp_path, tiny_pipeline, capsys):
+    from harness.cli import main
+    from harness_compress.calibration import calibration_inputs
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    ctx = _text_cell(None, prompts, tiny_pipeline, backbone={"name": "dit", "size": "tiny", "input_size": 8})
+    with pytest.raises(UserError, match="DiT is not conditioned on text"):
+        calibration_inputs(ctx, ctx.model, 2, 1)
+    ctx = _text_cell("sd15", prompts, tiny_pipeline)
+    with pytest.raises(UserError, match="encodes y of width 32; the U-Net takes 768"):
+        calibration_inputs(ctx, ctx.build_backbone("meta"), 1, 1)
+    suite = tmp_path / "s.yaml"
+    suite.write_text("suite: s\nbase:\n  backbone: {name: unet, preset: sd-tiny}\n"
+                     "  prune: {criterion: laptop, ratio: 0.3, calibration_pipeline: x,\n"
+                     "          calibration_prompts: nowhere.txt}\n  metrics: [params]\n")
+    assert main(["validate", str(suite)]) == 2
+    err = capsys.readouterr().err
+    assert "s.yaml:5" in err and "prune.calibration_prompts" in err and "'nowhere.txt' not found" in err
+    suite.write_text("suite: s\nbase:\n  backbone: {name: unet, preset: sd-tiny}\n"
+                     "  prune: {criterion: laptop, ratio: 0.3, calibration_prompts: p.txt}\n  metrics: [params]\n")
+    assert main(["validate", str(suite)]) == 2
+    assert "calibration_prompts and calibration_pipeline go together" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -38,10 +39,13 @@ def noise_channels(ctx) -> int:
 
 
 def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: int = 8,
-                       split: str = "train", purpose: str = "calibration") -> list[dict]:
+                       split: str = "train", purpose: str = "calibration",
+                       prompts: tuple[str, str] | None = None) -> list[dict]:
     """One forward-kwargs dict per timestep (evenly spaced over the schedule); each holds the
     same images of ``split``, noised at that step, plus ``noise`` (the target of the task loss).
-    ``purpose`` names the seed stream, so a held-out set never repeats the calibration draw."""
+    ``purpose`` names the seed stream, so a held-out set never repeats the calibration draw.
+    ``prompts`` (file, pipeline) conditions a text U-Net on encoded prompts; the calibration
+    set takes them from the cell's prune block unless given."""
     gen = ctx.generator(purpose, shared=True)
     device = next(model.parameters()).device
     spec = ctx.config.train
@@ -56,6 +60,11 @@ def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: in
         x0 = torch.randn(base["x"].shape, generator=gen).to(device)
     if labels is not None and base.get("y") is not None and base["y"].dtype == torch.long:
         base["y"] = labels.to(device)
+    prune = getattr(ctx.config, "prune", None)
+    if prompts is None and purpose == "calibration" and prune is not None and prune.calibration_prompts:
+        prompts = (prune.calibration_prompts, prune.calibration_pipeline)
+    if prompts is not None:
+        base.update(prompt_context(model, base, *prompts, batch_size, gen, device))
     noise = torch.randn(x0.shape, generator=gen).to(device)
     steps = torch.linspace(0, spec.timesteps - 1, timesteps + 2)[1:-1].round().long()  # skip the two ends
     out = []
@@ -66,6 +75,45 @@ def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: in
         kwargs["t"] = torch.full((batch_size,), step, dtype=torch.long, device=device)
         out.append({"inputs": kwargs, "noise": noise})
     return out
+
+
+def prompt_context(model: nn.Module, base: dict, prompts_file: str, pipeline: str, n: int,
+                   gen: torch.Generator, device) -> dict:
+    """A text U-Net's conditioning from ``n`` prompts drawn from the file: the pipeline's own
+    ``encode_prompt`` (SD: last hidden state; SDXL: both encoders and the pooled embedding),
+    no classifier-free guidance. The draw follows ``gen``, so the held-out set draws its own."""
+    from harness.errors import UserError
+    from harness_t2i.scoring import read_prompts
+
+    y = base.get("y")
+    if y is None or y.dtype == torch.long:
+        raise UserError(f"calibration_prompts: {type(model).__name__} is not conditioned on text")
+    pool = read_prompts(prompts_file)
+    chosen = [pool[i] for i in torch.randint(0, len(pool), (n,), generator=gen).tolist()]
+    with torch.no_grad():
+        encoded = _text_pipeline(pipeline).encode_prompt(prompt=chosen, device="cpu", num_images_per_prompt=1,
+                                                         do_classifier_free_guidance=False)
+    out = {"y": encoded[0]}
+    if "text_embeds" in base:  # SDXL: (embeds, negative, pooled, negative pooled)
+        out["text_embeds"] = encoded[2]
+    for key, value in out.items():
+        if value.shape[-1] != base[key].shape[-1]:
+            raise UserError(f"calibration_pipeline {pipeline!r} encodes {key} of width {value.shape[-1]}; "
+                            f"the U-Net takes {base[key].shape[-1]}")
+    return {k: v.to(device=device, dtype=base[k].dtype) for k, v in out.items()}
+
+
+@lru_cache(maxsize=2)
+def _text_pipeline(source: str):
+    """The pipeline's tokenizer(s) and text encoder(s) only: its U-Net and VAE are not loaded."""
+    from diffusers import DiffusionPipeline
+
+    from harness.errors import UserError
+
+    try:
+        return DiffusionPipeline.from_pretrained(source, unet=None, vae=None)
+    except (OSError, ValueError) as exc:  # offline without the files, or a wrong id
+        raise UserError(f"calibration_pipeline {source!r}: cannot load it: {str(exc).splitlines()[0]}") from None
 
 
 def _data_images(ctx, n: int, gen: torch.Generator, split: str = "train"):

@@ -12,14 +12,20 @@ class OutputLoss:
     ``held_out`` (default): images of the validation split, noise from a seed stream of its
     own, so the set differs from the calibration batch every criterion scored on. With
     ``held_out: false`` it is the calibration set itself (the in-sample figure, which the
-    prune record also keeps as ``one_shot_output_loss``)."""
+    prune record also keeps as ``one_shot_output_loss``). A text U-Net is conditioned on
+    ``prompts`` (a file) encoded by ``pipeline``'s text encoder when both are given, else on
+    a random context."""
 
     name, direction, unit = "output_loss", "lower", "mse"
 
-    def __init__(self, batch_size: int = 64, timesteps: int = 16, held_out: bool = True):
+    def __init__(self, batch_size: int = 64, timesteps: int = 16, held_out: bool = True,
+                 prompts: str | None = None, pipeline: str | None = None):
         if batch_size < 1 or timesteps < 1:
             raise UserError(f"metric 'output_loss': batch_size and timesteps must be >= 1 (got {batch_size}, {timesteps})")
+        if (prompts is None) != (pipeline is None):
+            raise UserError("metric 'output_loss': prompts and pipeline go together")
         self.batch_size, self.timesteps, self.held_out = batch_size, timesteps, held_out
+        self.prompts = (prompts, pipeline) if prompts else None
 
     def __call__(self, ctx) -> dict:
         teacher = getattr(ctx, "teacher", None)
@@ -29,11 +35,16 @@ class OutputLoss:
         modes = (student.training, teacher.training)
         student.eval(), teacher.eval()
         where = dict(split="val", purpose="output-loss") if self.held_out else {}
+        if self.prompts:
+            where["prompts"] = self.prompts
         try:
             batches = calibration_inputs(ctx, teacher, self.batch_size, self.timesteps, **where)
             c = noise_channels(ctx)
             value = output_loss(student, batches, reference_outputs(teacher, batches, c), c)
         finally:
             student.train(modes[0]), teacher.train(modes[1])
-        return {"value": value, "batch_size": self.batch_size, "timesteps": self.timesteps,
-                "data": "held-out (val split)" if self.held_out else "calibration set"}
+        out = {"value": value, "batch_size": self.batch_size, "timesteps": self.timesteps,
+               "data": "held-out (val split)" if self.held_out else "calibration set"}
+        if self.prompts:
+            out["prompts"] = self.prompts[0]
+        return out
