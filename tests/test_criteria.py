@@ -78,3 +78,17 @@ def test_bksdm_ranks_pairs_first_and_needs_a_unet(ctx):
     scores = harness.create("criterion", "bk-sdm").score(unet, units, ctx)
     lowest = sorted(scores, key=scores.get)[:4]
     assert all("+" in n for n in lowest)  # the down/up pairs BK-SDM removes
+
+
+def test_criteria_leave_the_model_in_its_mode(ctx):
+    from harness_compress.calibration import evaluating
+
+    model = ctx.model.train()
+    for name in ("laptop", "taylor", "similarity"):
+        _score(name, ctx, batch_size=2, timesteps=1)
+        assert model.training, name
+    with pytest.raises(RuntimeError):
+        with evaluating(model):
+            assert not model.training
+            raise RuntimeError("boom")
+    assert model.training

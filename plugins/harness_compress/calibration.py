@@ -154,6 +154,19 @@ def output_loss(model: nn.Module, batches: list[dict], refs: list[torch.Tensor],
 
 
 @contextmanager
+def evaluating(*models: nn.Module):
+    """The models in eval mode for the block, each back in its own mode after (even on error)."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+@contextmanager
 def removed(model: nn.Module, units: list):
     """The model with ``units`` removed. Units that become the identity are swapped for a
     :class:`Skip` in place (and restored on exit); a skip-connection pair changes the

@@ -13,7 +13,8 @@ from torch import nn
 
 from harness.errors import UserError
 
-from .calibration import calibration_inputs, noise_channels, output_loss, predict, reference_outputs, removed
+from .calibration import (calibration_inputs, evaluating, noise_channels, output_loss, predict,
+                          reference_outputs, removed)
 from .units import Unit
 
 
@@ -45,16 +46,14 @@ class Laptop(Criterion):
     name = "laptop"
 
     def score(self, model, units, ctx):
-        was = model.training
-        model.eval()
-        batches = self.batches(model, ctx)
-        c = noise_channels(ctx)
-        refs = reference_outputs(model, batches, c)
-        scores = {}
-        for unit in units:
-            with removed(model, [unit]) as pruned:
-                scores[unit.name] = output_loss(pruned, batches, refs, c)
-        model.train(was)
+        with evaluating(model):
+            batches = self.batches(model, ctx)
+            c = noise_channels(ctx)
+            refs = reference_outputs(model, batches, c)
+            scores = {}
+            for unit in units:
+                with removed(model, [unit]) as pruned:
+                    scores[unit.name] = output_loss(pruned, batches, refs, c)
         return scores
 
 
@@ -97,15 +96,13 @@ class Taylor(Criterion):
     name = "taylor"
 
     def score(self, model, units, ctx):
-        was = model.training
-        model.eval()
         c = noise_channels(ctx)
         model.zero_grad(set_to_none=True)
         requires = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(True)
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), evaluating(model):
                 for batch in self.batches(model, ctx):
                     loss = torch.mean((predict(model, batch, c) - batch["noise"]) ** 2)
                     (loss / self.timesteps).backward()
@@ -120,7 +117,6 @@ class Taylor(Criterion):
             model.zero_grad(set_to_none=True)
             for p, r in requires.items():
                 p.requires_grad_(r)
-            model.train(was)
         return out
 
 
@@ -131,8 +127,6 @@ class Similarity(Criterion):
     name = "similarity"
 
     def score(self, model, units, ctx):
-        was = model.training
-        model.eval()
         sums = {u.name: 0.0 for u in units}
         counts = {u.name: 0 for u in units}
         handles = []
@@ -153,13 +147,12 @@ class Similarity(Criterion):
             for name in unit.covers:  # a pair: the mean over its modules
                 handles.append(model.get_submodule(name).register_forward_hook(hook(unit.name), with_kwargs=True))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), evaluating(model):
                 for batch in self.batches(model, ctx):
                     model(**batch["inputs"])
         finally:
             for h in handles:
                 h.remove()
-            model.train(was)
         return {n: sums[n] / max(counts[n], 1) for n in sums}
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from harness.errors import MetricUnavailable, UserError
 
-from .calibration import calibration_inputs, noise_channels, output_loss, reference_outputs
+from .calibration import calibration_inputs, evaluating, noise_channels, output_loss, reference_outputs
 
 
 class OutputLoss:
@@ -32,17 +32,13 @@ class OutputLoss:
         if teacher is None:
             raise MetricUnavailable("no teacher: output_loss needs a prune or distill block")
         student = ctx.model
-        modes = (student.training, teacher.training)
-        student.eval(), teacher.eval()
         where = dict(split="val", purpose="output-loss") if self.held_out else {}
         if self.prompts:
             where["prompts"] = self.prompts
-        try:
+        with evaluating(student, teacher):
             batches = calibration_inputs(ctx, teacher, self.batch_size, self.timesteps, **where)
             c = noise_channels(ctx)
             value = output_loss(student, batches, reference_outputs(teacher, batches, c), c)
-        finally:
-            student.train(modes[0]), teacher.train(modes[1])
         out = {"value": value, "batch_size": self.batch_size, "timesteps": self.timesteps,
                "data": "held-out (val split)" if self.held_out else "calibration set"}
         if self.prompts:
