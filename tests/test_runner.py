@@ -47,6 +47,8 @@ def test_run_writes_one_complete_record_per_cell(tmp_path, plugin_site, with_sit
     lat = rec["metrics"]["latency"]
     assert lat["unit"] == "ms" and lat["direction"] == "lower" and lat["runs"] >= 2
     assert {"batch_size", "dtype", "threads", "device", "iqr"} <= set(lat)
+    assert len(lat["load_average"]) == 2 and all(v is None or v >= 0 for v in lat["load_average"])
+    assert lat["cpu_count"] >= 1
     by_width = {r["config"]["backbone"]["width"]: r["metrics"]["params"]["value"] for r in records}
     assert by_width[2] < by_width[4] < by_width[8]
     assert "| cell" in out and "params ↓" in out  # the table closes the run

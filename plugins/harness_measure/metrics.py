@@ -1,6 +1,7 @@
 """Parameters, GFLOPs and latency of a cell's model."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -73,6 +74,7 @@ class Latency:
         inputs = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                   for k, v in inputs.items()}
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        load_before = _load_average()
         times: list[float] = []
         try:
             with torch.inference_mode():
@@ -93,7 +95,17 @@ class Latency:
             "value": statistics.median(times), "iqr": q[2] - q[0], "min": min(times), "runs": len(times),
             "warmup": self.warmup, "batch_size": self.batch_size, "resolution": ctx.input_spec["input_size"],
             "dtype": str(dtype).replace("torch.", ""), "device": str(device), "threads": torch.get_num_threads(),
+            # CPU timings are only comparable on a quiet machine: keep the load they were taken under
+            "load_average": [load_before, _load_average()], "cpu_count": os.cpu_count(),
         }
+
+
+def _load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none, e.g. Windows)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _cast_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
