@@ -68,7 +68,8 @@ def load_records(root: str | Path) -> list[dict]:
             rec["_path"] = str(f)
             out.append(rec)
     # suite by suite, each in the order of its cells (records predating `index` go last)
-    return sorted(out, key=lambda r: (r["suite"], r.get("index", float("inf")), r["cell"]))
+    # suite order, replicates (`--seed`) of a cell side by side in seed order
+    return sorted(out, key=lambda r: (r["suite"], r.get("index", float("inf")), r.get("seed", 0), r["cell"]))
 
 
 def ensure_writable(folder: Path) -> None:

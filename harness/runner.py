@@ -109,12 +109,13 @@ def execute_cell(job: CellJob) -> dict:
 
 def plan(suite: Suite, results_root: Path, only: str | None = None) -> list[CellJob]:
     """Validate every selected cell and turn it into a job (no work done)."""
-    cells: list[Cell] = select(suite.cells(), only, suite.source)
+    every = suite.cells()
+    position = {cell.id: i for i, cell in enumerate(every)}  # in the whole suite, whatever --only picks
     jobs = []
-    for cell in cells:
+    for cell in select(every, only, suite.source):
         validate_cell(suite, cell)
         jobs.append(CellJob(suite.name, suite.source, cell.id, cell.label, cell.seed, cell.config,
-                            str(results_root / suite.name), index=len(jobs)))
+                            str(results_root / suite.name), index=position[cell.id]))
     return jobs
 
 

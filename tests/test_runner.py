@@ -178,3 +178,17 @@ def test_seed_option_runs_a_replicate_beside_the_first(tmp_path, plugin_site, wi
     assert capsys.readouterr().out.splitlines()[0].startswith("cell,seed,")
     assert main(["run", str(path), "--results", str(results), "--seed", "-1"]) == 2
     assert "--seed -1: expected an integer >= 0" in capsys.readouterr().err
+
+
+def test_only_keeps_each_cells_position_in_the_suite(tmp_path, plugin_site, with_site):
+    with_site(plugin_site)
+    results = tmp_path / "results"
+    text = SUITE.replace("[2, 4, 8]", "[8, 2, 4]").replace(
+        "[params, gflops, {name: latency, warmup: 1, min_runs: 2, min_time: 0}]", "[params]")
+    path = suite_file(tmp_path, text)
+    assert main(["run", str(path), "--results", str(results), "--only", "*width=4*"]) == 0
+    assert main(["run", str(path), "--results", str(results), "--seed", "1", "--only", "*width=8*"]) == 0
+    assert main(["run", str(path), "--results", str(results)]) == 0
+    rows = [(r["config"]["backbone"]["width"], r["seed"]) for r in load_records(results)]
+    assert [r["index"] for r in load_records(results)] == [0, 0, 1, 2]
+    assert rows == [(8, 0), (8, 1), (2, 0), (4, 0)]
