@@ -18,7 +18,7 @@ from . import stages
 from .errors import MetricUnavailable, UserError
 from .plugins import registry
 from .records import environment, read_record, write_record
-from .suite import Cell, CellConfig, Suite, select, validate_cell
+from .suite import CellConfig, Suite, select, validate_cell
 
 
 @dataclass
