@@ -11,8 +11,11 @@ without a cluster.
 """
 from __future__ import annotations
 
+import signal
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from harness.errors import UserError, suggest
@@ -61,7 +64,8 @@ class SubmititExecutor:
             return
         executor = self._executor(self.log_folder(jobs[0]))  # <job id>_<task>_log.out etc.
         executor.update_parameters(name=f"harness-{jobs[0].suite}")
-        submitted = executor.map_array(execute_cell, jobs)
+        with _interruptible_children(self.cluster == "local"):
+            submitted = executor.map_array(execute_cell, jobs)
         pending = dict(zip(submitted, jobs))
         for job in jobs:
             if on_start:
@@ -85,3 +89,19 @@ class SubmititExecutor:
         except Exception as exc:  # the job died (node failure, time limit, OOM kill): a failed cell
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return failed_record(job, f"SlurmJobFailed: job {sub.job_id} ({reason}); log: {sub.paths.stderr}")
+
+
+@contextmanager
+def _interruptible_children(local: bool):
+    """submitit cancels a local job with SIGINT. A harness started in the background (``&``,
+    nohup) ignores SIGINT and its children would inherit that and never stop; while the
+    subprocesses start, SIGINT gets Python's default handler, which children do not inherit."""
+    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    if not local or not main or signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
