@@ -225,3 +225,14 @@ def test_prompt_calibration_errors(tmp_path, tiny_pipeline, capsys):
                      "  prune: {criterion: laptop, ratio: 0.3, calibration_prompts: p.txt}\n  metrics: [params]\n")
     assert main(["validate", str(suite)]) == 2
     assert "calibration_prompts and calibration_pipeline go together" in capsys.readouterr().err
+
+
+def test_validate_checks_metric_prompt_files(tmp_path, capsys):
+    from harness.cli import main
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text("suite: s\nbase:\n  backbone: {name: unet, preset: sd-tiny}\n  metrics:\n    - params\n"
+                     "    - {name: pickscore, prompts: missing.txt, pipeline: x}\n")
+    assert main(["validate", str(suite)]) == 2
+    err = capsys.readouterr().err
+    assert "s.yaml:6" in err and "metrics.1.prompts" in err and "'missing.txt' not found" in err
