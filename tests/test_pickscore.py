@@ -211,6 +211,9 @@ def test_prompt_calibration_errors(tmp_path, tiny_pipeline, capsys):
     ctx = _text_cell(None, prompts, tiny_pipeline, backbone={"name": "dit", "size": "tiny", "input_size": 8})
     with pytest.raises(UserError, match="DiT is not conditioned on text"):
         calibration_inputs(ctx, ctx.model, 2, 1)
+    ctx = _text_cell("sd-tiny", prompts, str(tmp_path / "no-such-pipeline"))
+    with pytest.raises(UserError, match="no-such-pipeline'?: cannot load its text encoder"):
+        calibration_inputs(ctx, ctx.model, 2, 1)
     ctx = _text_cell("sd15", prompts, tiny_pipeline)
     with pytest.raises(UserError, match="encodes y of width 32; the U-Net takes 768"):
         calibration_inputs(ctx, ctx.build_backbone("meta"), 1, 1)

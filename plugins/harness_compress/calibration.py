@@ -17,6 +17,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from harness.errors import UserError
+
 from .units import Skip, _parent, skip_kind
 
 
@@ -82,12 +84,11 @@ def prompt_context(model: nn.Module, base: dict, prompts_file: str, pipeline: st
     """A text U-Net's conditioning from ``n`` prompts drawn from the file: the pipeline's own
     ``encode_prompt`` (SD: last hidden state; SDXL: both encoders and the pooled embedding),
     no classifier-free guidance. The draw follows ``gen``, so the held-out set draws its own."""
-    from harness.errors import UserError
     from harness_t2i.scoring import read_prompts
 
     y = base.get("y")
     if y is None or y.dtype == torch.long:
-        raise UserError(f"calibration_prompts: {type(model).__name__} is not conditioned on text")
+        raise UserError(f"prompts were given, but {type(model).__name__} is not conditioned on text")
     pool = read_prompts(prompts_file)
     chosen = [pool[i] for i in torch.randint(0, len(pool), (n,), generator=gen).tolist()]
     with torch.no_grad():
@@ -98,7 +99,7 @@ def prompt_context(model: nn.Module, base: dict, prompts_file: str, pipeline: st
         out["text_embeds"] = encoded[2]
     for key, value in out.items():
         if value.shape[-1] != base[key].shape[-1]:
-            raise UserError(f"calibration_pipeline {pipeline!r} encodes {key} of width {value.shape[-1]}; "
+            raise UserError(f"pipeline {pipeline!r} encodes {key} of width {value.shape[-1]}; "
                             f"the U-Net takes {base[key].shape[-1]}")
     return {k: v.to(device=device, dtype=base[k].dtype) for k, v in out.items()}
 
@@ -108,12 +109,10 @@ def _text_pipeline(source: str):
     """The pipeline's tokenizer(s) and text encoder(s) only: its U-Net and VAE are not loaded."""
     from diffusers import DiffusionPipeline
 
-    from harness.errors import UserError
-
     try:
         return DiffusionPipeline.from_pretrained(source, unet=None, vae=None)
     except (OSError, ValueError) as exc:  # offline without the files, or a wrong id
-        raise UserError(f"calibration_pipeline {source!r}: cannot load it: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"text pipeline {source!r}: cannot load its text encoder: {str(exc).splitlines()[0]}") from None
 
 
 def _data_images(ctx, n: int, gen: torch.Generator, split: str = "train"):
@@ -121,8 +120,6 @@ def _data_images(ctx, n: int, gen: torch.Generator, split: str = "train"):
     if ds is None:
         return None
     if len(ds) < n:
-        from harness.errors import UserError
-
         raise UserError(f"data: the {split} split of {ctx.config.data.name!r} has {len(ds)} images; "
                         f"{n} were asked for (lower the batch size, or use a larger data set)")
     idx = torch.randperm(len(ds), generator=gen)[:n].tolist()
