@@ -12,12 +12,12 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
-from functools import lru_cache
 
 import torch
 from torch import nn
 
 from harness.errors import UserError
+from harness.training import stack_labels
 
 from .units import Skip, _parent, skip_kind
 
@@ -60,8 +60,12 @@ def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: in
         x0 = x0.to(device)
     else:  # no data block: standard normal stands in for latents
         x0 = torch.randn(base["x"].shape, generator=gen).to(device)
-    if labels is not None and base.get("y") is not None and base["y"].dtype == torch.long:
-        base["y"] = labels.to(device)
+    y = base.get("y")
+    if labels is not None and y is not None:
+        same_kind = (labels.dtype == y.dtype == torch.long or  # class indices
+                     (labels.is_floating_point() and y.is_floating_point() and labels.shape[-1] == y.shape[-1]))
+        if same_kind:  # class indices, or the text contexts of captioned data
+            base["y"] = labels.to(device=device, dtype=y.dtype)
     prune = getattr(ctx.config, "prune", None)
     if prompts is None and purpose == "calibration" and prune is not None and prune.calibration_prompts:
         prompts = (prune.calibration_prompts, prune.calibration_pipeline)
@@ -84,35 +88,24 @@ def prompt_context(model: nn.Module, base: dict, prompts_file: str, pipeline: st
     """A text U-Net's conditioning from ``n`` prompts drawn from the file: the pipeline's own
     ``encode_prompt`` (SD: last hidden state; SDXL: both encoders and the pooled embedding),
     no classifier-free guidance. The draw follows ``gen``, so the held-out set draws its own."""
-    from harness_t2i.scoring import read_prompts
+    from harness_t2i.scoring import encode_prompts, read_prompts
 
     y = base.get("y")
     if y is None or y.dtype == torch.long:
         raise UserError(f"prompts were given, but {type(model).__name__} is not conditioned on text")
     pool = read_prompts(prompts_file)
     chosen = [pool[i] for i in torch.randint(0, len(pool), (n,), generator=gen).tolist()]
-    with torch.no_grad():
-        encoded = _text_pipeline(pipeline).encode_prompt(prompt=chosen, device="cpu", num_images_per_prompt=1,
-                                                         do_classifier_free_guidance=False)
-    out = {"y": encoded[0]}
-    if "text_embeds" in base:  # SDXL: (embeds, negative, pooled, negative pooled)
-        out["text_embeds"] = encoded[2]
+    embeds, pooled = encode_prompts(pipeline, chosen)
+    out = {"y": embeds}
+    if "text_embeds" in base:  # SDXL's pooled embedding
+        if pooled is None:
+            raise UserError(f"pipeline {pipeline!r} gives no pooled text embedding; this U-Net needs one (SDXL)")
+        out["text_embeds"] = pooled
     for key, value in out.items():
         if value.shape[-1] != base[key].shape[-1]:
             raise UserError(f"pipeline {pipeline!r} encodes {key} of width {value.shape[-1]}; "
                             f"the U-Net takes {base[key].shape[-1]}")
     return {k: v.to(device=device, dtype=base[k].dtype) for k, v in out.items()}
-
-
-@lru_cache(maxsize=2)
-def _text_pipeline(source: str):
-    """The pipeline's tokenizer(s) and text encoder(s) only: its U-Net and VAE are not loaded."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.from_pretrained(source, unet=None, vae=None)
-    except (OSError, ValueError) as exc:  # offline without the files, or a wrong id
-        raise UserError(f"text pipeline {source!r}: cannot load its text encoder: {str(exc).splitlines()[0]}") from None
 
 
 def _data_images(ctx, n: int, gen: torch.Generator, split: str = "train"):
@@ -125,7 +118,7 @@ def _data_images(ctx, n: int, gen: torch.Generator, split: str = "train"):
     idx = torch.randperm(len(ds), generator=gen)[:n].tolist()
     items = [ds[i] for i in idx]
     x = torch.stack([torch.as_tensor(i[0]) for i in items]).float()
-    y = torch.as_tensor([int(i[1]) for i in items], dtype=torch.long)
+    y = stack_labels([i[1] for i in items])
     return x, y
 
 

@@ -7,6 +7,7 @@ so one function serves both.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -76,6 +77,33 @@ def pickscores(clip, processor, prompts, images, batch_size: int = 16) -> torch.
 
 def clip_scores(clip, processor, prompts, images, batch_size: int = 16) -> torch.Tensor:
     return 100 * cosines(clip, processor, prompts, images, batch_size).clamp(min=0)
+
+
+# -- text encoding ------------------------------------------------------------------------------
+@lru_cache(maxsize=2)
+def text_pipeline(source: str):
+    """A pipeline's tokenizer(s) and text encoder(s) only: its U-Net and VAE are not loaded."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(source, unet=None, vae=None)
+    except (OSError, ValueError) as exc:  # offline without the files, or a wrong id
+        raise UserError(f"text pipeline {source!r}: cannot load its text encoder: {str(exc).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def encode_prompts(source: str, prompts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pipeline's own ``encode_prompt`` without guidance: the context (N, S, D), and the
+    pooled embedding (N, P) of SDXL-style pipelines (None for SD-1.x/2.x)."""
+    pipe = text_pipeline(source)
+    embeds, pooled = [], []
+    for i in range(0, len(prompts), batch_size):
+        out = pipe.encode_prompt(prompt=prompts[i:i + batch_size], device="cpu", num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)
+        embeds.append(out[0])
+        if len(out) > 2 and out[2] is not None:  # SDXL: (embeds, negative, pooled, negative pooled)
+            pooled.append(out[2])
+    return torch.cat(embeds), (torch.cat(pooled) if pooled else None)
 
 
 # -- sampling -----------------------------------------------------------------------------------
