@@ -81,6 +81,8 @@ class CellContext:
         if self.config.data is not None:
             ds = self.dataset
             derived = {"input_size": ds.resolution, "in_channels": ds.channels, "num_classes": ds.num_classes}
+            if getattr(ds, "context_dim", 0):  # captioned data: the text encoder's width
+                derived["context_dim"] = ds.context_dim
             for k, v in derived.items():
                 opts.setdefault(k, v)
         comp.check_options(opts)

@@ -153,7 +153,28 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 
 def _batch(ds, idx: torch.Tensor):
     items = [ds[int(i)] for i in idx]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+    return torch.stack([x for x, _ in items]), stack_labels([y for _, y in items])
+
+
+def stack_labels(labels: list) -> torch.Tensor:
+    """Class indices as a long tensor, or text contexts (captioned data) stacked as floats."""
+    if labels and isinstance(labels[0], torch.Tensor) and labels[0].dim() > 0:
+        return torch.stack(labels)
+    return torch.tensor([int(y) for y in labels], dtype=torch.long)
+
+
+def text_conditioning(ds, model) -> torch.Tensor | None:
+    """The empty-prompt context when ``ds`` serves captions, after checking that ``model``
+    takes text; None for class-labelled or unlabelled data."""
+    null = getattr(ds, "null_context", None)
+    if null is None:
+        return None
+    if not getattr(model, "context_dim", 0):
+        from .errors import UserError
+
+        raise UserError(f"data: {getattr(ds, 'name', 'the data set')} serves captions, but "
+                        f"{type(model).__name__} is not conditioned on text (use a text U-Net preset)")
+    return null
 
 
 def _check_null_class(model, num_classes: int) -> None:
@@ -211,6 +232,7 @@ def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = N
     num_classes = int(getattr(ds, "num_classes", 0) or 0)
     if num_classes and spec.label_dropout > 0:
         _check_null_class(model, num_classes)
+    null_context = text_conditioning(ds, model)
     data_seed = ctx.seed(f"{tag}-data", shared=True)
     noise_seed = ctx.seed(f"{tag}-noise", shared=True)
     every = spec.checkpoint_every or max(1, spec.steps // 10)
@@ -234,13 +256,17 @@ def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = N
             # num_classes, the convention of every built-in backbone).
             drop = torch.rand(len(y), generator=gen) < spec.label_dropout
             y = torch.where(drop, torch.full_like(y, num_classes), y)
+        elif null_context is not None and spec.label_dropout > 0:  # text: the empty prompt, as SD trains
+            drop = torch.rand(len(y), generator=gen) < spec.label_dropout
+            y = torch.where(drop.view(-1, 1, 1), null_context.to(y.dtype), y)
         # Randomness inside the model (a backbone's own label dropout) is shared too.
         torch.manual_seed(derive_seed(noise_seed, step, "model"))
         x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
         a = ac[t].view(-1, *([1] * (x0.dim() - 1)))
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with autocast:
-            loss, terms = loss_fn(model, x0, t, y if num_classes else None, noise, x_t, teacher)
+            loss, terms = loss_fn(model, x0, t, y if num_classes or null_context is not None else None,
+                                  noise, x_t, teacher)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 saved to disk and loaded back through the same code path a hub model takes."""
 from __future__ import annotations
 
+import re
 import string
 
 import pytest
@@ -239,3 +240,68 @@ def test_validate_checks_metric_prompt_files(tmp_path, capsys):
     assert main(["validate", str(suite)]) == 2
     err = capsys.readouterr().err
     assert "s.yaml:6" in err and "metrics.1.prompts" in err and "'missing.txt' not found" in err
+
+
+# -- captioned data: text U-Nets train, prune and distil ---------------------------------------
+def test_captioned_shapes_serve_encoded_captions(tiny_pipeline):
+    from harness_data.datasets import shape_caption, shapes
+
+    ds = shapes(resolution=16, size=6, captions=True, text_encoder=tiny_pipeline)
+    assert ds.num_classes == 0 and ds.context_dim == 32 and ds.resolution == 16 and len(ds) == 6
+    pipe = scoring.load_pipeline(tiny_pipeline)
+    x, y = ds[0]
+    assert x.shape == (3, 16, 16) and y.shape == (77, 32)
+    torch.testing.assert_close(y, _encoded(pipe, [ds.captions[0]])[0][0])
+    torch.testing.assert_close(ds.null_context, _encoded(pipe, [""])[0][0])
+    assert ds.captions[0] == shape_caption(int(ds.source.labels[0])) and ds.uint8_images().shape[0] == 6
+    with pytest.raises(UserError, match="captions and text_encoder go together"):
+        shapes(resolution=16, size=2, captions=True)
+
+
+def test_image_folder_captions_come_from_the_text_file_beside_each_image(tiny_pipeline, tmp_path):
+    from PIL import Image
+
+    from harness_data.datasets import image_folder
+
+    for name, caption in (("a", "a red circle"), ("b", "two green dots"), ("c", "a blue square")):
+        Image.new("RGB", (20, 20), (10, 200, 30)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(caption + "\n")
+    splits = {split: image_folder(root=str(tmp_path), resolution=16, val_fraction=0.34, split=split, captions=True,
+                                  text_encoder=tiny_pipeline) for split in ("train", "val")}
+    assert len(splits["train"]) == 2 and len(splits["val"]) == 1
+    assert sorted(splits["train"].captions + splits["val"].captions) == ["a blue square", "a red circle",
+                                                                         "two green dots"]
+    (tmp_path / "b.txt").unlink()
+    with pytest.raises(UserError, match=r"b.txt \(the caption of b.png\) is missing"):
+        image_folder(root=str(tmp_path), resolution=16, val_fraction=0.34, captions=True, text_encoder=tiny_pipeline)
+
+
+def test_a_text_unet_trains_prunes_and_distils_on_captioned_data(tiny_pipeline, tmp_path):
+    import harness
+    from harness.runner import CellJob, execute_cell
+
+    data = {"name": "shapes", "resolution": 16, "size": 16, "captions": True, "text_encoder": tiny_pipeline}
+    config = {"backbone": {"name": "unet", "preset": "sd-tiny"}, "data": data,
+              "train": {"steps": 3, "batch_size": 4, "label_dropout": 0.5},
+              "prune": {"criterion": "laptop", "ratio": 0.3, "calibration_batch": 2, "calibration_timesteps": 2},
+              "distill": {"losses": ["task", "output-kd", "normalized-feature-kd"], "steps": 2, "batch_size": 4},
+              "metrics": ["params", {"name": "val_loss", "num_timesteps": 2, "max_samples": 4},
+                          {"name": "output_loss", "batch_size": 4, "timesteps": 2}], "device": "cpu"}
+    record = execute_cell(CellJob("t", "t.yaml", "c1", "base", 0, config, str(tmp_path / "t")))
+    assert record["status"] == "ok", record.get("traceback")
+    assert record["metrics"]["val_loss"]["value"] > 0 and record["metrics"]["output_loss"]["value"] >= 0
+    assert record["prune"]["removed_params_ratio"] >= 0.3
+    assert set(record["distill"]["shares"]["losses"]) == {"task", "output-kd", "normalized-feature-kd"}
+    from harness_quality.metrics import FID
+
+    class Ctx:
+        dataset = type("Captioned", (), {"null_context": torch.zeros(77, 32)})()
+
+    with pytest.raises(harness.MetricUnavailable, match="sampling a text U-Net from captions is not implemented"):
+        FID(weights=None)(Ctx())
+    # backbones that take no text say so before any training
+    for n, backbone in enumerate(({"name": "unet", "preset": "adm-tiny"}, {"name": "dit", "size": "tiny"})):
+        bad = dict(config, backbone=backbone, prune=None, distill=None, metrics=["params"])
+        record = execute_cell(CellJob("t", "t.yaml", f"bad{n}", "base", 0, bad, str(tmp_path / "t")))
+        assert record["status"] == "failed", backbone
+        assert re.search("context_dim must be 0|text context .* is not supported", record["error"]), record["error"]

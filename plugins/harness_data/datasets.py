@@ -18,6 +18,8 @@ from PIL import Image
 
 from harness.errors import UserError
 
+from .text import maybe_captioned
+
 SPLITS = ("train", "val")
 
 
@@ -97,8 +99,10 @@ def _render_shape(label: int, resolution: int, gen: torch.Generator) -> torch.Te
 
 
 def shapes(*, resolution: int = 32, split: str = "train", seed: int = 0, size: int | None = None,
-           num_classes: int = 10, vae: str | None = None, cache_dir: str | None = None):
-    """Synthetic coloured shapes on textured backgrounds: 10 classes, any resolution, seeded."""
+           num_classes: int = 10, vae: str | None = None, cache_dir: str | None = None,
+           captions: bool = False, text_encoder: str | None = None):
+    """Synthetic coloured shapes on textured backgrounds: 10 classes, any resolution, seeded.
+    ``captions`` ("a large circle") with ``text_encoder`` serve text-conditioned U-Nets."""
     _check_split(split)
     if not 1 <= num_classes <= 2 * len(SHAPES):
         raise UserError(f"shapes: num_classes must be 1..{2 * len(SHAPES)}, got {num_classes}")
@@ -107,7 +111,12 @@ def shapes(*, resolution: int = 32, split: str = "train", seed: int = 0, size: i
     n = size if size is not None else (2000 if split == "train" else 256)
     images, labels = _render_shapes(resolution, split, seed, n, num_classes)
     ds = ImageTensorDataset(images, labels, num_classes, f"shapes-{split}")
-    return _maybe_latent(ds, vae, cache_dir)
+    texts = [shape_caption(int(y)) for y in labels] if captions else None
+    return maybe_captioned(_maybe_latent(ds, vae, cache_dir), texts, text_encoder, "shapes")
+
+
+def shape_caption(label: int) -> str:
+    return f"a {'large' if label >= len(SHAPES) else 'small'} {SHAPES[label % len(SHAPES)]}"
 
 
 @lru_cache(maxsize=8)  # every cell of a suite asks for the same set; render it once per process
@@ -139,8 +148,11 @@ def center_crop(img: Image.Image, resolution: int) -> Image.Image:
 
 
 def image_folder(*, resolution: int = 32, split: str = "train", seed: int = 0, root: str = "",
-                 val_fraction: float = 0.1, vae: str | None = None, cache_dir: str | None = None):
-    """A folder of images: one sub-folder per class, or unlabelled; ADM-style centre crop."""
+                 val_fraction: float = 0.1, vae: str | None = None, cache_dir: str | None = None,
+                 captions: bool = False, text_encoder: str | None = None):
+    """A folder of images: one sub-folder per class, or unlabelled; ADM-style centre crop.
+    ``captions``: each image's caption is the text file beside it (``cat.png`` -> ``cat.txt``),
+    encoded by ``text_encoder`` (a pipeline's hub id or folder) for text-conditioned U-Nets."""
     _check_split(split)
     base = Path(root).expanduser()
     if not root or not base.is_dir():
@@ -164,7 +176,15 @@ def image_folder(*, resolution: int = 32, split: str = "train", seed: int = 0, r
         labels.append(classes.index(files[i].relative_to(base).parts[0]) if labelled else 0)
     ds = ImageTensorDataset(torch.stack(images), torch.tensor(labels), len(classes) if labelled else 0,
                             f"image-folder-{split}")
-    return _maybe_latent(ds, vae, cache_dir)
+    texts = [_sidecar_caption(files[i]) for i in chosen] if captions else None
+    return maybe_captioned(_maybe_latent(ds, vae, cache_dir), texts, text_encoder, "image-folder")
+
+
+def _sidecar_caption(image: Path) -> str:
+    text = image.with_suffix(".txt")
+    if not text.is_file():
+        raise UserError(f"image-folder: captions: true, but {text} (the caption of {image.name}) is missing")
+    return text.read_text().strip()
 
 
 # -- CIFAR-10 ---------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from harness.context import CellContext
+from harness.errors import MetricUnavailable
 from harness.sampling import sample_to_folder
 
 from .fidelity import fidelity_metrics, resolve_extractor
@@ -31,7 +32,7 @@ class ValLoss:
         self.num_timesteps, self.max_samples, self.batch_size = num_timesteps, max_samples, batch_size
 
     def __call__(self, ctx: CellContext) -> dict:
-        from harness.training import make_scheduler
+        from harness.training import make_scheduler, stack_labels, text_conditioning
 
         ds = ctx.make_dataset("val")
         if ds is None:
@@ -42,7 +43,8 @@ class ValLoss:
         # Evenly spaced timesteps from the middle of each bin: the whole schedule, no draw.
         ts = [int((k + 0.5) * spec.timesteps / self.num_timesteps) for k in range(self.num_timesteps)]
         x0 = torch.stack([ds[i][0] for i in range(n)])
-        y = torch.tensor([ds[i][1] for i in range(n)], dtype=torch.long)
+        y = stack_labels([ds[i][1] for i in range(n)])
+        conditioned = bool(ds.num_classes) or text_conditioning(ds, ctx.model) is not None
         noise = torch.randn((len(ts),) + tuple(x0.shape), generator=ctx.generator("val-noise", shared=True))
         model, device = ctx.model, ctx.device
         was_training = model.training
@@ -54,7 +56,7 @@ class ValLoss:
                     total = 0.0
                     for s in range(0, n, self.batch_size):
                         xb, nb = x0[s:s + self.batch_size].to(device), noise[k, s:s + self.batch_size].to(device)
-                        yb = y[s:s + self.batch_size].to(device) if ds.num_classes else None
+                        yb = y[s:s + self.batch_size].to(device) if conditioned else None
                         a = ac[t].item()
                         x_t = a ** 0.5 * xb + (1 - a) ** 0.5 * nb
                         tt = torch.full((len(xb),), t, device=device, dtype=torch.long)
@@ -85,6 +87,10 @@ class _SampleMetric:
         self.weights, self.extractor, self.feature_layer = weights, extractor, feature_layer
 
     def __call__(self, ctx: CellContext) -> dict:
+        if getattr(ctx.dataset, "null_context", None) is not None:
+            raise MetricUnavailable(f"{self.name} samples class-conditional or unconditional models; sampling a "
+                                    "text U-Net from captions is not implemented (pickscore/clip_score sample "
+                                    "through a text-to-image pipeline)")
         # Weights first: offline without them there is nothing to compute, so do not sample.
         extractor = resolve_extractor(self.extractor, self.weights)
         ds = ctx.dataset
