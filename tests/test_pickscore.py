@@ -305,3 +305,15 @@ def test_a_text_unet_trains_prunes_and_distils_on_captioned_data(tiny_pipeline, 
         record = execute_cell(CellJob("t", "t.yaml", f"bad{n}", "base", 0, bad, str(tmp_path / "t")))
         assert record["status"] == "failed", backbone
         assert re.search("context_dim must be 0|text context .* is not supported", record["error"]), record["error"]
+
+
+def test_captions_that_would_not_fit_in_memory_are_refused_before_encoding(tiny_pipeline, monkeypatch):
+    from harness_data.datasets import shapes
+    from harness_t2i.scoring import context_bytes
+
+    assert context_bytes(tiny_pipeline, 10) == 10 * 77 * 32 * 4
+    monkeypatch.setenv("HARNESS_CAPTION_MEMORY_GB", str(10 * 77 * 32 * 4 / 2 ** 30))  # room for 10 contexts
+    assert len(shapes(resolution=16, size=8, captions=True, text_encoder=tiny_pipeline)) == 8  # <= 8 captions and ""
+    monkeypatch.setenv("HARNESS_CAPTION_MEMORY_GB", str(3 * 77 * 32 * 4 / 2 ** 30))
+    with pytest.raises(UserError, match=r"distinct captions would take .* GiB as encoded contexts"):
+        shapes(resolution=16, size=8, captions=True, text_encoder=tiny_pipeline)

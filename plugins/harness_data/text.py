@@ -4,19 +4,31 @@ class index. ``null_context`` (the empty prompt) is what label dropout feeds for
 classifier-free guidance, as Stable Diffusion is trained."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from harness.errors import UserError
 
 
+MEMORY_ENV = "HARNESS_CAPTION_MEMORY_GB"
+
+
 class CaptionedDataset(torch.utils.data.Dataset):
     def __init__(self, source, captions: list[str], pipeline: str):
-        from harness_t2i.scoring import encode_prompts
+        from harness_t2i.scoring import context_bytes, encode_prompts
 
         if len(captions) != len(source):
             raise ValueError(f"{len(captions)} captions for {len(source)} images")
         self.source, self.captions, self.pipeline = source, list(captions), pipeline
         distinct = list(dict.fromkeys(self.captions))
+        # Every distinct caption's context is held in memory (SD-1.5: 77 x 768 floats, 236 KB
+        # each); refuse a set that would not fit before spending the time to encode it.
+        need, limit = context_bytes(pipeline, len(distinct) + 1), float(os.environ.get(MEMORY_ENV, 8)) * 2 ** 30
+        if need > limit:
+            raise UserError(f"data: {len(distinct)} distinct captions would take {need / 2 ** 30:.1f} GiB as encoded "
+                            f"contexts (limit {limit / 2 ** 30:.0f} GiB, ${MEMORY_ENV}); encoding per batch is not "
+                            "implemented: use fewer captions")
         table, pooled = encode_prompts(pipeline, [""] + distinct)
         if pooled is not None:
             raise UserError(f"data.text_encoder {pipeline!r} is an SDXL-style pipeline (pooled embedding, size "

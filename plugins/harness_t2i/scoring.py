@@ -96,14 +96,25 @@ def encode_prompts(source: str, prompts: list[str], batch_size: int = 64) -> tup
     """The pipeline's own ``encode_prompt`` without guidance: the context (N, S, D), and the
     pooled embedding (N, P) of SDXL-style pipelines (None for SD-1.x/2.x)."""
     pipe = text_pipeline(source)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a one-off pass: the fastest device here
+    pipe.to(device)
     embeds, pooled = [], []
     for i in range(0, len(prompts), batch_size):
-        out = pipe.encode_prompt(prompt=prompts[i:i + batch_size], device="cpu", num_images_per_prompt=1,
+        out = pipe.encode_prompt(prompt=prompts[i:i + batch_size], device=device, num_images_per_prompt=1,
                                  do_classifier_free_guidance=False)
-        embeds.append(out[0])
+        embeds.append(out[0].float().cpu())
         if len(out) > 2 and out[2] is not None:  # SDXL: (embeds, negative, pooled, negative pooled)
-            pooled.append(out[2])
+            pooled.append(out[2].float().cpu())
     return torch.cat(embeds), (torch.cat(pooled) if pooled else None)
+
+
+def context_bytes(source: str, count: int) -> int:
+    """Memory that ``count`` encoded prompts take as float32 contexts (tokens x width each)."""
+    pipe = text_pipeline(source)
+    tokens = int(getattr(pipe.tokenizer, "model_max_length", 77))
+    width = sum(int(enc.config.hidden_size) for enc in (getattr(pipe, "text_encoder", None),
+                                                          getattr(pipe, "text_encoder_2", None)) if enc is not None)
+    return count * tokens * width * 4
 
 
 # -- sampling -----------------------------------------------------------------------------------
