@@ -153,13 +153,13 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
 
 def _batch(ds, idx: torch.Tensor):
     items = [ds[int(i)] for i in idx]
-    return torch.stack([x for x, _ in items]), stack_labels([y for _, y in items])
+    return torch.stack([x for x, _ in items]), stack_labels([y for _, y in items], ds)
 
 
-def stack_labels(labels: list) -> torch.Tensor:
-    """Class indices as a long tensor, or text contexts (captioned data) stacked as floats."""
-    if labels and isinstance(labels[0], torch.Tensor) and labels[0].dim() > 0:
-        return torch.stack(labels)
+def stack_labels(labels: list, ds=None) -> torch.Tensor:
+    """Class indices as a long tensor; captions (captioned data) as the data set encodes them."""
+    if labels and isinstance(labels[0], str):
+        return ds.encode_labels(labels)
     return torch.tensor([int(y) for y in labels], dtype=torch.long)
 
 

@@ -249,9 +249,11 @@ def test_captioned_shapes_serve_encoded_captions(tiny_pipeline):
     ds = shapes(resolution=16, size=6, captions=True, text_encoder=tiny_pipeline)
     assert ds.num_classes == 0 and ds.context_dim == 32 and ds.resolution == 16 and len(ds) == 6
     pipe = scoring.load_pipeline(tiny_pipeline)
-    x, y = ds[0]
-    assert x.shape == (3, 16, 16) and y.shape == (77, 32)
-    torch.testing.assert_close(y, _encoded(pipe, [ds.captions[0]])[0][0])
+    x, caption = ds[0]
+    assert x.shape == (3, 16, 16) and caption == ds.captions[0]
+    contexts = ds.encode_labels(ds.captions[:3])  # what training stacks for a batch
+    assert contexts.shape == (3, 77, 32)
+    torch.testing.assert_close(contexts, _encoded(pipe, ds.captions[:3])[0])
     torch.testing.assert_close(ds.null_context, _encoded(pipe, [""])[0][0])
     assert ds.captions[0] == shape_caption(int(ds.source.labels[0])) and ds.uint8_images().shape[0] == 6
     with pytest.raises(UserError, match="captions and text_encoder go together"):
@@ -307,13 +309,16 @@ def test_a_text_unet_trains_prunes_and_distils_on_captioned_data(tiny_pipeline, 
         assert re.search("context_dim must be 0|text context .* is not supported", record["error"]), record["error"]
 
 
-def test_captions_that_would_not_fit_in_memory_are_refused_before_encoding(tiny_pipeline, monkeypatch):
+def test_caption_encodings_are_cached_within_the_memory_bound(tiny_pipeline, monkeypatch):
     from harness_data.datasets import shapes
     from harness_t2i.scoring import context_bytes
 
     assert context_bytes(tiny_pipeline, 10) == 10 * 77 * 32 * 4
-    monkeypatch.setenv("HARNESS_CAPTION_MEMORY_GB", str(10 * 77 * 32 * 4 / 2 ** 30))  # room for 10 contexts
-    assert len(shapes(resolution=16, size=8, captions=True, text_encoder=tiny_pipeline)) == 8  # <= 8 captions and ""
-    monkeypatch.setenv("HARNESS_CAPTION_MEMORY_GB", str(3 * 77 * 32 * 4 / 2 ** 30))
-    with pytest.raises(UserError, match=r"distinct captions would take .* GiB as encoded contexts"):
-        shapes(resolution=16, size=8, captions=True, text_encoder=tiny_pipeline)
+    full = shapes(resolution=16, size=12, captions=True, text_encoder=tiny_pipeline)
+    reference = full.encode_labels(full.captions)
+    monkeypatch.setenv("HARNESS_CAPTION_MEMORY_GB", str(2 * 77 * 32 * 4 / 2 ** 30))  # room for two contexts
+    small = shapes(resolution=16, size=12, captions=True, text_encoder=tiny_pipeline)
+    assert small.cache_capacity == 2 and len(set(small.captions)) > 2
+    for start in range(0, 12, 4):  # batches: every caption encodes right though the cache keeps two
+        torch.testing.assert_close(small.encode_labels(small.captions[start:start + 4]), reference[start:start + 4])
+        assert len(small._cache) <= 2

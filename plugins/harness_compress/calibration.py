@@ -118,7 +118,7 @@ def _data_images(ctx, n: int, gen: torch.Generator, split: str = "train"):
     idx = torch.randperm(len(ds), generator=gen)[:n].tolist()
     items = [ds[i] for i in idx]
     x = torch.stack([torch.as_tensor(i[0]) for i in items]).float()
-    y = stack_labels([i[1] for i in items])
+    y = stack_labels([i[1] for i in items], ds)
     return x, y
 
 

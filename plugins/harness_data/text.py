@@ -1,15 +1,16 @@
-"""Captioned images for text-conditioned U-Nets: each distinct caption is encoded once by a
-pipeline's own text encoder, and an item's label is its context tensor (S, D) instead of a
-class index. ``null_context`` (the empty prompt) is what label dropout feeds for
-classifier-free guidance, as Stable Diffusion is trained."""
+"""Captioned images for text-conditioned U-Nets. An item's label is its caption; a batch's
+captions are encoded by the pipeline's own text encoder when the batch is assembled
+(``encode_labels``), so a caption set of any size trains, and encodings are kept in a cache
+bounded by HARNESS_CAPTION_MEMORY_GB. ``null_context`` (the empty prompt) is what label dropout
+feeds for classifier-free guidance, as Stable Diffusion is trained."""
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 
 import torch
 
 from harness.errors import UserError
-
 
 MEMORY_ENV = "HARNESS_CAPTION_MEMORY_GB"
 
@@ -21,22 +22,15 @@ class CaptionedDataset(torch.utils.data.Dataset):
         if len(captions) != len(source):
             raise ValueError(f"{len(captions)} captions for {len(source)} images")
         self.source, self.captions, self.pipeline = source, list(captions), pipeline
-        distinct = list(dict.fromkeys(self.captions))
-        # Every distinct caption's context is held in memory (SD-1.5: 77 x 768 floats, 236 KB
-        # each); refuse a set that would not fit before spending the time to encode it.
-        need, limit = context_bytes(pipeline, len(distinct) + 1), float(os.environ.get(MEMORY_ENV, 8)) * 2 ** 30
-        if need > limit:
-            raise UserError(f"data: {len(distinct)} distinct captions would take {need / 2 ** 30:.1f} GiB as encoded "
-                            f"contexts (limit {limit / 2 ** 30:.0f} GiB, ${MEMORY_ENV}); encoding per batch is not "
-                            "implemented: use fewer captions")
-        table, pooled = encode_prompts(pipeline, [""] + distinct)
+        null, pooled = encode_prompts(pipeline, [""])
         if pooled is not None:
             raise UserError(f"data.text_encoder {pipeline!r} is an SDXL-style pipeline (pooled embedding, size "
                             "ids): training with it is not supported yet; use an SD-1.x/2.x pipeline")
-        self.null_context, self.table = table[0], table[1:]
-        where = {c: i for i, c in enumerate(distinct)}
-        self.index = torch.tensor([where[c] for c in self.captions])
-        self.num_classes, self.context_dim = 0, int(table.shape[-1])
+        self.null_context, self.context_dim = null[0], int(null.shape[-1])
+        limit = float(os.environ.get(MEMORY_ENV, 8)) * 2 ** 30
+        self.cache_capacity = max(1, int(limit // context_bytes(pipeline, 1)))
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.num_classes = 0
         self.channels, self.resolution = source.channels, source.resolution
         self.name = f"{source.name}-captioned"
 
@@ -44,7 +38,22 @@ class CaptionedDataset(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, i):
-        return self.source[i][0], self.table[self.index[i]]
+        return self.source[i][0], self.captions[i]
+
+    def encode_labels(self, captions: list[str]) -> torch.Tensor:
+        """(N, tokens, width) contexts of a batch's captions; only captions not cached are encoded."""
+        from harness_t2i.scoring import encode_prompts
+
+        found = {c: self._cache[c] for c in dict.fromkeys(captions) if c in self._cache}
+        missing = [c for c in dict.fromkeys(captions) if c not in found]
+        if missing:
+            found.update(zip(missing, encode_prompts(self.pipeline, missing)[0]))
+        for caption in found:  # most recently used last; the oldest go first when full
+            self._cache[caption] = found[caption]
+            self._cache.move_to_end(caption)
+        while len(self._cache) > self.cache_capacity:
+            self._cache.popitem(last=False)
+        return torch.stack([found[c] for c in captions])
 
     def __getattr__(self, name):  # uint8_images, content_hash, decode (latents): the source's
         if name == "source":

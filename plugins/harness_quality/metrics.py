@@ -43,7 +43,7 @@ class ValLoss:
         # Evenly spaced timesteps from the middle of each bin: the whole schedule, no draw.
         ts = [int((k + 0.5) * spec.timesteps / self.num_timesteps) for k in range(self.num_timesteps)]
         x0 = torch.stack([ds[i][0] for i in range(n)])
-        y = stack_labels([ds[i][1] for i in range(n)])
+        y = stack_labels([ds[i][1] for i in range(n)], ds)
         conditioned = bool(ds.num_classes) or text_conditioning(ds, ctx.model) is not None
         noise = torch.randn((len(ts),) + tuple(x0.shape), generator=ctx.generator("val-noise", shared=True))
         model, device = ctx.model, ctx.device
