@@ -156,11 +156,27 @@ def _batch(ds, idx: torch.Tensor):
     return torch.stack([x for x, _ in items]), stack_labels([y for _, y in items], ds)
 
 
-def stack_labels(labels: list, ds=None) -> torch.Tensor:
-    """Class indices as a long tensor; captions (captioned data) as the data set encodes them."""
+def stack_labels(labels: list, ds=None):
+    """Class indices as a long tensor; captions (captioned data) as the data set encodes them:
+    a context tensor, or for SDXL-style encoders a dict of the U-Net's conditioning inputs."""
     if labels and isinstance(labels[0], str):
         return ds.encode_labels(labels)
     return torch.tensor([int(y) for y in labels], dtype=torch.long)
+
+
+def map_labels(fn, y):
+    """``fn`` on a label tensor, or on each tensor of a conditioning dict (SDXL)."""
+    return {k: fn(v) for k, v in y.items()} if isinstance(y, dict) else fn(y)
+
+
+def _drop_to_null(y, null, drop: torch.Tensor):
+    """Rows of ``y`` where ``drop`` holds replaced by the empty-prompt conditioning ``null``."""
+    def one(v, n):
+        return torch.where(drop.view(-1, *([1] * (v.dim() - 1))).to(v.device), n.to(v), v)
+
+    if isinstance(y, dict):
+        return {k: one(v, null[k]) for k, v in y.items()}
+    return one(y, null)
 
 
 def text_conditioning(ds, model) -> torch.Tensor | None:
@@ -257,11 +273,12 @@ def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = N
             drop = torch.rand(len(y), generator=gen) < spec.label_dropout
             y = torch.where(drop, torch.full_like(y, num_classes), y)
         elif null_context is not None and spec.label_dropout > 0:  # text: the empty prompt, as SD trains
-            drop = torch.rand(len(y), generator=gen) < spec.label_dropout
-            y = torch.where(drop.view(-1, 1, 1), null_context.to(y.dtype), y)
+            drop = torch.rand(len(x0), generator=gen) < spec.label_dropout
+            y = _drop_to_null(y, null_context, drop)
         # Randomness inside the model (a backbone's own label dropout) is shared too.
         torch.manual_seed(derive_seed(noise_seed, step, "model"))
-        x0, y, t, noise = x0.to(device), y.to(device), t.to(device), noise.to(device)
+        x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+        y = map_labels(lambda v: v.to(device), y)
         a = ac[t].view(-1, *([1] * (x0.dim() - 1)))
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with autocast:

@@ -175,11 +175,12 @@ def test_text_unets_calibrate_on_the_pipelines_prompt_embeddings(tiny_pipeline, 
         OutputLoss(2, 1, prompts=str(prompts))
 
 
-def test_sdxl_calibration_takes_both_encoders_and_the_pooled_embedding(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_sdxl_pipeline(tmp_path_factory):
+    """SDXL's text side at toy width: two encoders (16 + 16 = the sdxl-tiny context width 32)
+    and a 32-wide pooled projection."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from harness_compress.calibration import calibration_inputs
 
     torch.manual_seed(0)
     pipe = StableDiffusionXLPipeline(
@@ -188,11 +189,18 @@ def test_sdxl_calibration_takes_both_encoders_and_the_pooled_embedding(tmp_path)
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**_text_config(hidden_size=16, num_attention_heads=2,
                                                                                  projection_dim=32))),
         tokenizer=_tokenizer(), tokenizer_2=_tokenizer())
-    folder = tmp_path / "sdxl"
+    folder = tmp_path_factory.mktemp("sdxl")
     pipe.save_pretrained(folder)
+    return str(folder)
+
+
+def test_sdxl_calibration_takes_both_encoders_and_the_pooled_embedding(tiny_sdxl_pipeline, tmp_path):
+    from harness_compress.calibration import calibration_inputs
+
+    pipe = scoring.text_pipeline(tiny_sdxl_pipeline)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
-    ctx = _text_cell("sdxl-tiny", prompts, str(folder))
+    ctx = _text_cell("sdxl-tiny", prompts, tiny_sdxl_pipeline)
     inputs = calibration_inputs(ctx, ctx.model, 3, 1)[0]["inputs"]
     embeds, _, pooled, _ = _encoded(pipe, PROMPTS)
     assert inputs["y"].shape == (3, 77, 32) and inputs["text_embeds"].shape == (3, 32)
@@ -322,3 +330,24 @@ def test_caption_encodings_are_cached_within_the_memory_bound(tiny_pipeline, mon
     for start in range(0, 12, 4):  # batches: every caption encodes right though the cache keeps two
         torch.testing.assert_close(small.encode_labels(small.captions[start:start + 4]), reference[start:start + 4])
         assert len(small._cache) <= 2
+
+
+def test_an_sdxl_unet_trains_and_distils_on_captioned_data(tiny_sdxl_pipeline, tmp_path):
+    from harness.runner import CellJob, execute_cell
+    from harness_data.datasets import shapes
+
+    ds = shapes(resolution=16, size=4, captions=True, text_encoder=tiny_sdxl_pipeline)
+    batch = ds.encode_labels(ds.captions[:2])
+    assert set(batch) == {"y", "text_embeds", "time_ids"} and batch["y"].shape == (2, 77, 32)
+    assert batch["text_embeds"].shape == (2, 32) and batch["time_ids"].tolist()[0] == [16, 16, 0, 0, 16, 16]
+    assert set(ds.null_context) == {"y", "text_embeds", "time_ids"}
+    data = {"name": "shapes", "resolution": 16, "size": 16, "captions": True, "text_encoder": tiny_sdxl_pipeline}
+    config = {"backbone": {"name": "unet", "preset": "sdxl-tiny"}, "data": data,
+              "train": {"steps": 3, "batch_size": 4, "label_dropout": 0.5},
+              "prune": {"criterion": "laptop", "ratio": 0.3, "calibration_batch": 2, "calibration_timesteps": 2},
+              "distill": {"losses": ["task", "output-kd", "normalized-feature-kd"], "steps": 2, "batch_size": 4},
+              "metrics": ["params", {"name": "val_loss", "num_timesteps": 2, "max_samples": 4},
+                          {"name": "output_loss", "batch_size": 4, "timesteps": 2}], "device": "cpu"}
+    record = execute_cell(CellJob("t", "t.yaml", "xl", "base", 0, config, str(tmp_path / "t")))
+    assert record["status"] == "ok", record.get("traceback")
+    assert record["metrics"]["val_loss"]["value"] > 0 and record["prune"]["removed_params_ratio"] >= 0.3

@@ -61,7 +61,9 @@ def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: in
     else:  # no data block: standard normal stands in for latents
         x0 = torch.randn(base["x"].shape, generator=gen).to(device)
     y = base.get("y")
-    if labels is not None and y is not None:
+    if isinstance(labels, dict):  # SDXL-style captioned data: context, pooled embedding, size ids
+        base.update({k: v.to(device=device, dtype=base[k].dtype) for k, v in labels.items() if k in base})
+    elif labels is not None and y is not None:
         same_kind = (labels.dtype == y.dtype == torch.long or  # class indices
                      (labels.is_floating_point() and y.is_floating_point() and labels.shape[-1] == y.shape[-1]))
         if same_kind:  # class indices, or the text contexts of captioned data

@@ -1,8 +1,10 @@
 """Captioned images for text-conditioned U-Nets. An item's label is its caption; a batch's
 captions are encoded by the pipeline's own text encoder when the batch is assembled
 (``encode_labels``), so a caption set of any size trains, and encodings are kept in a cache
-bounded by HARNESS_CAPTION_MEMORY_GB. ``null_context`` (the empty prompt) is what label dropout
-feeds for classifier-free guidance, as Stable Diffusion is trained."""
+bounded by HARNESS_CAPTION_MEMORY_GB. SD-1.x/2.x encoders give a context tensor; SDXL-style
+ones a dict (context, pooled embedding, size ids) that the text U-Net unpacks.
+``null_context`` (the empty prompt) is what label dropout feeds for classifier-free guidance,
+as Stable Diffusion is trained."""
 from __future__ import annotations
 
 import os
@@ -22,16 +24,18 @@ class CaptionedDataset(torch.utils.data.Dataset):
         if len(captions) != len(source):
             raise ValueError(f"{len(captions)} captions for {len(source)} images")
         self.source, self.captions, self.pipeline = source, list(captions), pipeline
+        self.channels, self.resolution = source.channels, source.resolution
         null, pooled = encode_prompts(pipeline, [""])
-        if pooled is not None:
-            raise UserError(f"data.text_encoder {pipeline!r} is an SDXL-style pipeline (pooled embedding, size "
-                            "ids): training with it is not supported yet; use an SD-1.x/2.x pipeline")
-        self.null_context, self.context_dim = null[0], int(null.shape[-1])
+        # SDXL-style encoders also give a pooled embedding; the U-Net then takes it with the six
+        # size/crop ids (original size, top-left crop, target size, in pixels: 8x the latents)
+        self.pooled = pooled is not None
+        size = float(8 * self.resolution if getattr(source, "vae_name", None) else self.resolution)
+        self.time_ids = torch.tensor([size, size, 0.0, 0.0, size, size])
+        self.null_context, self.context_dim = self._conditioning(null, pooled, 0), int(null.shape[-1])
         limit = float(os.environ.get(MEMORY_ENV, 8)) * 2 ** 30
         self.cache_capacity = max(1, int(limit // context_bytes(pipeline, 1)))
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.num_classes = 0
-        self.channels, self.resolution = source.channels, source.resolution
         self.name = f"{source.name}-captioned"
 
     def __len__(self) -> int:
@@ -40,20 +44,30 @@ class CaptionedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return self.source[i][0], self.captions[i]
 
-    def encode_labels(self, captions: list[str]) -> torch.Tensor:
-        """(N, tokens, width) contexts of a batch's captions; only captions not cached are encoded."""
+    def _conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor | None, i: int):
+        if pooled is None:
+            return embeds[i]
+        return {"y": embeds[i], "text_embeds": pooled[i], "time_ids": self.time_ids}
+
+    def encode_labels(self, captions: list[str]):
+        """A batch's conditioning: (N, tokens, width) contexts, or for SDXL-style encoders a dict
+        with the pooled embeddings and size ids too. Only captions not cached are encoded."""
         from harness_t2i.scoring import encode_prompts
 
         found = {c: self._cache[c] for c in dict.fromkeys(captions) if c in self._cache}
         missing = [c for c in dict.fromkeys(captions) if c not in found]
         if missing:
-            found.update(zip(missing, encode_prompts(self.pipeline, missing)[0]))
+            embeds, pooled = encode_prompts(self.pipeline, missing)
+            found.update((c, self._conditioning(embeds, pooled, i)) for i, c in enumerate(missing))
         for caption in found:  # most recently used last; the oldest go first when full
             self._cache[caption] = found[caption]
             self._cache.move_to_end(caption)
         while len(self._cache) > self.cache_capacity:
             self._cache.popitem(last=False)
-        return torch.stack([found[c] for c in captions])
+        rows = [found[c] for c in captions]
+        if self.pooled:
+            return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        return torch.stack(rows)
 
     def __getattr__(self, name):  # uint8_images, content_hash, decode (latents): the source's
         if name == "source":

@@ -32,7 +32,7 @@ class ValLoss:
         self.num_timesteps, self.max_samples, self.batch_size = num_timesteps, max_samples, batch_size
 
     def __call__(self, ctx: CellContext) -> dict:
-        from harness.training import make_scheduler, stack_labels, text_conditioning
+        from harness.training import make_scheduler, map_labels, stack_labels, text_conditioning
 
         ds = ctx.make_dataset("val")
         if ds is None:
@@ -56,7 +56,7 @@ class ValLoss:
                     total = 0.0
                     for s in range(0, n, self.batch_size):
                         xb, nb = x0[s:s + self.batch_size].to(device), noise[k, s:s + self.batch_size].to(device)
-                        yb = y[s:s + self.batch_size].to(device) if conditioned else None
+                        yb = map_labels(lambda v: v[s:s + self.batch_size].to(device), y) if conditioned else None
                         a = ac[t].item()
                         x_t = a ** 0.5 * xb + (1 - a) ** 0.5 * nb
                         tt = torch.full((len(xb),), t, device=device, dtype=torch.long)

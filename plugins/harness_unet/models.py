@@ -144,6 +144,8 @@ class TextUNet(nn.Module):
         return self.unet.config.addition_embed_type == "text_time"
 
     def forward(self, x, t, y=None, text_embeds=None, time_ids=None):
+        if isinstance(y, dict):  # captioned SDXL data: the conditioning comes as one label
+            text_embeds, time_ids, y = y.get("text_embeds", text_embeds), y.get("time_ids", time_ids), y.get("y")
         if y is None:
             raise ValueError("a text-conditioned U-Net needs a context y of shape (B, S, cross_attention_dim)")
         added = None
