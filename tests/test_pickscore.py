@@ -286,17 +286,22 @@ def test_image_folder_captions_come_from_the_text_file_beside_each_image(tiny_pi
         image_folder(root=str(tmp_path), resolution=16, val_fraction=0.34, captions=True, text_encoder=tiny_pipeline)
 
 
+def _captioned_cell(preset, pipeline):
+    """Teacher trained on captioned shapes, pruned by laptop, distilled, measured: the whole path."""
+    data = {"name": "shapes", "resolution": 16, "size": 16, "captions": True, "text_encoder": pipeline}
+    return {"backbone": {"name": "unet", "preset": preset}, "data": data,
+            "train": {"steps": 3, "batch_size": 4, "label_dropout": 0.5},
+            "prune": {"criterion": "laptop", "ratio": 0.3, "calibration_batch": 2, "calibration_timesteps": 2},
+            "distill": {"losses": ["task", "output-kd", "normalized-feature-kd"], "steps": 2, "batch_size": 4},
+            "metrics": ["params", {"name": "val_loss", "num_timesteps": 2, "max_samples": 4},
+                        {"name": "output_loss", "batch_size": 4, "timesteps": 2}], "device": "cpu"}
+
+
 def test_a_text_unet_trains_prunes_and_distils_on_captioned_data(tiny_pipeline, tmp_path):
     import harness
     from harness.runner import CellJob, execute_cell
 
-    data = {"name": "shapes", "resolution": 16, "size": 16, "captions": True, "text_encoder": tiny_pipeline}
-    config = {"backbone": {"name": "unet", "preset": "sd-tiny"}, "data": data,
-              "train": {"steps": 3, "batch_size": 4, "label_dropout": 0.5},
-              "prune": {"criterion": "laptop", "ratio": 0.3, "calibration_batch": 2, "calibration_timesteps": 2},
-              "distill": {"losses": ["task", "output-kd", "normalized-feature-kd"], "steps": 2, "batch_size": 4},
-              "metrics": ["params", {"name": "val_loss", "num_timesteps": 2, "max_samples": 4},
-                          {"name": "output_loss", "batch_size": 4, "timesteps": 2}], "device": "cpu"}
+    config = _captioned_cell("sd-tiny", tiny_pipeline)
     record = execute_cell(CellJob("t", "t.yaml", "c1", "base", 0, config, str(tmp_path / "t")))
     assert record["status"] == "ok", record.get("traceback")
     assert record["metrics"]["val_loss"]["value"] > 0 and record["metrics"]["output_loss"]["value"] >= 0
@@ -341,13 +346,7 @@ def test_an_sdxl_unet_trains_and_distils_on_captioned_data(tiny_sdxl_pipeline, t
     assert set(batch) == {"y", "text_embeds", "time_ids"} and batch["y"].shape == (2, 77, 32)
     assert batch["text_embeds"].shape == (2, 32) and batch["time_ids"].tolist()[0] == [16, 16, 0, 0, 16, 16]
     assert set(ds.null_context) == {"y", "text_embeds", "time_ids"}
-    data = {"name": "shapes", "resolution": 16, "size": 16, "captions": True, "text_encoder": tiny_sdxl_pipeline}
-    config = {"backbone": {"name": "unet", "preset": "sdxl-tiny"}, "data": data,
-              "train": {"steps": 3, "batch_size": 4, "label_dropout": 0.5},
-              "prune": {"criterion": "laptop", "ratio": 0.3, "calibration_batch": 2, "calibration_timesteps": 2},
-              "distill": {"losses": ["task", "output-kd", "normalized-feature-kd"], "steps": 2, "batch_size": 4},
-              "metrics": ["params", {"name": "val_loss", "num_timesteps": 2, "max_samples": 4},
-                          {"name": "output_loss", "batch_size": 4, "timesteps": 2}], "device": "cpu"}
+    config = _captioned_cell("sdxl-tiny", tiny_sdxl_pipeline)
     record = execute_cell(CellJob("t", "t.yaml", "xl", "base", 0, config, str(tmp_path / "t")))
     assert record["status"] == "ok", record.get("traceback")
     assert record["metrics"]["val_loss"]["value"] > 0 and record["prune"]["removed_params_ratio"] >= 0.3
