@@ -179,9 +179,9 @@ def _drop_to_null(y, null, drop: torch.Tensor):
     return one(y, null)
 
 
-def text_conditioning(ds, model) -> torch.Tensor | None:
-    """The empty-prompt context when ``ds`` serves captions, after checking that ``model``
-    takes text; None for class-labelled or unlabelled data."""
+def text_conditioning(ds, model):
+    """The empty-prompt conditioning (a context, or SDXL's dict) when ``ds`` serves captions,
+    after checking that ``model`` takes text; None for class-labelled or unlabelled data."""
     null = getattr(ds, "null_context", None)
     if null is None:
         return None

@@ -34,7 +34,7 @@ class CaptionedDataset(torch.utils.data.Dataset):
         self.null_context, self.context_dim = self._conditioning(null, pooled, 0), int(null.shape[-1])
         limit = float(os.environ.get(MEMORY_ENV, 8)) * 2 ** 30
         self.cache_capacity = max(1, int(limit // context_bytes(pipeline, 1)))
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict = OrderedDict()  # caption -> its conditioning (tensor or SDXL dict)
         self.num_classes = 0
         self.name = f"{source.name}-captioned"
 

@@ -86,18 +86,21 @@ def text_pipeline(source: str):
     from diffusers import DiffusionPipeline
 
     try:
-        return DiffusionPipeline.from_pretrained(source, unet=None, vae=None)
+        pipe = DiffusionPipeline.from_pretrained(source, unet=None, vae=None)
     except (OSError, ValueError) as exc:  # offline without the files, or a wrong id
         raise UserError(f"text pipeline {source!r}: cannot load its text encoder: {str(exc).splitlines()[0]}") from None
+    return pipe.to(_encode_device())
+
+
+def _encode_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"  # encoding is inference: the fastest device here
 
 
 @torch.no_grad()
 def encode_prompts(source: str, prompts: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The pipeline's own ``encode_prompt`` without guidance: the context (N, S, D), and the
     pooled embedding (N, P) of SDXL-style pipelines (None for SD-1.x/2.x)."""
-    pipe = text_pipeline(source)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a one-off pass: the fastest device here
-    pipe.to(device)
+    pipe, device = text_pipeline(source), _encode_device()
     embeds, pooled = [], []
     for i in range(0, len(prompts), batch_size):
         out = pipe.encode_prompt(prompt=prompts[i:i + batch_size], device=device, num_images_per_prompt=1,
