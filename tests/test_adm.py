@@ -1,0 +1,131 @@
+"""The ADM evaluator's formulas (openai/guided-diffusion evaluations/evaluator.py), pinned on
+inputs small enough to work out by hand, and against brute-force re-implementations."""
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from harness.errors import UserError
+from harness_quality import adm
+
+
+def test_statistics_are_mean_and_unbiased_covariance():
+    st = adm.statistics(np.array([[0.0, 1.0], [2.0, 5.0]]))
+    assert st.mu.tolist() == [1.0, 3.0]
+    # unbiased (N - 1): ((-1)^2 + 1^2) / 1 = 2, ((-2)^2 + 2^2) / 1 = 8, cross 4
+    assert st.sigma.tolist() == [[2.0, 4.0], [4.0, 8.0]]
+
+
+def test_frechet_distance_of_gaussians_worked_by_hand():
+    # 1-D: (0 - 3)^2 + 1 + 4 - 2 * sqrt(1 * 4) = 10
+    one = adm.frechet_distance(adm.Statistics(np.array([0.0]), np.array([[1.0]])),
+                               adm.Statistics(np.array([3.0]), np.array([[4.0]])))
+    assert one == pytest.approx(10.0, abs=1e-12)
+    # diagonal 2-D: |(1, 2)|^2 + (1 + 9) + (4 + 1) - 2 * (sqrt(4) + sqrt(9)) = 5 + 15 - 10 = 10
+    two = adm.frechet_distance(adm.Statistics(np.zeros(2), np.diag([1.0, 9.0])),
+                               adm.Statistics(np.array([1.0, 2.0]), np.diag([4.0, 1.0])))
+    assert two == pytest.approx(10.0, abs=1e-12)
+
+
+def test_frechet_distance_singular_product_takes_the_eps_fallback():
+    a = adm.Statistics(np.zeros(3), np.zeros((3, 3)))
+    with pytest.warns(RuntimeWarning, match="singular"):
+        d = adm.frechet_distance(a, adm.Statistics(np.ones(3), np.zeros((3, 3))))
+    assert d == pytest.approx(3.0, abs=1e-4)  # only the means differ
+
+
+def test_frechet_distance_refuses_mismatched_sizes():
+    with pytest.raises(ValueError, match="different sizes"):
+        adm.frechet_distance(adm.Statistics(np.zeros(2), np.eye(2)), adm.Statistics(np.zeros(3), np.eye(3)))
+
+
+def test_inception_score_by_hand():
+    eye = np.eye(4)
+    assert adm.inception_score(np.full((6, 4), 0.25)) == pytest.approx(1.0)    # no information
+    assert adm.inception_score(eye) == pytest.approx(4.0)                      # KL = log 4 each
+    # splits are consecutive: [c0, c0] scores 1, [c1, c2] scores 2; the mean is 1.5
+    assert adm.inception_score(eye[[0, 0, 1, 2]], split_size=2) == pytest.approx(1.5)
+    # one split: the marginal is (1/2, 1/4, 1/4, 0); KLs log 2, log 2, log 4, log 4; mean 1.5 log 2
+    assert adm.inception_score(eye[[0, 0, 1, 2]], split_size=4) == pytest.approx(2 ** 1.5)
+
+
+def test_inception_score_matches_the_kl_written_out():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5), size=12)
+    expected = []
+    for part in (p[:5], p[5:10], p[10:]):
+        m = part.mean(0)
+        expected.append(np.exp(np.mean([sum(pi * np.log(pi / mi) for pi, mi in zip(row, m)) for row in part])))
+    assert adm.inception_score(p, split_size=5) == pytest.approx(np.mean(expected), rel=1e-12)
+
+
+def test_precision_recall_by_hand_with_points_on_the_radius():
+    ref = np.array([[0.0], [1.0], [2.0], [3.0]])
+    smp = np.array([[4.0], [5.0], [6.0], [7.0], [20.0]])
+    # squared radii, 3rd nearest other point: ref 9, 4, 4, 9; samples 9, 4, 4, 9, 225
+    assert adm.manifold_radii(ref).tolist() == [9, 4, 4, 9]
+    assert adm.manifold_radii(smp).tolist() == [9, 4, 4, 9, 225]
+    # precision: 4, 5 and 6 (exactly on 3's radius: 9 <= 9) lie in the reference manifold
+    # recall: 1 (exactly on 4's radius), 2 and 3 lie in the sample manifold; 0 does not
+    assert adm.precision_recall(ref, smp) == (pytest.approx(0.6), pytest.approx(0.75))
+    # the same in 3-D, along another axis and shifted (integers: the boundary cases stay exact)
+    lift = lambda x: np.hstack([np.zeros((len(x), 2)), x]) + np.array([5.0, -3.0, 7.0])  # noqa: E731
+    assert adm.precision_recall(lift(ref), lift(smp), dtype=np.float64) == (pytest.approx(0.6), pytest.approx(0.75))
+
+
+def _brute_force(ref, smp, k=3):
+    def radii(x):
+        d = cdist(x, x, "sqeuclidean")
+        return np.sort(d, axis=1)[:, k]
+
+    r_ref, r_smp = radii(ref), radii(smp)
+    d = cdist(smp, ref, "sqeuclidean")
+    precision = np.mean([(d[i] <= r_ref).any() for i in range(len(smp))])
+    recall = np.mean([(d[:, j] <= r_smp).any() for j in range(len(ref))])
+    return precision, recall
+
+
+@pytest.mark.parametrize("block", [7, 10_000])
+def test_precision_recall_agree_with_brute_force(block):
+    rng = np.random.default_rng(2)
+    ref = rng.normal(size=(40, 6))
+    smp = rng.normal(loc=0.5, scale=0.7, size=(53, 6))
+    got = adm.precision_recall(ref, smp, block=block, dtype=np.float64)
+    want = _brute_force(ref, smp)
+    assert got == (pytest.approx(want[0]), pytest.approx(want[1]))
+    assert 0 < got[0] < 1 and 0 < got[1] < 1  # a test that can tell wrong answers apart
+
+
+def test_precision_recall_need_more_points_than_k():
+    with pytest.raises(ValueError, match="more than 3 points"):
+        adm.precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+def test_read_npz_batches(tmp_path):
+    imgs = np.zeros((2, 8, 8, 3), np.uint8)
+    np.savez(tmp_path / "samples.npz", imgs)
+    b = adm.read_npz(tmp_path / "samples.npz")
+    assert b.images.shape == (2, 8, 8, 3) and b.pool is None and b.spatial is None
+    np.savez(tmp_path / "ref.npz", arr_0=imgs, mu=np.zeros(4), sigma=np.eye(4), mu_s=np.ones(2), sigma_s=np.eye(2))
+    b = adm.read_npz(tmp_path / "ref.npz")
+    assert b.pool.sigma.shape == (4, 4) and b.spatial.mu.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("content, message", [
+    (dict(arr_0=np.zeros((2, 8, 8), np.uint8)), "must be \\(N, H, W, 3\\) uint8"),
+    (dict(arr_0=np.zeros((2, 8, 8, 3), np.float32)), "must be \\(N, H, W, 3\\) uint8"),
+    (dict(labels=np.zeros(2)), "no 'arr_0' images"),
+    (dict(arr_0=np.array([{"a": 1}], dtype=object)), "not a plain .npz"),
+])
+def test_read_npz_refuses_what_is_not_a_batch(tmp_path, content, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **content)
+    with pytest.raises(UserError, match=message):
+        adm.read_npz(path, what="reference")
+
+
+def test_read_npz_missing_and_junk(tmp_path):
+    with pytest.raises(UserError, match="file not found"):
+        adm.read_npz(tmp_path / "nope.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(UserError, match="junk.npz"):
+        adm.read_npz(tmp_path / "junk.npz")
