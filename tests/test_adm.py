@@ -129,3 +129,52 @@ def test_read_npz_missing_and_junk(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="junk.npz"):
         adm.read_npz(tmp_path / "junk.npz")
+
+
+# -- features -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def random_inception():
+    """torch-fidelity's Inception with its random initialisation (no weights offline)."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from harness_quality.features import FEATURES_LIST
+
+    class Random(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:  # nothing to download: the weights stay random
+        mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+        model = Random("inception-v3-compat", list(FEATURES_LIST))
+    for m in model.modules():  # random BN statistics, so features are not all alike
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.normal_(0, 0.1)
+    return model
+
+
+def test_features_are_pool3_mixed6d_conv_first7_and_unbiased_logits(random_inception):
+    import torch
+
+    from harness_quality.features import extract, probabilities
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(2, 32, 40, 3), dtype=np.uint8)
+    seen, block = [], []
+    # independent read-out in the same pass: the block's concatenated output starts with its 1x1 branch
+    h = random_inception.Mixed_6d.register_forward_hook(lambda m, i, o: block.append(o))
+    try:
+        feats = extract(random_inception, [images[:1], images[1:]], progress=seen.append)
+    finally:
+        h.remove()
+    assert seen == [1, 1]
+    assert feats.pool.shape == (2, 2048) and feats.spatial.shape == (2, 17 * 17 * 7)
+    assert feats.logits.shape == (2, 1008)
+    assert np.array_equal(feats.spatial, torch.cat(block)[:, :7].flatten(1).numpy())
+    w = random_inception.fc.weight.double().numpy()
+    np.testing.assert_allclose(feats.logits, feats.pool.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+    p = probabilities(feats.logits)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    assert np.argmax(p, 1).tolist() == np.argmax(feats.logits, 1).tolist()
