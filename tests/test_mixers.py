@@ -208,6 +208,21 @@ def test_ss2d_orders_are_four_permutations_and_snake_keeps_neighbours(snake):
     assert torch.equal(order.flatten()[back].view(4, h * w), torch.arange(h * w).expand(4, -1))
 
 
+def test_ss2d_snake_paths_are_lamamba_diffs_continuous_scans():
+    """The four paths of the official model/continuous_scan.py on a 4x4 map, written out by hand
+    (cell r * 4 + c): rows from the top-left and the bottom-left corners, columns from the
+    bottom-left and the bottom-right corners, each first row rightward, each first column upward."""
+    order, _ = scan_orders(4, 4, True)
+    assert order.tolist() == [
+        [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12],
+        [12, 13, 14, 15, 11, 10, 9, 8, 4, 5, 6, 7, 3, 2, 1, 0],
+        [12, 8, 4, 0, 1, 5, 9, 13, 14, 10, 6, 2, 3, 7, 11, 15],
+        [15, 11, 7, 3, 2, 6, 10, 14, 13, 9, 5, 1, 0, 4, 8, 12],
+    ]
+    plain, _ = scan_orders(2, 3, False)  # VMamba's cross-scan: raster rows, columns, and their reverses
+    assert plain.tolist() == [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [0, 3, 1, 4, 2, 5], [5, 2, 4, 1, 3, 0]]
+
+
 def test_ss2d_equals_four_separate_scans_put_back_and_summed():
     torch.manual_seed(0)
     m = SS2D(DIM, d_state=4)

@@ -2,9 +2,10 @@
 
     x, z = in_proj(tokens)                      Linear C -> 4C, no bias; d_inner = expand * C each
     x    = SiLU(depthwise conv d_conv x d_conv)
-    four scans over the map: rows, rows reversed, columns, columns reversed (``snake``: every
-    other row/column runs backwards, so consecutive tokens stay neighbours), each with its own
-    x_proj, dt_proj, A, D; outputs put back in place (raster order) and summed
+    four scans over the map (``snake``, the default: LaMamba-Diff's continuous paths, two by
+    rows and two by columns, every other row/column walked backwards so consecutive tokens stay
+    neighbours; see scan_orders), each with its own x_proj, dt_proj, A, D; outputs put back in
+    place (raster order) and summed
     out  = out_proj(LayerNorm(y) * SiLU(z))    Linear 2C -> C, no bias
 
 The four directions run as one scan of width 4 * d_inner with four groups of B and C.
@@ -24,19 +25,32 @@ from .scan import selective_scan
 K = 4  # directions
 
 
+def _snake(grid: np.ndarray) -> np.ndarray:
+    """Row by row, every other row backwards: consecutive steps stay neighbours."""
+    grid = grid.copy()
+    grid[1::2] = grid[1::2, ::-1]
+    return grid.ravel()
+
+
 @shape_cache
 def scan_orders(h: int, w: int, snake: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(K, L) raster index visited at each step of each direction, and the flat (K * L) index
     that puts the (K, L) outputs back in raster order, direction by direction.
 
+    ``snake`` follows LaMamba-Diff's continuous paths (official ``model/continuous_scan.py``,
+    ``get_continuous_paths``): rows from the top-left corner (rows downward) and from the
+    bottom-left corner (rows upward), each first row walked rightward; columns from the
+    bottom-left corner (columns rightward) and from the bottom-right corner (columns
+    leftward), each first column walked upward. Without it, VMamba's cross-scan: raster rows,
+    their reverse, raster columns, their reverse.
+
     Built with numpy: index bookkeeping is no model compute, so fvcore's trace must not see it."""
     grid = np.arange(h * w).reshape(h, w)
-    rows, cols = grid.copy(), grid.T.copy()
     if snake:
-        rows[1::2] = rows[1::2, ::-1]
-        cols[1::2] = cols[1::2, ::-1]
-    rows, cols = rows.ravel(), cols.ravel()
-    order = np.stack([rows, rows[::-1], cols, cols[::-1]])
+        order = np.stack([_snake(grid), _snake(grid[::-1]), _snake(grid[::-1].T), _snake(grid[::-1, ::-1].T)])
+    else:
+        rows, cols = grid.ravel(), grid.T.ravel()
+        order = np.stack([rows, rows[::-1], cols, cols[::-1]])
     back = np.argsort(order, axis=-1) + (h * w) * np.arange(K)[:, None]
     return torch.from_numpy(order.copy()), torch.from_numpy(back.ravel().copy())
 
