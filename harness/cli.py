@@ -16,17 +16,35 @@ EXIT_USAGE = 2
 
 
 def _console(stderr: bool = False):
+    """Markup off: labels, paths and errors are the user's text, and ``[/x]`` or ``[enforce fail at
+    ...]`` in them must print verbatim. Styled words go through :func:`_styled`."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, markup=False)
+
+
+def _styled(*parts):
+    """A line of plain strings and ``(text, style)`` pairs; nothing in it is read as markup."""
+    from rich.text import Text
+
+    return Text.assemble(*parts)
+
+
+def _at_least_one(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{flag} {value}: expected an integer >= 1")
 
 
 # -- run / validate ----------------------------------------------------------------------
 def _prepare(args):
-    from .runner import check_builds, plan
     from .suite import load_suite
 
+    _at_least_one("--max-cells", args.max_cells)
     suite = load_suite(args.suite)
+    suite.max_cells = args.max_cells
+    suite.check_size()  # before importing torch: a suite refused for its size is refused at once
+    from .runner import plan
+
     seed = getattr(args, "seed", None)
     if seed is not None:  # a replicate: other draws, other cell ids, same results folder
         if seed < 0:
@@ -37,26 +55,27 @@ def _prepare(args):
 
 
 def cmd_validate(args) -> int:
+    suite, jobs = _prepare(args)
     from .runner import check_builds
 
-    suite, jobs = _prepare(args)
     check_builds(suite, jobs)
     _console().print(f"{args.suite}: suite {suite.name!r} is valid: {len(jobs)} cell(s), every backbone builds")
     return 0
 
 
 def cmd_run(args) -> int:
+    _at_least_one("--jobs", args.jobs)
+    suite, jobs = _prepare(args)
     from .plugins import registry
     from .records import ensure_writable
-    from .runner import check_builds, pending, run_jobs
+    from .runner import check_builds, pending
     from .table import render
 
-    suite, jobs = _prepare(args)
     console = _console()
     if args.dry_run:
         for job in jobs:
-            console.print(f"[bold]{job.cell}[/]  {job.label}")
-            console.print(json.dumps(job.config, indent=2, sort_keys=True), markup=False)
+            console.print(_styled((job.cell, "bold"), f"  {job.label}"))
+            console.print(json.dumps(job.config, indent=2, sort_keys=True))
         console.print(f"{len(jobs)} cell(s); nothing was run")
         return 0
     check_builds(suite, jobs)
@@ -71,8 +90,8 @@ def cmd_run(args) -> int:
         options["jobs"] = args.jobs
     executor = registry().create("executor", name, **options)
     todo, done = pending(jobs, args.rerun)
-    console.print(f"suite [bold]{suite.name}[/]: {len(jobs)} cell(s), {len(done)} already done, "
-                  f"{len(todo)} to run ({name} executor) -> {out_dir}")
+    console.print(_styled("suite ", (suite.name, "bold"), f": {len(jobs)} cell(s), {len(done)} already done, "
+                                                          f"{len(todo)} to run ({name} executor) -> {out_dir}"))
     failed = _run_with_progress(console, todo, executor)
     from .records import read_record
 
@@ -81,7 +100,8 @@ def cmd_run(args) -> int:
         print()
         print(render(records, "markdown"), flush=True)  # plain print: rich would wrap wide tables
     if failed:
-        console.print(f"[red]{failed} cell(s) failed[/]; their records hold the error. Rerun to retry them.")
+        console.print(_styled((f"{failed} cell(s) failed", "red"),
+                              "; their records hold the error. Rerun to retry them."))
     return 1 if failed or any(r["status"] != "ok" for r in records) else 0
 
 
@@ -92,8 +112,8 @@ def _run_with_progress(console, todo, executor) -> int:
 
     failed = 0
     starts: dict[str, float] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("cells", total=len(todo))
 
         def on_start(job):
@@ -104,11 +124,11 @@ def _run_with_progress(console, todo, executor) -> int:
             nonlocal failed
             took = record.get("duration_s") or (time.perf_counter() - starts.get(job.cell, time.perf_counter()))
             if record["status"] == "ok":
-                progress.console.print(f"[green]ok[/]     {job.cell}  {job.label}  {took:.1f}s")
+                progress.console.print(_styled(("ok", "green"), f"     {job.cell}  {job.label}  {took:.1f}s"))
             else:
                 failed += 1
-                progress.console.print(f"[red]failed[/] {job.cell}  {job.label}  {took:.1f}s: {record['error']}",
-                                       markup=True)
+                progress.console.print(_styled(("failed", "red"),
+                                               f" {job.cell}  {job.label}  {took:.1f}s: {record['error']}"))
             progress.advance(task)
 
         run_jobs(todo, executor, on_start=on_start, on_done=on_done)
@@ -181,20 +201,36 @@ def cmd_leaderboard(args) -> int:
     from .leaderboard import render
     from .records import load_records
 
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_out_file(out)
     records = load_records(args.results_dir)
     if not records:
         raise UserError(f"{args.results_dir}: no records found")
-    out = Path(args.out) if args.out else None
     # links to records are relative to where the table ends up, so the page works when moved with them
     text = render(records, args.format, args.metric, link_base=out.parent if out else None,
                   title=f"Leaderboard: {args.results_dir}")
     if out is None:
         print(text)
         return 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
     _console().print(f"wrote {out} ({len(records)} record(s))")
     return 0
+
+
+def _check_out_file(out: Path) -> None:
+    """--out names a file to (over)write: not a directory, and not below a file."""
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory, expected a file name")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"--out {out}: {parent} is not a directory, expected a folder to write into")
+            return
 
 
 def cmd_plot(args) -> int:
@@ -376,6 +412,9 @@ def cmd_fid(args) -> int:
 
 
 # -- entry point ---------------------------------------------------------------------------
+MAX_CELLS_HELP = "refuse a suite of more cells than this (default: $HARNESS_MAX_CELLS, else 10000)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Benchmark efficient diffusion models from YAML suites.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__import__('harness').__version__}")
@@ -390,11 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", help="executor name (default: the suite's, else local)")
     r.add_argument("--jobs", type=int, help="parallel jobs, for executors that take them")
     r.add_argument("--seed", type=int, help="replace the suite's seed (a replicate run; cell ids change with it)")
+    r.add_argument("--max-cells", type=int, metavar="N", help=MAX_CELLS_HELP)
     r.set_defaults(func=cmd_run)
 
     v = sub.add_parser("validate", help="check a suite without running it")
     v.add_argument("suite")
     v.add_argument("--results", default="results", help=argparse.SUPPRESS)
+    v.add_argument("--max-cells", type=int, metavar="N", help=MAX_CELLS_HELP)
     v.set_defaults(func=cmd_validate)
 
     ls = sub.add_parser("ls", help="list components")

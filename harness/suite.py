@@ -10,6 +10,8 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -137,8 +139,12 @@ class CellConfig(_Strict):
         return [ComponentSpec(name=m) if isinstance(m, str) else m for m in self.metrics]
 
 
+# The suite names a folder, results/<suite>/: well under a file name's 255 bytes.
+MAX_SUITE_NAME = 100
+
+
 class SuiteSpec(_Strict):
-    suite: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    suite: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=MAX_SUITE_NAME)
     seed: int = Field(0, ge=0)
     description: str = ""
     executor: Optional[ComponentSpec] = None
@@ -149,29 +155,69 @@ class SuiteSpec(_Strict):
 
 
 # -- YAML with line numbers ----------------------------------------------------------------
-def _lines(node: yaml.Node, path: Path_, out: dict, source: str) -> None:
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        seen = {}
-        for knode, vnode in node.value:
-            key = knode.value
-            if key in seen:
-                raise UserError(
-                    f"{source}:{knode.start_mark.line + 1}: duplicate key {key!r} (first on line {seen[key]})"
-                )
-            seen[key] = knode.start_mark.line + 1
-            _lines(vnode, path + (key,), out, source)
-            out[path + (key,)] = knode.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _lines(item, path + (i,), out, source)
+# libyaml's parser where installed (PyYAML's own is pure Python); the constructors are the safe ones.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# A real suite is a few hundred nodes; these bound what aliases ("billion laughs") and deep
+# nesting can make every later step (validation, copies, hashing) walk.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+
+class _Walk:
+    """Line numbers by document path and duplicate keys, over the node graph as aliases expand it."""
+
+    def __init__(self, source: str):
+        self.source, self.lines, self.count, self.seen, self.aliased = source, {}, 0, set(), False
+        self.open: set[int] = set()  # nodes on the current path: one seen again is a recursive alias
+
+    def __call__(self, node: yaml.Node, path: Path_) -> None:
+        self.count += 1
+        self.aliased |= id(node) in self.seen
+        self.seen.add(id(node))
+        if self.count > MAX_YAML_NODES:
+            what = "YAML aliases expand to" if self.aliased else "the YAML has"
+            raise UserError(f"{self.source}: {what} more than {MAX_YAML_NODES:,} nodes; a suite is refused "
+                            f"beyond that")
+        if id(node) in self.open:
+            raise UserError(f"{self.source}:{node.start_mark.line + 1}: a YAML alias refers to a value that "
+                            f"contains it; suites are plain data")
+        if len(path) > MAX_YAML_DEPTH:
+            raise UserError(f"{self.source}:{node.start_mark.line + 1}: YAML nested more than {MAX_YAML_DEPTH} "
+                            f"levels deep")
+        self.lines[path] = node.start_mark.line + 1
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            return
+        self.open.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for knode, vnode in node.value:
+                line = knode.start_mark.line + 1
+                if not isinstance(knode, yaml.ScalarNode):
+                    raise UserError(f"{self.source}:{line}: a key must be a plain name or number, "
+                                    f"not a list or mapping")
+                key = knode.value
+                if key in first:
+                    raise UserError(f"{self.source}:{line}: duplicate key {key!r} (first on line {first[key]})")
+                first[key] = line
+                self(vnode, path + (key,))
+                self.lines[path + (key,)] = line
+        else:
+            for i, item in enumerate(node.value):
+                self(item, path + (i,))
+        self.open.discard(id(node))
 
 
 def load_yaml(text: str, source: str) -> tuple[Any, dict]:
-    """Parse safely; return the data and a map from document path to line number."""
+    """Parse once, safely; return the data and a map from document path to line number.
+
+    The node graph is walked (and bounded) before any Python object is built from it."""
+    loader = _Loader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        walk = _Walk(source)
+        if node is not None:
+            walk(node, ())
+        data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
@@ -181,10 +227,11 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict]:
         raise UserError(f"{where}: invalid YAML: {what}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{source}: invalid YAML: {exc}") from None
-    lines: dict = {}
-    if node is not None:
-        _lines(node, (), lines, source)
-    return data, lines
+    except RecursionError:  # the pure-Python composer recurses per level of nesting
+        raise UserError(f"{source}: invalid YAML: nested too deeply") from None
+    finally:
+        loader.dispose()
+    return data, walk.lines
 
 
 # -- cells -----------------------------------------------------------------------------------
@@ -241,12 +288,30 @@ def _get(cfg: dict, dotted: str) -> Any:
 
 _MISSING = object()
 
+# Cells a suite may expand to unless raised with --max-cells or HARNESS_MAX_CELLS: each cell
+# is at least one model build, so a suite far beyond this is a typo in the matrix.
+DEFAULT_MAX_CELLS = 10_000
+
+
+def max_cells_from_env() -> int:
+    raw = os.environ.get("HARNESS_MAX_CELLS")
+    if raw is None or raw.strip() == "":
+        return DEFAULT_MAX_CELLS
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"HARNESS_MAX_CELLS={raw!r}: expected an integer >= 1")
+    return n
+
 
 @dataclass
 class Suite:
     spec: SuiteSpec
     source: str
     lines: dict
+    max_cells: Optional[int] = None  # None: HARNESS_MAX_CELLS, else DEFAULT_MAX_CELLS
 
     @property
     def name(self) -> str:
@@ -263,7 +328,20 @@ class Suite:
         line = self.line(doc_path)
         return f"{self.source}:{line}" if line else self.source
 
+    def check_size(self) -> None:
+        """Refuse a suite whose matrix and includes give more cells than the limit, before expanding."""
+        limit = self.max_cells or max_cells_from_env()
+        sizes = [len(v) for v in self.spec.matrix.values()]
+        n = math.prod(sizes) + len(self.spec.include)  # before excludes: what expanding would build
+        if n <= limit:
+            return
+        shape = " x ".join(str(k) for k in sizes) or "1"
+        extra = f" + {len(self.spec.include)} included" if self.spec.include else ""
+        raise UserError(f"{self.where(('matrix',))}: matrix: {shape}{extra} = {n:,} cells, more than the limit of "
+                        f"{limit:,}; raise it with --max-cells N or HARNESS_MAX_CELLS=N")
+
     def cells(self) -> list[Cell]:
+        self.check_size()
         axes = list(self.spec.matrix.items())
         combos = itertools.product(*[range(len(v)) for _, v in axes]) if axes else [()]
         cells: list[Cell] = []
@@ -319,13 +397,16 @@ def _pydantic_message(err: dict) -> str:
     elif err["type"] == "missing":
         msg = "missing required key"
     if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict):
-        msg += f" (got {err['input']!r})"
+        got = repr(err["input"])
+        msg += f" (got {got[:60] + '...' if len(got) > 80 else got})"  # one readable line, whatever was given
     return msg
 
 
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise UserError(f"{source}: is a directory, expected a YAML suite file")
     if not path.is_file():
         raise UserError(f"{source}: suite file not found")
     try:

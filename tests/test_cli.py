@@ -132,3 +132,41 @@ def test_flops_reports_a_text_unets_context_width(capsys):
     assert data["input"]["num_classes"] == 0  # text-conditioned: no class label, whatever the default
     code, out, _ = cli(["flops", "unet", "--preset", "adm-tiny", "--input-size", "8", "--json"], capsys)
     assert code == 0 and json.loads(out)["input"]["num_classes"] == 1000 and json.loads(out)["input"]["context_dim"] == 0
+
+
+BRACKETS = """\
+suite: brackets
+base:
+  backbone: {name: dit, size: tiny, patch: 4, input_size: 8}
+  metrics: [params]
+  device: cpu
+matrix:
+  backbone.pretrained: ["/ckpts[enforce fail at x][/old]/dit.pt"]
+"""
+
+
+def test_user_text_is_never_read_as_markup(tmp_path, capsys, monkeypatch):
+    """Labels and errors with '[/' or '[enforce fail at ...]' print verbatim, and a rerun gets past them."""
+    monkeypatch.setenv("COLUMNS", "400")  # one line per message, so the text can be matched whole
+    suite = tmp_path / "suite[red]x.yaml"
+    suite.write_text(BRACKETS)
+    args = ["run", str(suite), "--results", str(tmp_path / "r")]
+    code, out, _ = cli(args + ["--dry-run"], capsys)
+    assert code == 0 and "  backbone.pretrained=/ckpts[enforce fail at x][/old]/dit.pt\n" in out
+    for _ in range(2):  # the failed cell is retried, not a crash at the same place
+        code, out, err = cli(args, capsys)
+        assert code == 1 and "Traceback" not in err
+        assert "backbone.pretrained=/ckpts[enforce fail at x][/old]/dit.pt" in out
+        assert "FileNotFoundError: pretrained checkpoint '/ckpts[enforce fail at x][/old]/dit.pt' not found" in out
+        assert "1 cell(s) failed; their records hold the error" in out
+    code, out, _ = cli(["validate", str(suite)], capsys)
+    assert code == 0 and f"{suite}: suite 'brackets' is valid" in out
+
+
+@pytest.mark.parametrize("jobs", ["0", "-2"])
+def test_jobs_must_be_positive(tmp_path, capsys, jobs):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(BRACKETS)
+    code, out, err = cli(["run", str(suite), "--jobs", jobs, "--results", str(tmp_path / "r")], capsys)
+    assert code == 2 and err == f"harness: error: --jobs {jobs}: expected an integer >= 1\n" and not out
+    assert not (tmp_path / "r").exists()

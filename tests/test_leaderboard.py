@@ -139,3 +139,20 @@ def test_html_sorts_on_click_in_headless_chromium(results, tmp_path):
     numeric = [v for v in seen if v is not None]
     assert numeric == sorted(numeric, reverse=True) and numeric[0] == 24.2  # sorted by the click
     assert seen[-1] is None  # the failed row, with no figure, stays last
+
+
+def test_cli_leaderboard_out_that_cannot_be_a_file(results, tmp_path, capsys):
+    """--out at a folder, or below a file: one line naming --out, exit 2, nothing written or lost."""
+    folder = tmp_path / "site"
+    (folder / "keep.txt").parent.mkdir()
+    (folder / "keep.txt").write_text("keep")
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("keep me")
+    for out, expected in [(folder, f"--out {folder}: is a directory, expected a file name"),
+                          (blocker / "sub" / "board.md",
+                           f"--out {blocker / 'sub' / 'board.md'}: {blocker} is not a directory")]:
+        assert main(["leaderboard", str(results), "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"harness: error: {expected}") and captured.err.count("\n") == 1
+        assert "Traceback" not in captured.out + captured.err and not captured.out
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"] and blocker.read_text() == "keep me"

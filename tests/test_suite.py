@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import textwrap
+import time
 
 import pytest
 
+from harness import UserError
 from harness.cli import main
 from harness.suite import load_suite
 
@@ -76,6 +78,14 @@ BAD = {
     "duplicate key": (GOOD.replace("seed: 3", "seed: 3\nseed: 4"), r"suite\.yaml:3: duplicate key 'seed'"),
     "not a mapping": ("- a\n- b\n", r"suite\.yaml:1: a suite is a mapping"),
     "bad build": (GOOD.replace("input_size: 8", "input_size: 6"), r"patch 4 does not divide input_size 6"),
+    # results/<suite>/ must stay a valid folder name (255 bytes), so a long name fails here, not at run
+    "long suite name": (GOOD.replace("suite: demo", "suite: " + "a" * 300),
+                        r"suite\.yaml:1: suite: String should have at most 100 characters \(got 'a{50,70}\.\.\.\)$"),
+    "recursive alias": ("suite: demo\nloop: &a [*a]\n" + GOOD.split("\n", 1)[1],
+                        r"suite\.yaml:2: a YAML alias refers to a value that contains it"),
+    "deep nesting": (GOOD.replace("seed: 3", "seed: " + "[" * 80 + "]" * 80),
+                     r"suite\.yaml:2: YAML nested more than 64 levels deep"),
+    "mapping as key": (GOOD.replace("seed: 3", "? [a, b]\n: 3"), r"suite\.yaml:2: a key must be a plain name"),
 }
 
 
@@ -93,6 +103,93 @@ def test_bad_suites_fail_cleanly(tmp_path, capsys, case, command):
 
     assert re.search(pattern, err), err
     assert not results.exists() or not any(results.rglob("*.json"))
+
+
+def _one_clean_line(code, out, err):
+    assert code == 2, err
+    assert err.startswith("harness: error: ") and err.count("\n") == 1 and "Traceback" not in out + err, err
+    return err
+
+
+def _laughs(levels: int, width: int) -> str:
+    """A "billion laughs": each anchor is a list of ``width`` aliases to the previous one."""
+    lines = ["suite: laughs", "lol0: &l0 lol"]
+    for i in range(1, levels + 1):
+        lines.append(f"lol{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]")
+    return "\n".join(lines) + "\n" + GOOD.split("\n", 1)[1]
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run", "--dry-run"]])
+def test_alias_bomb_is_refused_at_once(tmp_path, capsys, command):
+    text = _laughs(6, 10)  # a few hundred bytes that expand to a million nodes
+    assert len(text) < 600
+    path = write(tmp_path, text)
+    t0 = time.perf_counter()
+    err = _one_clean_line(*run_cli([command[0], str(path), *command[1:]], capsys))
+    assert time.perf_counter() - t0 < 5  # bounded, not proportional to the expansion (about 0.2 s idle)
+    assert f"{path}: YAML aliases expand to more than 100,000 nodes" in err
+
+
+@pytest.mark.parametrize("case", ["malformed", "yaml tag", "duplicate key", "recursive alias", "deep nesting",
+                                  "mapping as key"])
+def test_pure_python_loader_gives_the_same_errors(tmp_path, monkeypatch, case):
+    """Without libyaml, PyYAML's own parser is used, with the same checks and messages."""
+    import yaml
+
+    import harness.suite
+
+    monkeypatch.setattr(harness.suite, "_Loader", yaml.SafeLoader)
+    text, pattern = BAD[case]
+    with pytest.raises(UserError, match=pattern.replace(r"suite\.yaml", r".*suite\.yaml")):
+        load_suite(write(tmp_path, text))
+    with pytest.raises(UserError, match="YAML aliases expand to more than 100,000 nodes"):
+        load_suite(write(tmp_path, _laughs(6, 10)))
+
+
+def test_aliases_within_the_limit_still_load(tmp_path):
+    text = GOOD.replace("  backbone.mixer: [attention]", "  backbone.mixer: &m [attention]\n"
+                                                             "include: [{backbone.mixer: *m}]")
+    assert load_suite(write(tmp_path, text)).spec.include == [{"backbone.mixer": ["attention"]}]
+
+
+HUGE = GOOD.replace("  backbone.mixer: [attention]\n", "".join(
+    f"  train.x{i}: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]\n" for i in range(7)))
+
+
+@pytest.mark.parametrize("command", [["validate"], ["run", "--dry-run"]])
+def test_matrix_of_ten_million_cells_is_refused_at_once(tmp_path, capsys, command):
+    path = write(tmp_path, HUGE)
+    t0 = time.perf_counter()
+    err = _one_clean_line(*run_cli([command[0], str(path), *command[1:], "--results", str(tmp_path / "r")], capsys))
+    assert time.perf_counter() - t0 < 5  # counted, never expanded (about 0.01 s idle)
+    assert (f"{path}:7: matrix: 2 x 10 x 10 x 10 x 10 x 10 x 10 x 10 = 20,000,000 cells, more than the limit "
+            f"of 10,000; raise it with --max-cells N or HARNESS_MAX_CELLS=N") in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cell_limit_counts_includes_and_can_be_raised(tmp_path, capsys, monkeypatch):
+    text = GOOD.replace("  backbone.mixer: [attention]", "  train.lr: [0.1, 0.2, 0.3]") + \
+        "include: [{train.lr: 0.5}]\n"  # 2 x 3 + 1 = 7 cells, one backbone to build
+    path = write(tmp_path, text)
+    monkeypatch.setenv("HARNESS_MAX_CELLS", "6")
+    err = _one_clean_line(*run_cli(["validate", str(path)], capsys))
+    assert "matrix: 2 x 3 + 1 included = 7 cells, more than the limit of 6" in err
+    code, out, err = run_cli(["validate", str(path), "--max-cells", "7"], capsys)  # the flag wins
+    assert code == 0 and "7 cell(s)" in out, err
+    monkeypatch.setenv("HARNESS_MAX_CELLS", "7")
+    code, out, err = run_cli(["validate", str(path)], capsys)
+    assert code == 0 and "7 cell(s)" in out, err
+    monkeypatch.setenv("HARNESS_MAX_CELLS", "lots")
+    assert "HARNESS_MAX_CELLS='lots': expected an integer >= 1" in _one_clean_line(
+        *run_cli(["validate", str(path)], capsys))
+    monkeypatch.delenv("HARNESS_MAX_CELLS")
+    assert "--max-cells 0: expected an integer >= 1" in _one_clean_line(
+        *run_cli(["validate", str(path), "--max-cells", "0"], capsys))
+
+
+def test_suite_that_is_a_directory(tmp_path, capsys):
+    err = _one_clean_line(*run_cli(["validate", str(tmp_path)], capsys))
+    assert f"{tmp_path}: is a directory, expected a YAML suite file" in err
 
 
 def test_missing_suite_file(tmp_path, capsys):
