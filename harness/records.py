@@ -144,15 +144,20 @@ def _owners() -> dict[str, list[str]]:
         return {}
 
 
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    """Distribution -> version; the first on sys.path wins, as for an import."""
+    out: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out.setdefault(name, dist.version)
+    return out
+
+
 def libraries() -> dict[str, str]:
     """Distribution -> version of every installed library with a module imported in this
     process. Called after a cell, so it lists what the cell used, imported lazily or not."""
-    owners = _owners()
+    owners, versions = _owners(), _versions()
     dists = {d for name in list(sys.modules) if "." not in name for d in owners.get(name, ())}
-    out = {}
-    for dist in sorted(dists, key=str.lower):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:  # uninstalled since the map was built
-            continue
-    return out
+    return {d: versions[d] for d in sorted(dists, key=str.lower) if d in versions}
