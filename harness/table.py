@@ -101,8 +101,9 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
     metric_names = list(dict.fromkeys(m for r in records for m in r.get("metrics", {})))
     kernels = [kernels_text(r) for r in records]
     # which implementation a latency ran on (compiled scan or fallback) goes right after it
-    kernels_after = next((m for m in metric_names if any(
-        isinstance((r.get("metrics") or {}).get(m), dict) and r["metrics"][m].get("kernels") for r in records)), None)
+    kernels_after = next((m for m in metric_names
+                          if any(isinstance(r.get("metrics", {}).get(m), dict) and r["metrics"][m].get("kernels")
+                                 for r in records)), None)
     rows = []
     for rec, f, used in zip(records, flat, kernels):
         row: dict[str, Any] = {}

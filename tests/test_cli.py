@@ -86,7 +86,8 @@ def test_table_shows_the_kernels_a_latency_ran_on(tmp_path, capsys):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split(",")[-2:] == ["latency", "kernels"]
-    assert [line.split(",")[-1] for line in lines[1:]] == ["selective_scan: compiled-cpu", "selective_scan: pytorch", ""]
+    kernels = [line.split(",")[-1] for line in lines[1:]]
+    assert kernels == ["selective_scan: compiled-cpu", "selective_scan: pytorch", ""]
 
 
 def test_table_json_and_columns(results, capsys):
