@@ -55,6 +55,11 @@ def harness_mixers():
 
     ``forward(x, hw)`` maps x of shape (B, L, dim) to (B, L, dim), with ``hw = (H, W)`` and
     H * W == L (tokens in raster order). A mixer may define ``flops_note`` (str) for reports.
+
+    A mixer whose operator has several implementations (a fused CUDA kernel, a compiled CPU
+    loop, a PyTorch fallback) calls ``harness.kernels.note(kernel, impl)`` each time it
+    dispatches: the record then says, under ``env.kernels`` and in the latency entry's
+    ``kernels``, which implementation ran (the selective scan notes ``selective_scan``).
     """
 
 
@@ -68,6 +73,12 @@ def harness_metrics():
     :class:`harness.MetricUnavailable` with a reason when the figure cannot be computed
     here (missing weights offline, say): the record then says so, and no number is made up.
     Any other exception fails the cell with its error.
+
+    A metric whose figure depends on having the machine to itself (latency) sets the class
+    attribute ``timing_sensitive = True``. The runner then measures it inside the executor's
+    ``alone`` context and adds to its entry ``ran_alone`` (True: no other cell of the run ran
+    meanwhile; False: some did; None: the executor cannot tell) and ``interval`` (ISO start
+    and end of the measurement).
     """
 
 
@@ -106,6 +117,11 @@ def harness_executors():
     picklable; ``harness.runner.execute_cell(job)`` runs one and writes its record) and
     calls ``on_done(job, record)`` as each finishes. It must not let one job's failure
     stop the others.
+
+    An executor that can keep other cells off the machine while a timing-sensitive metric
+    runs passes ``execute_cell(job, alone=factory)``: ``factory()`` is a context manager,
+    entered around that metric, whose value (True or False) becomes the entry's
+    ``ran_alone``. Without it the record says None: unknown.
     """
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError, suggest
-from .table import ARROW, build_frame, metric_header
+from .table import ARROW, SPREAD_NOTE, build_frame, metric_header
 
 FORMATS = ("markdown", "latex", "csv", "html")
 # Figures of cost: a leaderboard ranks by quality when it has a choice.
@@ -111,6 +111,8 @@ def _text(v) -> str:
 
 def _legend(board: Board, best_mark: str) -> str:
     parts = [f"{a} {d} is better" for d, a in ARROW.items() if d in board.directions.values()]
+    if any("±" in str(v) for v in board.shown.to_numpy().ravel()):
+        parts.append(SPREAD_NOTE)
     parts.append(f"{best_mark}: best in column")
     if board.rank_by:
         parts.append(f"ranked by {board.rank_by}")

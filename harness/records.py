@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from functools import lru_cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -118,8 +119,45 @@ def environment(device: str | None = None) -> dict:
     }
     if device and device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    for mod in ("diffusers", "fvcore", "transformers", "torch_fidelity"):
-        module = sys.modules.get(mod)
-        if module is not None:
-            env[mod] = getattr(module, "__version__", None)
+    used = libraries()
+    owners = _owners()
+    for mod in _NAMED:  # the usual suspects also at the top level, as records always had them
+        if mod in sys.modules:
+            dist = next(iter(owners.get(mod, ())), None)
+            env[mod] = used.get(dist) if dist else getattr(sys.modules[mod], "__version__", None)
+    env["libraries"] = used
     return env
+
+
+# Libraries whose versions move figures most (FLOP handles, pipelines, Inception weights,
+# kernels), kept as top-level keys of ``env`` when a cell imported them.
+_NAMED = ("diffusers", "fvcore", "transformers", "torch_fidelity", "safetensors", "scipy", "open_clip",
+          "mamba_ssm", "timm")
+
+
+@lru_cache(maxsize=1)
+def _owners() -> dict[str, list[str]]:
+    """Top-level module -> distributions (a third of a second to build: once per process)."""
+    try:
+        return metadata.packages_distributions()
+    except Exception:  # one broken install must not cost every record its env
+        return {}
+
+
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    """Distribution -> version; the first on sys.path wins, as for an import."""
+    out: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            out.setdefault(name, dist.version)
+    return out
+
+
+def libraries() -> dict[str, str]:
+    """Distribution -> version of every installed library with a module imported in this
+    process. Called after a cell, so it lists what the cell used, imported lazily or not."""
+    owners, versions = _owners(), _versions()
+    dists = {d for name in list(sys.modules) if "." not in name for d in owners.get(name, ())}
+    return {d: versions[d] for d in sorted(dists, key=str.lower) if d in versions}

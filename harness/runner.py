@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import stages
+from . import kernels, stages
 from .errors import MetricUnavailable, UserError
 from .plugins import registry
 from .records import environment, read_record, write_record
@@ -44,7 +45,8 @@ class CellJob:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # milliseconds: a reader can tell whether a timing overlapped another cell of the run
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _metric_entry(metric, value) -> dict:
@@ -56,8 +58,31 @@ def _metric_entry(metric, value) -> dict:
     return entry
 
 
-def execute_cell(job: CellJob) -> dict:
-    """Run one cell in this process and write its record; never raises for a cell's own failure."""
+def _measure(metric, ctx, alone: Callable[[], AbstractContextManager] | None) -> dict:
+    """One metric's record entry; a timing-sensitive one runs inside ``alone()`` and says
+    whether it ran alone and when."""
+    sensitive = bool(getattr(metric, "timing_sensitive", False))
+    with (alone() if sensitive and alone is not None else nullcontext(None)) as ran_alone:
+        started = _now()
+        try:
+            entry = _metric_entry(metric, metric(ctx))
+        except MetricUnavailable as exc:
+            return {"value": None, "status": "unavailable", "reason": str(exc),
+                    "direction": getattr(metric, "direction", None), "unit": getattr(metric, "unit", "")}
+        finished = _now()
+    if sensitive:
+        entry["ran_alone"] = ran_alone
+        entry["interval"] = [started, finished]
+    return entry
+
+
+def execute_cell(job: CellJob, alone: Callable[[], AbstractContextManager] | None = None) -> dict:
+    """Run one cell in this process and write its record; never raises for a cell's own failure.
+
+    ``alone`` is how the executor gives a timing-sensitive metric (latency) the machine to
+    itself: a context manager factory, entered around that metric, whose value is recorded
+    as the entry's ``ran_alone``: True when no other cell of the run ran meanwhile, False when
+    some did, None (no ``alone`` given) when the executor cannot tell."""
     reg = registry()
     config = CellConfig.model_validate(job.config)
     record = {
@@ -67,40 +92,37 @@ def execute_cell(job: CellJob) -> dict:
     }
     t0 = time.perf_counter()
     old_threads = torch.get_num_threads()
+    device = None
+    kernels_used: dict[str, list[str]] = {}
     try:
-        from .context import CellContext
+        with kernels.track() as kernels_used:  # which implementation each custom kernel ran
+            from .context import CellContext
 
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
-        record["env"] = environment(str(ctx.device))
-        compress = config.prune is not None or config.distill is not None
-        if config.train.steps > 0 and not compress:  # a compression cell trains (and caches) its teacher itself
-            stages.train_cell(ctx)
-        if compress:
-            stages.compress_cell(ctx)
-        for spec in config.metric_specs():
-            metric = reg.create("metric", spec.name, **spec.options)
-            try:
-                value = metric(ctx)
-            except MetricUnavailable as exc:
-                record["metrics"][spec.name] = {"value": None, "status": "unavailable", "reason": str(exc),
-                                                "direction": getattr(metric, "direction", None),
-                                                "unit": getattr(metric, "unit", "")}
-                continue
-            record["metrics"][spec.name] = _metric_entry(metric, value)
-        record.update(ctx.extra)
-        record["status"] = "ok"
+            if config.threads:
+                torch.set_num_threads(config.threads)
+            ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
+            device = str(ctx.device)
+            compress = config.prune is not None or config.distill is not None
+            if config.train.steps > 0 and not compress:  # a compression cell trains (and caches) its teacher itself
+                stages.train_cell(ctx)
+            if compress:
+                stages.compress_cell(ctx)
+            for spec in config.metric_specs():
+                metric = reg.create("metric", spec.name, **spec.options)
+                record["metrics"][spec.name] = _measure(metric, ctx, alone)
+            record.update(ctx.extra)
+            record["status"] = "ok"
     except (Exception, MemoryError) as exc:  # one cell's failure is data, not a crash
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}".strip()
         record["traceback"] = traceback.format_exc(limit=20)
-        if not record["env"]:
-            record["env"] = environment(None)
     finally:
         torch.set_num_threads(old_threads)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    # after the cell: libraries it imported lazily (diffusers, fvcore...) are loaded by now
+    record["env"] = environment(device)
+    record["env"]["kernels"] = kernels.describe(kernels_used)
     record["finished"] = _now()
     record["duration_s"] = round(time.perf_counter() - t0, 3)
     write_record(job.record_path, record)

@@ -1,6 +1,7 @@
 """Tables from records on disk (pandas), with the direction of every metric shown."""
 from __future__ import annotations
 
+import html
 import json
 import math
 from typing import Any, Sequence
@@ -11,6 +12,7 @@ from .errors import UserError, suggest
 
 FORMATS = ("markdown", "latex", "csv", "html", "json")
 ARROW = {"lower": "↓", "higher": "↑"}
+SPREAD_NOTE = "± is half the interquartile range"  # what format_metric's "median ± x" means
 
 
 def _component_label(spec: dict) -> str:
@@ -53,10 +55,28 @@ def format_metric(name: str, entry: Any) -> str:
     if unit == "params":
         return f"{value / 1e6:.2f}M"
     if unit == "ms" and isinstance(entry, dict) and entry.get("iqr") is not None:
-        return f"{value:.2f} ± {entry['iqr'] / 2:.2f}"
+        return f"{value:.2f} ± {entry['iqr'] / 2:.2f}"  # median ± IQR/2: SPREAD_NOTE says so under the table
     if math.isfinite(value) and value != 0 and abs(value) < 1e-3:
         return f"{value:.3e}"
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+
+
+def kernels_text(record: dict) -> str:
+    """The kernel implementations a record's timings ran on (``selective_scan: compiled-cpu``),
+    from the ``kernels`` its timing-sensitive entries (latency) keep."""
+    used: dict[str, str] = {}
+    for entry in record.get("metrics", {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("kernels"), dict):
+            used.update(entry["kernels"])
+    return "; ".join(f"{k}: {v}" for k, v in sorted(used.items()))
+
+
+def notes(df: pd.DataFrame) -> list[str]:
+    """The legend under a table: arrows, and what "±" means when a cell shows one."""
+    out = [f"{a} {d} is better" for d, a in ARROW.items() if any(a in str(c) for c in df.columns)]
+    if any("±" in str(v) for v in df.to_numpy().ravel()):
+        out.append(SPREAD_NOTE)
+    return out
 
 
 def metric_header(name: str, entries: list[Any]) -> str:
@@ -79,8 +99,13 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
     suites = {r["suite"] for r in records}
     seeds = {r.get("seed") for r in records}
     metric_names = list(dict.fromkeys(m for r in records for m in r.get("metrics", {})))
+    kernels = [kernels_text(r) for r in records]
+    # which implementation a latency ran on (compiled scan or fallback) goes right after it
+    kernels_after = next((m for m in metric_names
+                          if any(isinstance(r.get("metrics", {}).get(m), dict) and r["metrics"][m].get("kernels")
+                                 for r in records)), None)
     rows = []
-    for rec, f in zip(records, flat):
+    for rec, f, used in zip(records, flat, kernels):
         row: dict[str, Any] = {}
         if len(suites) > 1:
             row["suite"] = rec["suite"]
@@ -98,6 +123,8 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
                 row[m] = metric_value(entry)
             else:
                 row[m] = format_metric(m, entry) if entry is not None else ""
+            if m == kernels_after:
+                row["kernels"] = used or None
         rows.append(row)
     df = pd.DataFrame(rows, dtype=object)  # object: an int column with gaps stays int
     df = df.where(df.notna(), None if raw else "")  # a key some backbones lack: blank, not "nan"
@@ -123,13 +150,13 @@ def render(records: list[dict], fmt: str = "markdown", columns: Sequence[str] | 
         raise UserError(f"unknown table format {fmt!r}{suggest(fmt, FORMATS)}")
     raw = fmt in ("csv", "json")
     df = build_frame(records, columns, raw=raw)
+    legend = " · ".join(notes(df)) if not raw else ""
     if fmt == "markdown":
-        arrows = " · ".join(f"{a} {d} is better" for d, a in ARROW.items() if any(a in c for c in df.columns))
-        return df.to_markdown(index=False) + (f"\n\n{arrows}" if arrows else "")
-    if fmt == "latex":
-        return df.to_latex(index=False, escape=True)
+        return df.to_markdown(index=False) + (f"\n\n{legend}" if legend else "")
+    if fmt == "latex":  # the legend as a comment, as the leaderboard's: the caption is the author's
+        return df.to_latex(index=False, escape=True) + (f"% {legend}\n" if legend else "")
     if fmt == "html":
-        return df.to_html(index=False, border=0)
+        return df.to_html(index=False, border=0) + (f"\n<p>{html.escape(legend)}</p>" if legend else "")
     if fmt == "csv":
         return df.to_csv(index=False).rstrip("\n")
     return df.to_json(orient="records", indent=2)

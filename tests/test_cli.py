@@ -64,6 +64,7 @@ def test_table_markdown_shows_direction_and_status(results, capsys):
     assert code == 0
     assert "params ↓" in out and "gflops ↓" in out and "latency (ms) ↓" in out
     assert "674.83M" in out and "118.7" in out and "12.00 ± 0.20" in out
+    assert out.rstrip().endswith("↓ lower is better · ± is half the interquartile range")  # what ± means
     assert "failed" in out and "backbone.size" in out
 
 
@@ -72,6 +73,21 @@ def test_table_markdown_shows_direction_and_status(results, capsys):
 def test_table_formats(results, capsys, fmt, needle):
     code, out, _ = cli(["table", str(results), "--format", fmt], capsys)
     assert code == 0 and needle in out
+    assert ("± is half the interquartile range" in out) == (fmt != "csv")  # csv holds raw values, no ±
+
+
+def test_table_shows_the_kernels_a_latency_ran_on(tmp_path, capsys):
+    for cell, impl in (("a", "compiled-cpu"), ("b", "pytorch")):
+        rec = record(cell, "S", 1, 1.0, latency=3.0)
+        rec["metrics"]["latency"]["kernels"] = {"selective_scan": impl}
+        write_record(tmp_path / "demo" / f"{cell}.json", rec)
+    write_record(tmp_path / "demo" / "c.json", record("c", "S", 1, 1.0, latency=2.0))  # attention: none
+    code, out, _ = cli(["table", str(tmp_path), "--format", "csv"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split(",")[-2:] == ["latency", "kernels"]
+    kernels = [line.split(",")[-1] for line in lines[1:]]
+    assert kernels == ["selective_scan: compiled-cpu", "selective_scan: pytorch", ""]
 
 
 def test_table_json_and_columns(results, capsys):

@@ -90,6 +90,8 @@ def test_process_worker_crash_is_a_failed_record(tmp_path, plugin_site, crashy_s
     with_site(plugin_site)
     with_site(crashy_site)
     text = SUITE.replace("[2, 4, 8]", "[2]") + "include:\n  - {backbone: {name: crashy}}\n"
+    # crashy dies while it holds the machine for latency: the other cell's latency still gets it
+    text = text.replace("[params, gflops]", "[params, {name: latency, warmup: 1, min_runs: 2, min_time: 0}, gflops]")
     results = tmp_path / "r"
     assert main(["run", str(_suite(tmp_path, text)), "--results", str(results), "--executor", "process",
                  "--jobs", "2"]) == 1
@@ -98,8 +100,41 @@ def test_process_worker_crash_is_a_failed_record(tmp_path, plugin_site, crashy_s
     assert len(records) == 2 and len(failed) == 1
     assert failed[0]["config"]["backbone"]["name"] == "crashy"
     assert "worker process died (exit code 3)" in failed[0]["error"]
+    [ok] = [r for r in records if r["status"] == "ok"]
+    assert ok["metrics"]["latency"]["ran_alone"] is True
     # a rerun retries only the failed cell
     assert main(["run", str(_suite(tmp_path, text)), "--results", str(results), "--executor", "process"]) == 1
+
+
+TIMED = """\
+suite: execs
+seed: 0
+base:
+  backbone: {name: toy, width: 4, sleep: 0.1}
+  metrics: [params, {name: latency, warmup: 1, min_runs: 3, min_time: 0}]
+  device: cpu
+include:
+  - {backbone.sleep: 2, metrics: [params, gflops]}
+"""
+
+
+@pytest.mark.slow
+def test_process_executor_times_latency_with_no_other_cell_running(tmp_path, plugin_site, with_site):
+    """Two workers: the latency cell is first in line, beside a cell whose forward sleeps 2 s
+    (in gflops' trace). Started together, they would overlap; latency waits for it instead."""
+    from datetime import datetime
+
+    with_site(plugin_site)
+    results = tmp_path / "r"
+    assert main(["run", str(_suite(tmp_path, TIMED)), "--results", str(results), "--executor", "process",
+                 "--jobs", "2"]) == 0
+    timed, other = sorted(load_records(results / "execs"), key=lambda r: "gflops" in r["metrics"])
+    lat = timed["metrics"]["latency"]
+    assert lat["ran_alone"] is True and lat["runs"] == 3
+    start, end = (datetime.fromisoformat(t) for t in lat["interval"])
+    other_start, other_end = (datetime.fromisoformat(other[k]) for k in ("started", "finished"))
+    assert start < end and (end <= other_start or start >= other_end)
+    assert "ran_alone" not in other["metrics"]["gflops"]  # only timing-sensitive metrics wait
 
 
 def test_process_timeout_kills_the_worker(tmp_path, plugin_site, with_site):
@@ -132,10 +167,13 @@ def test_executor_options_are_checked():
 def test_submitit_local_runs_each_cell_as_a_job(tmp_path, plugin_site, with_site):
     with_site(plugin_site)
     text = SUITE.replace("[2, 4, 8]", "[2, 8]") + "executor: {name: submitit, cluster: local, poll: 0.2, timeout_min: 10}\n"
+    text = text.replace("[params, gflops]", "[params, gflops, {name: latency, warmup: 0, min_runs: 1, min_time: 0}]")
     results = tmp_path / "r"
     assert main(["run", str(_suite(tmp_path, text)), "--results", str(results)]) == 0
     records = _by_width(results)
     assert sorted(records) == [2, 8] and {r["status"] for r in records.values()} == {"ok"}
+    # jobs of an array may share a node: whether the timing ran alone is unknown, and says so
+    assert [r["metrics"]["latency"]["ran_alone"] for r in records.values()] == [None, None]
     logs = results / "execs" / "submitit"
     assert len(list(logs.glob("*_log.out"))) == 2  # one submitit job (and log) per cell
     # resumable like any run: nothing left to submit

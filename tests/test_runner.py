@@ -192,3 +192,47 @@ def test_only_keeps_each_cells_position_in_the_suite(tmp_path, plugin_site, with
     rows = [(r["config"]["backbone"]["width"], r["seed"]) for r in load_records(results)]
     assert [r["index"] for r in load_records(results)] == [0, 0, 1, 2]
     assert rows == [(8, 0), (8, 1), (2, 0), (4, 0)]
+
+
+def test_env_lists_the_libraries_a_cell_imported_while_it_ran(tmp_path):
+    """fvcore is imported by the gflops metric, inside the cell: env still has its version."""
+    from importlib import metadata
+
+    script = textwrap.dedent("""
+        import json, sys
+        from harness.runner import CellJob, execute_cell
+        assert "fvcore" not in sys.modules
+        config = {"backbone": {"name": "dit", "size": "tiny", "depth": 1, "input_size": 8},
+                  "metrics": ["gflops"], "device": "cpu"}
+        print(json.dumps(execute_cell(CellJob("t", "t.yaml", "c", "c", 0, config, sys.argv[1]))["env"]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    env = json.loads(done.stdout.splitlines()[-1])
+    assert env["fvcore"] == metadata.version("fvcore")
+    assert env["libraries"]["fvcore"] == env["fvcore"] and env["libraries"]["torch"] == metadata.version("torch")
+    assert env["kernels"] == {}  # attention: no custom kernel ran
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_env_kernels_names_the_selective_scan_that_ran(tmp_path, monkeypatch, native):
+    from harness.runner import CellJob, execute_cell
+    from harness_mixers import _native
+
+    if native and not _native.load():
+        pytest.skip("no C++ compiler here: the compiled scan is not built")
+    monkeypatch.setenv("HARNESS_NATIVE_SCAN", "1" if native else "0")  # 0: the switch to the fallback
+    _native.load.cache_clear()
+    config = {"backbone": {"name": "dit", "size": "tiny", "depth": 1, "input_size": 8, "mixer": "mamba"},
+              "metrics": ["params", {"name": "latency", "warmup": 0, "min_runs": 1, "min_time": 0}],
+              "device": "cpu"}
+    try:
+        record = execute_cell(CellJob("t", "t.yaml", "c", "c", 0, config, str(tmp_path)))
+    finally:
+        _native.load.cache_clear()
+    impl = "compiled-cpu" if native else "pytorch"
+    assert record["status"] == "ok", record["error"]
+    assert record["env"]["kernels"] == {"selective_scan": impl}
+    assert record["metrics"]["latency"]["kernels"] == {"selective_scan": impl}
+    assert record["metrics"]["latency"]["ran_alone"] is None  # no executor said it ran alone

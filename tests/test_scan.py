@@ -151,3 +151,41 @@ def test_flop_handle_counts_9_BLDN_for_a_mamba_mixer():
     without = count_flops(Wrap(), {"x": x}, {**handles, "prim::PythonOp.SelectiveScanFn": lambda i, o: 0})
     assert not with_scan.uncounted_ops
     assert with_scan.total - without.total == 9 * 1 * (hw[0] * hw[1]) * (2 * dim) * 8
+
+
+def test_each_call_notes_the_implementation_that_ran(monkeypatch):
+    """What env.kernels is made of: the compiled loop, the fallback, both when a span used both."""
+    from harness import kernels
+
+    x = {k: v.detach() for k, v in _inputs().items()}
+    with kernels.track() as outer:
+        if scan_mod.native_available():
+            with kernels.track() as inner:
+                selective_scan(**x)
+            assert kernels.describe(inner) == {"selective_scan": "compiled-cpu"}
+        monkeypatch.setattr(scan_mod, "_use_native", lambda *tensors: False)
+        selective_scan(**x)
+    expected = "compiled-cpu + pytorch" if scan_mod.native_available() else "pytorch"
+    assert kernels.describe(outer) == {"selective_scan": expected}
+    with kernels.track() as after:
+        pass
+    assert after == {}  # a closed span hears nothing
+
+
+def test_mamba_ssm_is_used_where_it_imports_unless_switched_off(monkeypatch):
+    """HARNESS_MAMBA_SSM=0 keeps our own scan even where mamba-ssm imports (a stand-in here)."""
+    import sys
+    import types
+
+    fake = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    fake.selective_scan_fn = lambda *args: "fused"
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    try:
+        for switch, expected in (("1", fake.selective_scan_fn), ("0", None)):
+            scan_mod._mamba_ssm.cache_clear()
+            monkeypatch.setenv("HARNESS_MAMBA_SSM", switch)
+            assert scan_mod._mamba_ssm() is expected
+    finally:
+        scan_mod._mamba_ssm.cache_clear()

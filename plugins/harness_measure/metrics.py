@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from harness import kernels
 from harness.context import DTYPES, CellContext
 from harness.flops import count_flops
 
@@ -51,6 +52,7 @@ class Latency:
     """Forward latency in ms: eval and inference mode, warm-up, median and IQR of timed runs."""
 
     name, direction, unit = "latency", "lower", "ms"
+    timing_sensitive = True  # executors run it with no other cell on the machine
 
     def __init__(self, batch_size: int = 1, warmup: int = 3, min_runs: int = 10, max_runs: int = 200,
                  min_time: float = 1.0, dtype: str | None = None):
@@ -77,7 +79,7 @@ class Latency:
         load_before = _load_average()
         times: list[float] = []
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), kernels.track() as used:
                 for _ in range(self.warmup):
                     cast(**inputs)
                 sync()
@@ -97,6 +99,7 @@ class Latency:
             "dtype": str(dtype).replace("torch.", ""), "device": str(device), "threads": torch.get_num_threads(),
             # CPU timings are only comparable on a quiet machine: keep the load they were taken under
             "load_average": [load_before, _load_average()], "cpu_count": os.cpu_count(),
+            "kernels": kernels.describe(used),  # the implementations timed (compiled scan or fallback...)
         }
 
 

@@ -7,13 +7,18 @@
 Shapes: u, delta, z (B, D, L); A (D, N); B, C (B, N, L), or (B, G, N, L) where G groups of
 D/G channels share one B and C (VMamba's four directions in one call); D, delta_bias (D,).
 
-Dispatch: on CUDA with mamba-ssm importable, its fused kernel. Everywhere else our
-:class:`SelectiveScanFn`: on the CPU a compiled loop (csrc/selective_scan.cpp, built on first
-use and cached; forward and a hand-written backward), and otherwise (CUDA without mamba-ssm,
-or no compiler) a log-depth parallel scan in PyTorch. Both are stable for any delta * A <= 0:
-they multiply decays exp(delta A) <= 1 and never divide by them, which is where a
-cumulative-sum rewrite overflows. fvcore sees the op as ``prim::PythonOp.SelectiveScanFn``
-and counts it with :func:`selective_scan_flop`.
+Dispatch: on CUDA with mamba-ssm importable (``pip install '.[cuda]'``; ``HARNESS_MAMBA_SSM=0``
+turns it off), its fused kernel. Everywhere else our :class:`SelectiveScanFn`: on the CPU a
+compiled loop (csrc/selective_scan.cpp, built on first use and cached; forward and a
+hand-written backward; ``HARNESS_NATIVE_SCAN=0`` turns it off), and otherwise (CUDA without
+mamba-ssm, or no compiler) a log-depth parallel scan in PyTorch. Both are stable for any
+delta * A <= 0: they multiply decays exp(delta A) <= 1 and never divide by them, which is
+where a cumulative-sum rewrite overflows. fvcore sees the op as
+``prim::PythonOp.SelectiveScanFn`` and counts it with :func:`selective_scan_flop`.
+
+The three run at very different speeds, so every call says which one ran
+(``mamba-ssm``, ``compiled-cpu`` or ``pytorch``) through :func:`harness.kernels.note`;
+records carry it under ``env.kernels.selective_scan``.
 """
 from __future__ import annotations
 
@@ -24,9 +29,13 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from harness import kernels
+
 from . import _native
 
 __all__ = ["selective_scan", "selective_scan_ref", "SelectiveScanFn", "selective_scan_flop", "native_available"]
+
+KERNEL = "selective_scan"  # the name under env.kernels
 
 
 # -- the definition --------------------------------------------------------------------------
@@ -182,6 +191,7 @@ class SelectiveScanFn(torch.autograd.Function):
                                               for t in (u, delta, A, B, C, D, z, delta_bias))
         ctx.delta_softplus = delta_softplus
         ctx.native = _use_native(u, delta, A, B, C, D, z, delta_bias)
+        kernels.note(KERNEL, "compiled-cpu" if ctx.native else "pytorch")
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         if ctx.native:
             lib = _native.load()
@@ -248,6 +258,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """mamba-ssm's ``selective_scan_fn``: out (B, D, L), and the last state (B, D, N) if asked."""
     B4, C4 = _check(u, delta, A, B, C, D, z, delta_bias)
     if u.is_cuda and _mamba_ssm() is not None:
+        kernels.note(KERNEL, "mamba-ssm")
         return _mamba_ssm()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     dtype = u.dtype
     if dtype in (torch.float16, torch.bfloat16):  # the state recurrence needs float32
