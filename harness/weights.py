@@ -17,6 +17,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,7 +66,9 @@ def read_tensors(path: str | Path, *, what: str = "weights"):
         except (SafetensorError, OSError) as exc:
             raise UserError(f"{what} {str(path)!r} is not a readable .safetensors file ({exc})") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # An old pickle protocol is refused below anyway; its warning would be a second line.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL (\S+)", str(exc))

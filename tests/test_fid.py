@@ -3,6 +3,8 @@ torch-fidelity, cached reference statistics, unavailable offline, shared validat
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -123,6 +125,73 @@ def test_harness_fid_without_weights_offline_is_a_one_line_error(tmp_path, monke
     assert "--weights" in capsys.readouterr().err
 
 
+def _one_line_exit_2(capsys, argv):
+    from harness.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _bad_folder(tmp_path, kind):
+    d = tmp_path / kind
+    d.mkdir()
+    if kind == "not-images":
+        (d / "notes.txt").write_text("hello")
+        (d / "data.npz").write_bytes(b"\0" * 32)
+    elif kind == "junk-png":
+        Image.new("RGB", (16, 16)).save(d / "a.png")
+        (d / "b.png").write_text("not a png")
+    elif kind == "mixed-sizes":
+        Image.new("RGB", (16, 16)).save(d / "a.png")
+        Image.new("RGB", (32, 16)).save(d / "b.png")
+    elif kind == "one-image":
+        Image.new("RGB", (16, 16)).save(d / "a.png")
+    return d
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("empty", r"DIR\d '.*empty' holds 0 .png/.jpg/.jpeg image\(s\); FID needs at least 2 per folder"),
+    ("not-images", r"DIR\d '.*not-images' holds 0 .png/.jpg/.jpeg image"),
+    ("junk-png", r"DIR\d file '.*junk-png/b.png' is not a readable image \(UnidentifiedImageError\)"),
+    ("mixed-sizes", r"DIR\d '.*mixed-sizes' mixes image sizes \(a.png is 16x16, b.png is 32x16\); expected one size"),
+    ("one-image", r"DIR\d '.*one-image' holds 1 .png/.jpg/.jpeg image\(s\); FID needs at least 2"),
+], ids=["empty", "not-images", "junk-png", "mixed-sizes", "one-image"])
+def test_harness_fid_bad_folders_are_one_line_errors(tmp_path, capsys, kind, expected):
+    good, bad = _folder(tmp_path / "good", 2, 0), _bad_folder(tmp_path, kind)
+    assert re.search("fid: " + expected.replace(r"DIR\d", "DIR1"), _one_line_exit_2(capsys, ["fid", str(bad), str(good)]))
+    assert re.search("fid: " + expected.replace(r"DIR\d", "DIR2"), _one_line_exit_2(capsys, ["fid", str(good), str(bad)]))
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_harness_fid_rejects_a_batch_size_below_one(tmp_path, capsys, size):
+    d = _folder(tmp_path / "a", 2, 0)
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--batch-size", size])
+    assert f"fid: --batch-size must be a positive integer, got {size}" in err
+
+
+def test_harness_fid_refuses_junk_and_code_carrying_weights(tmp_path, capsys, monkeypatch):
+    d = _folder(tmp_path / "a", 2, 0)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x80\x02 definitely not weights")
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--weights", str(junk)])
+    assert re.search(r"FID weights \(--weights\) '.*junk.pth' is not a weights file", err)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "inception.pth"
+    torch.save({"fc.weight": torch.zeros(1), "x": Evil()}, evil)
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--weights", str(evil)])
+    assert re.search(r"FID weights \(--weights\) '.*inception.pth' is refused: it holds a pickled \S*system", err)
+    monkeypatch.setenv("HARNESS_FID_WEIGHTS", str(evil))
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d)])
+    assert "FID weights (HARNESS_FID_WEIGHTS)" in err and "refused" in err
+    assert not (tmp_path / "pwned").exists()
+
+
 # -- metrics in a cell ----------------------------------------------------------------------------
 def _suite(tmp_path, metrics, backbone=None, steps=0):
     from harness.runner import execute_cell, plan
@@ -151,7 +220,32 @@ def test_fid_kid_isc_in_a_cell_with_cached_reference(tmp_path):
     # fid and kid share the reference features: 8 + 24 for fid, only 8 more for kid, 8 for isc.
     assert TinyExtractor.calls == 8 + 24 + 8 + 8
     cached = list((tmp_path / "cache" / "fidelity").glob("harness-ref-*"))
-    assert cached and all(TINY_EXTRACTOR in p.name for p in cached)
+    assert cached and all(TINY_EXTRACTOR in p.name and p.suffix == ".safetensors" for p in cached)
+
+
+def test_the_reference_cache_holds_no_pickles_and_never_unpickles(tmp_path):
+    """Features are cached as .safetensors; a .pt where torch-fidelity kept its pickles is not read."""
+    opts = {"num_samples": 4, "steps": 2, "batch_size": 4, "extractor": TINY_EXTRACTOR}
+    (first,) = _suite(tmp_path, [{"name": "fid", **opts}])
+    cache = tmp_path / "cache" / "fidelity"
+    (feat,) = cache.glob("harness-ref-*-features-feat.safetensors")
+    name = feat.name[: -len("-features-feat.safetensors")]
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for old in (f"{name}-{TINY_EXTRACTOR}-features-feat.pt", f"{name}-{TINY_EXTRACTOR}-stat-fid-feat.pt"):
+        torch.save(Evil(), cache / old)
+    TinyExtractor.calls = 0
+    (again,) = _suite(tmp_path, [{"name": "fid", **opts}])
+    assert again["metrics"]["fid"]["value"] == first["metrics"]["fid"]["value"]
+    assert TinyExtractor.calls == 4  # the samples only: the reference came from the cache
+    feat.write_bytes(b"corrupt")  # our own entry, unreadable: recomputed, not an error
+    (third,) = _suite(tmp_path, [{"name": "fid", **opts}])
+    assert third["metrics"]["fid"]["value"] == first["metrics"]["fid"]["value"]
+    assert not marker.exists()
 
 
 def test_fid_equals_torch_fidelity_on_the_same_samples(tmp_path):

@@ -160,8 +160,11 @@ def _features(dataset, module, cuda: bool, batch_size: Optional[int] = None) -> 
     from torch_fidelity.defaults import DEFAULTS
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
+    # save_cpu_ram means no loader workers: images already in memory need no decoding, and
+    # starting workers would cost more than they save. The batches, hence the figures, are the same.
+    in_memory = isinstance(dataset, ReferenceImages)
     return get_featuresdict_from_dataset(dataset, module, batch_size or DEFAULTS["batch_size"], cuda,
-                                         DEFAULTS["save_cpu_ram"], False)
+                                         in_memory or DEFAULTS["save_cpu_ram"], False)
 
 
 def _cached_features(cache: Path, name: str, layers, compute) -> dict:
