@@ -262,6 +262,19 @@ def test_fid_equals_torch_fidelity_on_the_same_samples(tmp_path):
     assert rec["metrics"]["fid"]["value"] == pytest.approx(direct["frechet_inception_distance"], rel=1e-6)
 
 
+def test_a_half_written_sample_is_not_measured(tmp_path):
+    import torch_fidelity
+
+    samples, ref = _folder(tmp_path / "s", 4, 0), _folder(tmp_path / "r", 4, 1)
+    (samples / "000004.tmp.png").write_bytes(b"\x89PNG half")  # what a kill while sampling leaves
+    ext = fidelity.resolve_extractor(TINY_EXTRACTOR)
+    out = fidelity.fidelity_metrics(str(samples), str(ref), ext)
+    (samples / "000004.tmp.png").unlink()
+    direct = torch_fidelity.calculate_metrics(input1=str(samples), input2=str(ref), fid=True, cuda=False,
+                                              verbose=False, cache=False, feature_extractor=TINY_EXTRACTOR)
+    assert out["samples"] == 4 and out["value"] == direct["frechet_inception_distance"]
+
+
 def _folder_from(ds, path):
     path.mkdir()
     for i, img in enumerate(ds.uint8_images()):

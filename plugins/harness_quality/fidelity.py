@@ -202,7 +202,8 @@ def fidelity_metrics(samples: str, reference, extractor: Extractor, metrics=("fi
     cls = reg.FEATURE_EXTRACTORS_REGISTRY[extractor.name]
     layers = {m: feature_layer or cls.get_default_feature_layer_for_metric(m) for m in metrics}
     module = build_extractor(extractor, sorted(set(layers.values())), cuda)
-    files = image_files(samples)
+    # A kill while sampling can leave a half-written "<n>.tmp.png"; it is not a sample.
+    files = [f for f in image_files(samples) if ".tmp." not in Path(f).name]
     n1 = len(files)
     feats1 = _features(_images(files), module, cuda)
     feats2, n2 = None, None
