@@ -18,7 +18,6 @@ import os
 import pickle
 import re
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -78,7 +77,7 @@ def read_tensors(path: str | Path, *, what: str = "weights"):
                             f".safetensors)") from None
         raise UserError(f"{what} {str(path)!r} is not a weights file: torch.load(weights_only=True) cannot read "
                         f"it; expected a state dict saved with torch.save, or .safetensors") from None
-    except (EOFError, RuntimeError, ValueError, zipfile.BadZipFile) as exc:  # truncated or not a pickle at all
+    except Exception as exc:  # junk fails in many ways (EOFError, struct.error, BadZipFile...): all mean the same
         raise UserError(f"{what} {str(path)!r} is not a weights file ({type(exc).__name__}); expected a "
                         f"state dict saved with torch.save, or .safetensors") from None
 

@@ -298,15 +298,25 @@ def test_fid_offline_without_weights_is_unavailable_not_a_number(tmp_path, monke
 
 def test_resolve_extractor_prefers_the_given_weights(tmp_path, monkeypatch):
     w = tmp_path / "w.pth"
-    w.write_bytes(b"abc")
+    torch.save({"fc.bias": torch.zeros(2)}, w)
     monkeypatch.setenv("HARNESS_FID_WEIGHTS", str(w))
     env = fidelity.resolve_extractor()
     assert env.weights == str(w) and env.identity.endswith(fidelity.file_hash(w))
     w2 = tmp_path / "w2.pth"
-    w2.write_bytes(b"abd")
+    torch.save({"fc.bias": torch.ones(2)}, w2)
     assert fidelity.resolve_extractor(weights=str(w2)).identity != env.identity
     with pytest.raises(harness.UserError, match="not a file"):
         fidelity.resolve_extractor(weights=str(tmp_path / "missing.pth"))
+
+
+def test_junk_fid_weights_fail_a_cell_before_it_samples(tmp_path, monkeypatch):
+    junk = tmp_path / "inception.pth"
+    junk.write_bytes(b"junk")
+    monkeypatch.setenv("HARNESS_FID_WEIGHTS", str(junk))
+    (rec,) = _suite(tmp_path, ["params", {"name": "fid", "num_samples": 4}])
+    assert rec["status"] == "failed"
+    assert "FID weights (HARNESS_FID_WEIGHTS)" in rec["error"] and "is not a weights file" in rec["error"]
+    assert not list((tmp_path / "results").rglob("samples-*"))
 
 
 # -- val_loss -------------------------------------------------------------------------------------

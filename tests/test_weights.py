@@ -102,11 +102,9 @@ def test_plain_state_dict_and_safetensors(tmp_path):
         assert all(torch.equal(got[k], v) for k, v in src.state_dict().items())
     with pytest.raises(UserError, match="plain state dict, not a checkpoint with a 'model' entry"):
         _tiny_dit(pretrained=str(tmp_path / "sd.pth"), checkpoint_key="model")
-    with pytest.raises(UserError, match="checkpoint_key applies to a pretrained checkpoint"):
-        _tiny_dit(checkpoint_key="ema")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", bytes(range(256)) * 4])
+@pytest.mark.parametrize("content", [b"", b"junk", b"not a checkpoint at all", bytes(range(256)) * 4])
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".bin"])
 def test_junk_files_are_one_line_errors(tmp_path, content, suffix):
     path = tmp_path / f"junk{suffix}"

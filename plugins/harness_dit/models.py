@@ -244,10 +244,6 @@ def dit(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, 
         raise UserError(f"unknown DiT size {size!r}{suggest(size, DIT_SIZES)}")
     if context_dim:
         raise ValueError("DiT is class-conditional; text context (context_dim > 0) is not supported")
-    if checkpoint_key is not None and not pretrained:
-        from harness.errors import UserError
-
-        raise UserError("DiT option checkpoint_key applies to a pretrained checkpoint; pretrained is not set")
     d, h, n = DIT_SIZES[size]
     model = DiT(input_size=input_size, patch=patch, in_channels=in_channels, hidden_size=hidden_size or h,
                 depth=depth or d, num_heads=num_heads or n, mlp_ratio=mlp_ratio,

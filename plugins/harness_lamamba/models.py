@@ -277,8 +277,6 @@ def lamamba(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 10
         branches = [spec for spec in (ssm, attn) if spec is not None]
         if not branches:
             raise UserError("lamamba: 'ssm' and 'attn' are both None; keep at least one token mixer")
-    if checkpoint_key is not None and not pretrained:
-        raise UserError("lamamba option checkpoint_key applies to a pretrained checkpoint; pretrained is not set")
     base = LAMAMBA_SIZES[size]
     config = LaMambaConfig(
         widths=tuple(widths) if widths is not None else base.widths,

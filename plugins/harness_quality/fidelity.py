@@ -52,6 +52,20 @@ def file_hash(path: str | Path) -> str:
     return _file_hash(str(path), st.st_mtime, st.st_size)
 
 
+@lru_cache(maxsize=2)
+def _read_weights(path: str, mtime: float, size: int, what: str) -> dict:
+    from harness.weights import load_state_dict
+
+    return load_state_dict(path, what=what)
+
+
+def read_weights(path: str | Path, what: str) -> dict:
+    """The state dict in a local weights file, read safely once per content (fid, kid and isc
+    of every cell use the same file)."""
+    st = os.stat(path)
+    return _read_weights(str(path), st.st_mtime, st.st_size, what)
+
+
 def _online(host: str = "github.com", port: int = 443, timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((host, port), timeout=timeout).close()
@@ -74,6 +88,8 @@ def resolve_extractor(name: str = INCEPTION, weights: Optional[str] = None,
     if name != INCEPTION:  # another registered extractor brings its own weights
         if weights and not Path(weights).is_file():
             raise UserError(f"FID weights {weights!r} ({option}) is not a file")
+        if weights:  # read now: bad weights must stop a cell before it samples, not after
+            read_weights(weights, f"FID weights ({option})")
         return Extractor(name, weights, f"{name}-{file_hash(weights) if weights else 'builtin'}",
                          f"FID weights ({option})")
     path = weights or os.environ.get("HARNESS_FID_WEIGHTS")
@@ -81,6 +97,7 @@ def resolve_extractor(name: str = INCEPTION, weights: Optional[str] = None,
         source = option if weights else "HARNESS_FID_WEIGHTS"
         if not Path(path).is_file():
             raise UserError(f"FID weights {path!r} ({source}) is not a file")
+        read_weights(path, f"FID weights ({source})")
         return Extractor(name, str(path), f"{name}-{file_hash(path)}", f"FID weights ({source})")
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
@@ -128,7 +145,8 @@ def build_extractor(ext: Extractor, features, cuda: bool):
         source = URL_INCEPTION_V3
     if source is not None:
         buf = io.BytesIO()
-        torch.save(load_state_dict(source, what=ext.source), buf)
+        state = read_weights(source, ext.source) if ext.weights else load_state_dict(source, what=ext.source)
+        torch.save(state, buf)
         buf.seek(0)
         kwargs["feature_extractor_weights_path"] = buf
     try:
