@@ -114,6 +114,31 @@ def test_harness_fid_equals_torch_fidelity(tmp_path, random_inception, capsys):
     assert ours == direct["frechet_inception_distance"] and ours > 0
 
 
+def test_the_default_inception_is_read_safely_from_the_hub_cache(tmp_path, random_inception, monkeypatch):
+    """No weights named: torch-fidelity's file, where torch.hub keeps downloads, read as tensors only."""
+    import shutil
+
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    def never(*a, **k):
+        raise AssertionError("torch-fidelity's own loading unpickles: it must not be used")
+
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(random_inception, checkpoints / URL_INCEPTION_V3.rsplit("/", 1)[-1])
+    monkeypatch.delenv("HARNESS_FID_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", never)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", never)
+    monkeypatch.setattr(__import__("torch_fidelity").feature_extractor_inceptionv3, "load_state_dict_from_url", never)
+    ext = fidelity.resolve_extractor()
+    assert ext.weights is None
+    module = fidelity.build_extractor(ext, ["2048"], cuda=False)
+    saved = torch.load(random_inception, weights_only=True)
+    got = module.state_dict()
+    assert set(got) == set(saved) and all(torch.equal(got[k], saved[k]) for k in saved)
+
+
 def test_harness_fid_without_weights_offline_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     from harness.cli import main
 
