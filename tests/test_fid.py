@@ -211,6 +211,10 @@ def test_harness_fid_refuses_junk_and_code_carrying_weights(tmp_path, capsys, mo
     torch.save({"fc.weight": torch.zeros(1), "x": Evil()}, evil)
     err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--weights", str(evil)])
     assert re.search(r"FID weights \(--weights\) '.*inception.pth' is refused: it holds a pickled \S*system", err)
+    other = tmp_path / "other.safetensors"
+    __import__("safetensors.torch").torch.save_file({"fc.bias": torch.zeros(2)}, str(other))
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--weights", str(other)])
+    assert re.search(r"'.*other.safetensors' does not fit FeatureExtractorInceptionV3: Missing key\(s\)", err)
     monkeypatch.setenv("HARNESS_FID_WEIGHTS", str(evil))
     err = _one_line_exit_2(capsys, ["fid", str(d), str(d)])
     assert "FID weights (HARNESS_FID_WEIGHTS)" in err and "refused" in err

@@ -154,7 +154,8 @@ def build_extractor(ext: Extractor, features, cuda: bool):
     except RuntimeError as exc:  # load_state_dict: missing, unexpected or misshapen tensors
         if source is None or "state_dict" not in str(exc):
             raise
-        detail = " ".join(str(exc).split())[:240]
+        detail = " ".join(str(exc).split()).split(f"{cls.__name__}: ", 1)[-1]
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."
         raise UserError(f"{ext.source} {str(source)!r} does not fit {cls.__name__}: {detail}") from None
     module.requires_grad_(False).eval()
     return module.cuda() if cuda else module
@@ -301,9 +302,12 @@ def fid_of_folders(dir1: str, dir2: str, weights: Optional[str] = None, cuda: Op
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"fid: --batch-size must be a positive integer, got {batch_size!r}")
     files = [_check_folder(dir1, "DIR1"), _check_folder(dir2, "DIR2")]
-    ext = resolve_extractor(extractor, weights, option="--weights")
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    layer = reg.FEATURE_EXTRACTORS_REGISTRY[ext.name].get_default_feature_layer_for_metric("fid")
-    module = build_extractor(ext, [layer], cuda)
+    try:
+        ext = resolve_extractor(extractor, weights, option="--weights")
+        layer = reg.FEATURE_EXTRACTORS_REGISTRY[ext.name].get_default_feature_layer_for_metric("fid")
+        module = build_extractor(ext, [layer], cuda)
+    except UserError as exc:
+        raise UserError(f"fid: {exc}") from None
     stats = [fid_featuresdict_to_statistics(_features(_images(f), module, cuda, batch_size), layer) for f in files]
     return {"fid": float(fid_statistics_to_metric(*stats, False)[KEY_METRIC_FID]), "extractor": ext.identity}
