@@ -185,8 +185,8 @@ def _bad_folder(tmp_path, kind):
 ], ids=["empty", "not-images", "junk-png", "mixed-sizes", "one-image"])
 def test_harness_fid_bad_folders_are_one_line_errors(tmp_path, capsys, kind, expected):
     good, bad = _folder(tmp_path / "good", 2, 0), _bad_folder(tmp_path, kind)
-    assert re.search("fid: " + expected.replace(r"DIR\d", "DIR1"), _one_line_exit_2(capsys, ["fid", str(bad), str(good)]))
-    assert re.search("fid: " + expected.replace(r"DIR\d", "DIR2"), _one_line_exit_2(capsys, ["fid", str(good), str(bad)]))
+    for arg, argv in (("DIR1", [str(bad), str(good)]), ("DIR2", [str(good), str(bad)])):
+        assert re.search("fid: " + expected.replace(r"DIR\d", arg), _one_line_exit_2(capsys, ["fid", *argv]))
 
 
 @pytest.mark.parametrize("size", ["0", "-3"])
@@ -336,6 +336,8 @@ def test_resolve_extractor_prefers_the_given_weights(tmp_path, monkeypatch):
     assert fidelity.resolve_extractor(weights=str(w2)).identity != env.identity
     with pytest.raises(harness.UserError, match="not a file"):
         fidelity.resolve_extractor(weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(harness.UserError, match="'clip-vit-b-32' takes no weights file"):
+        fidelity.resolve_extractor("clip-vit-b-32", weights=str(w))
 
 
 def test_junk_fid_weights_fail_a_cell_before_it_samples(tmp_path, monkeypatch):

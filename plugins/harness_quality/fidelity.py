@@ -86,6 +86,13 @@ def resolve_extractor(name: str = INCEPTION, weights: Optional[str] = None,
 
         raise UserError(f"FID extractor {name!r} is not registered{suggest(name, reg.FEATURE_EXTRACTORS_REGISTRY)}")
     if name != INCEPTION:  # another registered extractor brings its own weights
+        from torch_fidelity.feature_extractor_clip import FeatureExtractorCLIP
+        from torch_fidelity.feature_extractor_dinov2 import FeatureExtractorDinoV2
+
+        own_loader = (FeatureExtractorCLIP, FeatureExtractorDinoV2)
+        if weights and issubclass(reg.FEATURE_EXTRACTORS_REGISTRY[name], own_loader):
+            # torch-fidelity reads CLIP weights as TorchScript and takes none for DINOv2: not a state dict.
+            raise UserError(f"FID extractor {name!r} takes no weights file ({option}); it loads its own")
         if weights and not Path(weights).is_file():
             raise UserError(f"FID weights {weights!r} ({option}) is not a file")
         if weights:  # read now: bad weights must stop a cell before it samples, not after
