@@ -165,7 +165,8 @@ def test_a_url_is_downloaded_once_then_read_safely(tmp_path, monkeypatch):
 
 def test_lamamba_takes_the_same_checkpoint_key(tmp_path):
     def tiny(**kw):
-        return harness.create("backbone", "lamamba", size="tiny", input_size=8, num_classes=4, **kw)
+        return harness.create("backbone", "lamamba", size="tiny", input_size=8, num_classes=4, widths=[8, 8, 8, 8],
+                              depths=[1, 1, 1, 1], bottleneck_depth=1, num_heads=2, **kw)
 
     model, ema = tiny(), tiny()
     with torch.no_grad():
