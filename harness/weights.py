@@ -27,8 +27,8 @@ import torch
 
 from .errors import UserError, suggest
 
-# Sub-dicts of a training checkpoint that hold a model's weights, in order of preference:
-# DiT's train.py keeps the EMA weights it samples with under "ema", the raw ones under "model".
+# The entry of a training checkpoint taken when none is named: DiT's train.py keeps the EMA
+# weights it samples with under "ema", the raw ones under "model".
 DEFAULT_KEY = "ema"
 
 
