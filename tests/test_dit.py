@@ -78,7 +78,7 @@ def test_pretrained_round_trip(tmp_path):
     loaded = tiny(pretrained=str(path)).eval()
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 4]), torch.tensor([1, 2])
     assert torch.equal(loaded(x, t, y), model.eval()(x, t, y))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(harness.UserError, match=r"pretrained '.*missing.pt' is not a file"):
         tiny(pretrained=str(tmp_path / "missing.pt"))
 
 

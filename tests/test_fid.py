@@ -3,6 +3,8 @@ torch-fidelity, cached reference statistics, unavailable offline, shared validat
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -112,6 +114,31 @@ def test_harness_fid_equals_torch_fidelity(tmp_path, random_inception, capsys):
     assert ours == direct["frechet_inception_distance"] and ours > 0
 
 
+def test_the_default_inception_is_read_safely_from_the_hub_cache(tmp_path, random_inception, monkeypatch):
+    """No weights named: torch-fidelity's file, where torch.hub keeps downloads, read as tensors only."""
+    import shutil
+
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    def never(*a, **k):
+        raise AssertionError("torch-fidelity's own loading unpickles: it must not be used")
+
+    checkpoints = tmp_path / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copy(random_inception, checkpoints / URL_INCEPTION_V3.rsplit("/", 1)[-1])
+    monkeypatch.delenv("HARNESS_FID_WEIGHTS", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", never)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", never)
+    monkeypatch.setattr(__import__("torch_fidelity").feature_extractor_inceptionv3, "load_state_dict_from_url", never)
+    ext = fidelity.resolve_extractor()
+    assert ext.weights is None
+    module = fidelity.build_extractor(ext, ["2048"], cuda=False)
+    saved = torch.load(random_inception, weights_only=True)
+    got = module.state_dict()
+    assert set(got) == set(saved) and all(torch.equal(got[k], saved[k]) for k in saved)
+
+
 def test_harness_fid_without_weights_offline_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     from harness.cli import main
 
@@ -121,6 +148,77 @@ def test_harness_fid_without_weights_offline_is_a_one_line_error(tmp_path, monke
     d = _folder(tmp_path / "a", 2, 0)
     assert main(["fid", str(d), str(d)]) == 2
     assert "--weights" in capsys.readouterr().err
+
+
+def _one_line_exit_2(capsys, argv):
+    from harness.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def _bad_folder(tmp_path, kind):
+    d = tmp_path / kind
+    d.mkdir()
+    if kind == "not-images":
+        (d / "notes.txt").write_text("hello")
+        (d / "data.npz").write_bytes(b"\0" * 32)
+    elif kind == "junk-png":
+        Image.new("RGB", (16, 16)).save(d / "a.png")
+        (d / "b.png").write_text("not a png")
+    elif kind == "mixed-sizes":
+        Image.new("RGB", (16, 16)).save(d / "a.png")
+        Image.new("RGB", (32, 16)).save(d / "b.png")
+    elif kind == "one-image":
+        Image.new("RGB", (16, 16)).save(d / "a.png")
+    return d
+
+
+@pytest.mark.parametrize("kind, expected", [
+    ("empty", r"DIR\d '.*empty' holds 0 .png/.jpg/.jpeg image\(s\); FID needs at least 2 per folder"),
+    ("not-images", r"DIR\d '.*not-images' holds 0 .png/.jpg/.jpeg image"),
+    ("junk-png", r"DIR\d file '.*junk-png/b.png' is not a readable image \(UnidentifiedImageError\)"),
+    ("mixed-sizes", r"DIR\d '.*mixed-sizes' mixes image sizes \(a.png is 16x16, b.png is 32x16\); expected one size"),
+    ("one-image", r"DIR\d '.*one-image' holds 1 .png/.jpg/.jpeg image\(s\); FID needs at least 2"),
+], ids=["empty", "not-images", "junk-png", "mixed-sizes", "one-image"])
+def test_harness_fid_bad_folders_are_one_line_errors(tmp_path, capsys, kind, expected):
+    good, bad = _folder(tmp_path / "good", 2, 0), _bad_folder(tmp_path, kind)
+    for arg, argv in (("DIR1", [str(bad), str(good)]), ("DIR2", [str(good), str(bad)])):
+        assert re.search("fid: " + expected.replace(r"DIR\d", arg), _one_line_exit_2(capsys, ["fid", *argv]))
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_harness_fid_rejects_a_batch_size_below_one(tmp_path, capsys, size):
+    d = _folder(tmp_path / "a", 2, 0)
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--batch-size", size])
+    assert f"fid: --batch-size must be a positive integer, got {size}" in err
+
+
+def test_harness_fid_refuses_junk_and_code_carrying_weights(tmp_path, capsys, monkeypatch):
+    d = _folder(tmp_path / "a", 2, 0)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"\x80\x02 definitely not weights")
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--weights", str(junk)])
+    assert re.search(r"FID weights \(--weights\) '.*junk.pth' is not a weights file", err)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "inception.pth"
+    torch.save({"fc.weight": torch.zeros(1), "x": Evil()}, evil)
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--weights", str(evil)])
+    assert re.search(r"FID weights \(--weights\) '.*inception.pth' is refused: it holds a pickled \S*system", err)
+    other = tmp_path / "other.safetensors"
+    __import__("safetensors.torch").torch.save_file({"fc.bias": torch.zeros(2)}, str(other))
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d), "--weights", str(other)])
+    assert re.search(r"'.*other.safetensors' does not fit FeatureExtractorInceptionV3: Missing key\(s\)", err)
+    monkeypatch.setenv("HARNESS_FID_WEIGHTS", str(evil))
+    err = _one_line_exit_2(capsys, ["fid", str(d), str(d)])
+    assert "FID weights (HARNESS_FID_WEIGHTS)" in err and "refused" in err
+    assert not (tmp_path / "pwned").exists()
 
 
 # -- metrics in a cell ----------------------------------------------------------------------------
@@ -151,7 +249,32 @@ def test_fid_kid_isc_in_a_cell_with_cached_reference(tmp_path):
     # fid and kid share the reference features: 8 + 24 for fid, only 8 more for kid, 8 for isc.
     assert TinyExtractor.calls == 8 + 24 + 8 + 8
     cached = list((tmp_path / "cache" / "fidelity").glob("harness-ref-*"))
-    assert cached and all(TINY_EXTRACTOR in p.name for p in cached)
+    assert cached and all(TINY_EXTRACTOR in p.name and p.suffix == ".safetensors" for p in cached)
+
+
+def test_the_reference_cache_holds_no_pickles_and_never_unpickles(tmp_path):
+    """Features are cached as .safetensors; a .pt where torch-fidelity kept its pickles is not read."""
+    opts = {"num_samples": 4, "steps": 2, "batch_size": 4, "extractor": TINY_EXTRACTOR}
+    (first,) = _suite(tmp_path, [{"name": "fid", **opts}])
+    cache = tmp_path / "cache" / "fidelity"
+    (feat,) = cache.glob("harness-ref-*-features-feat.safetensors")
+    name = feat.name[: -len("-features-feat.safetensors")]
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    for old in (f"{name}-{TINY_EXTRACTOR}-features-feat.pt", f"{name}-{TINY_EXTRACTOR}-stat-fid-feat.pt"):
+        torch.save(Evil(), cache / old)
+    TinyExtractor.calls = 0
+    (again,) = _suite(tmp_path, [{"name": "fid", **opts}])
+    assert again["metrics"]["fid"]["value"] == first["metrics"]["fid"]["value"]
+    assert TinyExtractor.calls == 4  # the samples only: the reference came from the cache
+    feat.write_bytes(b"corrupt")  # our own entry, unreadable: recomputed, not an error
+    (third,) = _suite(tmp_path, [{"name": "fid", **opts}])
+    assert third["metrics"]["fid"]["value"] == first["metrics"]["fid"]["value"]
+    assert not marker.exists()
 
 
 def test_fid_equals_torch_fidelity_on_the_same_samples(tmp_path):
@@ -166,6 +289,19 @@ def test_fid_equals_torch_fidelity_on_the_same_samples(tmp_path):
     direct = torch_fidelity.calculate_metrics(input1=str(samples), input2=str(ref), fid=True, cuda=False,
                                               verbose=False, cache=False, feature_extractor=TINY_EXTRACTOR)
     assert rec["metrics"]["fid"]["value"] == pytest.approx(direct["frechet_inception_distance"], rel=1e-6)
+
+
+def test_a_half_written_sample_is_not_measured(tmp_path):
+    import torch_fidelity
+
+    samples, ref = _folder(tmp_path / "s", 4, 0), _folder(tmp_path / "r", 4, 1)
+    (samples / "000004.tmp.png").write_bytes(b"\x89PNG half")  # what a kill while sampling leaves
+    ext = fidelity.resolve_extractor(TINY_EXTRACTOR)
+    out = fidelity.fidelity_metrics(str(samples), str(ref), ext)
+    (samples / "000004.tmp.png").unlink()
+    direct = torch_fidelity.calculate_metrics(input1=str(samples), input2=str(ref), fid=True, cuda=False,
+                                              verbose=False, cache=False, feature_extractor=TINY_EXTRACTOR)
+    assert out["samples"] == 4 and out["value"] == direct["frechet_inception_distance"]
 
 
 def _folder_from(ds, path):
@@ -191,15 +327,27 @@ def test_fid_offline_without_weights_is_unavailable_not_a_number(tmp_path, monke
 
 def test_resolve_extractor_prefers_the_given_weights(tmp_path, monkeypatch):
     w = tmp_path / "w.pth"
-    w.write_bytes(b"abc")
+    torch.save({"fc.bias": torch.zeros(2)}, w)
     monkeypatch.setenv("HARNESS_FID_WEIGHTS", str(w))
     env = fidelity.resolve_extractor()
     assert env.weights == str(w) and env.identity.endswith(fidelity.file_hash(w))
     w2 = tmp_path / "w2.pth"
-    w2.write_bytes(b"abd")
+    torch.save({"fc.bias": torch.ones(2)}, w2)
     assert fidelity.resolve_extractor(weights=str(w2)).identity != env.identity
     with pytest.raises(harness.UserError, match="not a file"):
         fidelity.resolve_extractor(weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(harness.UserError, match="'clip-vit-b-32' takes no weights file"):
+        fidelity.resolve_extractor("clip-vit-b-32", weights=str(w))
+
+
+def test_junk_fid_weights_fail_a_cell_before_it_samples(tmp_path, monkeypatch):
+    junk = tmp_path / "inception.pth"
+    junk.write_bytes(b"junk")
+    monkeypatch.setenv("HARNESS_FID_WEIGHTS", str(junk))
+    (rec,) = _suite(tmp_path, ["params", {"name": "fid", "num_samples": 4}])
+    assert rec["status"] == "failed"
+    assert "FID weights (HARNESS_FID_WEIGHTS)" in rec["error"] and "is not a weights file" in rec["error"]
+    assert not list((tmp_path / "results").rglob("samples-*"))
 
 
 # -- val_loss -------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ every block is a registry component (``mixer`` option); ``attention`` reproduces
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -222,30 +221,23 @@ def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def load_checkpoint(model: nn.Module, path: str) -> None:
-    """A local .pt/.pth/.safetensors file or an http(s) URL; EMA weights preferred."""
-    if path.startswith(("http://", "https://")):
-        state = torch.hub.load_state_dict_from_url(path, map_location="cpu")
-    elif not Path(path).is_file():
-        raise FileNotFoundError(f"pretrained checkpoint {path!r} not found")
-    elif path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def load_checkpoint(model: nn.Module, path: str, key: str | None = None) -> None:
+    """A local .pt/.pth/.safetensors file or an http(s) URL, read without running pickled code:
+    a state dict, or the ``key`` entry of a train.py checkpoint (``ema`` unless told otherwise)."""
+    from harness.weights import load_into
 
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "ema" in state:
-        state = state["ema"]
-    elif isinstance(state, dict) and "model" in state:
-        state = state["model"]
-    model.load_state_dict(state, strict=True)
+    load_into(model, path, key=key, what="pretrained")
 
 
 def dit(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, context_dim: int = 0,
         size: str = "XL", patch: int = 2, mixer: Any = "attention", learn_sigma: bool = True,
         class_dropout_prob: float = 0.1, mlp_ratio: float = 4.0, depth: int | None = None,
-        hidden_size: int | None = None, num_heads: int | None = None, pretrained: str | None = None) -> DiT:
-    """DiT (Peebles & Xie): sizes tiny/S/B/L/XL, patch 2/4/8, adaLN-Zero, class-conditional."""
+        hidden_size: int | None = None, num_heads: int | None = None, pretrained: str | None = None,
+        checkpoint_key: str | None = None) -> DiT:
+    """DiT (Peebles & Xie): sizes tiny/S/B/L/XL, patch 2/4/8, adaLN-Zero, class-conditional.
+
+    ``pretrained``: a state dict or a facebookresearch/DiT ``train.py`` checkpoint (file or URL);
+    of the latter ``checkpoint_key`` picks ``ema`` (the default, what DiT samples with) or ``model``."""
     if size not in DIT_SIZES:
         from harness.errors import UserError, suggest
 
@@ -258,5 +250,5 @@ def dit(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, 
                 class_dropout_prob=class_dropout_prob, num_classes=num_classes, learn_sigma=learn_sigma,
                 mixer=mixer)
     if pretrained:
-        load_checkpoint(model, pretrained)
+        load_checkpoint(model, pretrained, checkpoint_key)
     return model

@@ -258,8 +258,11 @@ def lamamba(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 10
             d_state: int = 16, window_size: int = 8, mlp_ratio: float = 4.0, learn_sigma: bool = True,
             class_dropout_prob: float = 0.1, widths: list[int] | None = None, depths: list[int] | None = None,
             bottleneck_depth: int | None = None, num_heads: int | None = None,
-            pretrained: str | None = None) -> LaMambaDiff:
-    """LaMamba-Diff U-Net (SS2D + window attention): XL is the paper's; tiny/S/B/L are our scaling."""
+            pretrained: str | None = None, checkpoint_key: str | None = None) -> LaMambaDiff:
+    """LaMamba-Diff U-Net (SS2D + window attention): XL is the paper's; tiny/S/B/L are our scaling.
+
+    ``pretrained``/``checkpoint_key`` as for DiT: a state dict, or a checkpoint's ``ema`` (default)
+    or ``model`` entry."""
     if size not in LAMAMBA_SIZES:
         raise UserError(f"unknown LaMamba-Diff size {size!r}{suggest(size, LAMAMBA_SIZES)}")
     if context_dim:
@@ -291,7 +294,7 @@ def lamamba(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 10
                         branches=branches, d_state=d_state, window_size=window_size, mlp_ratio=mlp_ratio,
                         class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma)
     if pretrained:
-        load_checkpoint(model, pretrained)
+        load_checkpoint(model, pretrained, checkpoint_key)
     return model
 
 

@@ -1,0 +1,180 @@
+"""harness.weights: weights a user names load as tensors, never as code; DiT train.py checkpoints."""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+import harness
+from harness import UserError
+from harness.weights import load_state_dict
+
+
+class Evil:
+    """Unpickling this runs ``touch MARKER``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _tiny_dit(**kw):
+    return harness.create("backbone", "dit", size="tiny", input_size=8, patch=2, depth=1, hidden_size=32,
+                          num_heads=2, num_classes=4, **kw)
+
+
+def _train_py_checkpoint(path, model, ema):
+    """What facebookresearch/DiT's train.py saves: model, ema, opt state and the argparse args."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                "args": argparse.Namespace(model="DiT-XL/2", image_size=256, num_classes=1000, epochs=1400,
+                                           global_batch_size=256, vae="ema", results_dir="results")}, path)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])
+def test_a_pickle_with_code_is_refused_and_never_run(tmp_path, legacy):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    payload = {"weight": torch.zeros(2), "x": Evil(marker)}
+    if legacy:
+        with open(path, "wb") as f:
+            pickle.dump(payload, f, protocol=2)
+    else:
+        torch.save(payload, path)
+    with pytest.raises(UserError, match=r"weights '.*evil\.pth'") as err:
+        load_state_dict(path)
+    assert not marker.exists()
+    assert "\n" not in str(err.value)
+    if not legacy:  # the zip format names the global it would have called
+        assert "system" in str(err.value) and "refused" in str(err.value)
+
+
+def test_the_evil_pickle_would_run_with_plain_torch_load(tmp_path):
+    """The test above is worth something: the same file does run code when fully unpickled."""
+    marker = tmp_path / "pwned"
+    torch.save({"x": Evil(marker)}, tmp_path / "evil.pth")
+    torch.load(tmp_path / "evil.pth", weights_only=False)
+    assert marker.exists()
+
+
+def test_dit_train_py_checkpoint_takes_ema_by_default_and_model_on_request(tmp_path):
+    torch.manual_seed(0)
+    model, ema = _tiny_dit(), _tiny_dit()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), ema.parameters()):
+            p.normal_(std=0.02)
+            q.normal_(std=0.02)
+    path = tmp_path / "0400000.pt"
+    _train_py_checkpoint(path, model, ema)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 4]), torch.tensor([1, 2])
+    for loaded, want in ((_tiny_dit(pretrained=str(path)), ema),
+                         (_tiny_dit(pretrained=str(path), checkpoint_key="ema"), ema),
+                         (_tiny_dit(pretrained=str(path), checkpoint_key="model"), model)):
+        assert torch.equal(loaded.eval()(x, t, y), want.eval()(x, t, y))
+    with pytest.raises(UserError, match=r"no 'emma' entry; did you mean 'ema'.*checkpoint_key"):
+        _tiny_dit(pretrained=str(path), checkpoint_key="emma")
+    with pytest.raises(UserError, match=r"entry 'opt' is a dict, not a state dict of tensors"):
+        _tiny_dit(pretrained=str(path), checkpoint_key="opt")
+
+
+def test_checkpoint_without_ema_names_its_entries(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": _tiny_dit().state_dict(), "step": {"n": torch.tensor(3)}}, path)
+    with pytest.raises(UserError, match=r"has no 'ema' entry; known: model, step \(choose one with checkpoint_key\)"):
+        _tiny_dit(pretrained=str(path))
+    assert isinstance(_tiny_dit(pretrained=str(path), checkpoint_key="model"), torch.nn.Module)
+
+
+def test_plain_state_dict_and_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _tiny_dit()
+    torch.save(src.state_dict(), tmp_path / "sd.pth")
+    save_file(src.state_dict(), str(tmp_path / "sd.safetensors"))
+    for name in ("sd.pth", "sd.safetensors"):
+        got = _tiny_dit(pretrained=str(tmp_path / name)).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in src.state_dict().items())
+    with pytest.raises(UserError, match="plain state dict, not a checkpoint with a 'model' entry"):
+        _tiny_dit(pretrained=str(tmp_path / "sd.pth"), checkpoint_key="model")
+
+
+@pytest.mark.parametrize("content", [b"", b"junk", b"not a checkpoint at all", bytes(range(256)) * 4])
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".bin"])
+def test_junk_files_are_one_line_errors(tmp_path, content, suffix):
+    path = tmp_path / f"junk{suffix}"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=rf"pretrained '.*junk\{suffix}' is not a") as err:
+        _tiny_dit(pretrained=str(path))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="is not a file"):
+        _tiny_dit(pretrained=str(tmp_path / "missing.pt"))
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    state = _tiny_dit().state_dict()
+    state.pop("pos_embed")
+    state["extra.weight"] = torch.zeros(1)
+    state["final_layer.linear.bias"] = torch.zeros(3)
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(UserError, match=r"does not fit DiT: 1 missing \(pos_embed\); 1 unexpected \(extra.weight\); "
+                                        r"1 of another shape \(final_layer.linear.bias\)"):
+        _tiny_dit(pretrained=str(tmp_path / "other.pt"))
+
+
+def test_a_url_is_downloaded_once_then_read_safely(tmp_path, monkeypatch):
+    src = _tiny_dit()
+    served = tmp_path / "served"
+    served.mkdir()
+    torch.save({"ema": src.state_dict()}, served / "DiT-tiny.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"ema": {"x": Evil(marker)}}, served / "evil.pt")
+    fetched = []
+
+    def fake_download(url, dst, *args, **kwargs):
+        fetched.append(url)
+        shutil.copy(served / url.rsplit("/", 1)[-1], dst)
+
+    def never(*a, **k):
+        raise AssertionError("load_state_dict_from_url unpickles: it must not be used")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", never)
+    url = "https://example.org/weights/DiT-tiny.pt"
+    for _ in range(2):
+        got = _tiny_dit(pretrained=url).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in src.state_dict().items())
+    assert fetched == [url] and (tmp_path / "hub" / "checkpoints" / "DiT-tiny.pt").is_file()
+    with pytest.raises(UserError, match="refused"):
+        _tiny_dit(pretrained="https://example.org/evil.pt")
+    assert not marker.exists()
+
+    def offline(url, dst, *a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError, match=r"pretrained: cannot download https://example.org/gone.pt \(OSError"):
+        _tiny_dit(pretrained="https://example.org/gone.pt")
+
+
+def test_lamamba_takes_the_same_checkpoint_key(tmp_path):
+    def tiny(**kw):
+        return harness.create("backbone", "lamamba", size="tiny", input_size=8, num_classes=4, widths=[8, 8, 8, 8],
+                              depths=[1, 1, 1, 1], bottleneck_depth=1, num_heads=2, **kw)
+
+    model, ema = tiny(), tiny()
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(1.0)
+    path = tmp_path / "ckpt.pt"
+    _train_py_checkpoint(path, model, ema)
+    got = tiny(pretrained=str(path), checkpoint_key="model").state_dict()
+    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    got = tiny(pretrained=str(path)).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ema.state_dict().items())
