@@ -398,17 +398,56 @@ def cmd_prune(args, extra: list[str]) -> int:
 
 # -- fid -----------------------------------------------------------------------------------
 def cmd_fid(args) -> int:
+    """Plain FID of two folders stays torch-fidelity's own figure; any other metric, or an
+    ``.npz`` input, goes through the ADM evaluator's protocol (harness_quality.evaluate)."""
+    from harness_quality.evaluate import evaluate, parse_metrics
     from harness_quality.fidelity import fid_of_folders
 
     from .errors import MetricUnavailable
 
+    metrics = parse_metrics(args.metrics)
+    folders = Path(args.dir1).is_dir() and Path(args.dir2).is_dir()
     try:
-        result = fid_of_folders(args.dir1, args.dir2, weights=args.weights, batch_size=args.batch_size,
-                                cuda=False if args.cpu else None)
+        if metrics == ["fid"] and folders:
+            result = fid_of_folders(args.dir1, args.dir2, weights=args.weights, batch_size=args.batch_size,
+                                    cuda=False if args.cpu else None)
+        else:
+            with _feature_progress() as progress:
+                result = evaluate(args.dir1, args.dir2, metrics, weights=args.weights, batch_size=args.batch_size,
+                                  cuda=False if args.cpu else None, progress=progress)
     except MetricUnavailable as exc:  # on the command line, missing weights is the user's to fix
         raise UserError(f"fid: {exc} (or pass --weights PATH)") from None
-    print(json.dumps(result) if args.json else f"FID {result['fid']:.6g}  ({result['extractor']})")
+    if args.json:
+        print(json.dumps(result))
+    elif "samples" not in result:  # torch-fidelity's FID of two folders
+        print(f"FID {result['fid']:.6g}  ({result['extractor']})")
+    else:
+        for m in metrics:
+            print(f"{m:<10} {result[m]:.6g}")
+        print(f"({result.get('samples', '?')} samples, {result.get('reference_images', '?')} reference images; "
+              f"{result['extractor']})")
     return 0
+
+
+def _feature_progress():
+    """A progress bar on stderr for feature extraction: which input, how far, how long."""
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextmanager
+    def bars():
+        tasks: dict[str, int] = {}
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=_console(stderr=True), transient=True) as bar:
+            def update(arg: str, done: int, total: int) -> None:
+                if arg not in tasks:
+                    tasks[arg] = bar.add_task(f"Inception features of {arg}", total=total)
+                bar.update(tasks[arg], completed=done)
+
+            yield update
+
+    return bars()
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -485,9 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_prune, takes_extra=True)
 
-    fd = sub.add_parser("fid", help="FID between two image folders (torch-fidelity, InceptionV3)")
-    fd.add_argument("dir1")
-    fd.add_argument("dir2")
+    fd = sub.add_parser("fid", help="FID, sFID, IS, precision, recall (the ADM evaluator's protocol) of image "
+                                    "folders or .npz batches")
+    fd.add_argument("dir1", metavar="SAMPLES", help="image folder or ADM .npz (arr_0: N x H x W x 3 uint8)")
+    fd.add_argument("dir2", metavar="REFERENCE", help="image folder or .npz; its mu/sigma (mu_s/sigma_s) are "
+                                                      "used for fid (sfid) when present")
+    fd.add_argument("--metrics", default="fid", help="comma-separated: fid, sfid, isc, precision, recall, kid "
+                                                     "(default: fid)")
     fd.add_argument("--weights", help="local Inception weights (default: $HARNESS_FID_WEIGHTS, else download)")
     fd.add_argument("--batch-size", type=int, default=64)
     fd.add_argument("--cpu", action="store_true", help="do not use CUDA even when present")

@@ -26,11 +26,23 @@ def test_frechet_distance_of_gaussians_worked_by_hand():
     assert two == pytest.approx(10.0, abs=1e-12)
 
 
-def test_frechet_distance_singular_product_takes_the_eps_fallback():
-    a = adm.Statistics(np.zeros(3), np.zeros((3, 3)))
-    with pytest.warns(RuntimeWarning, match="singular"):
-        d = adm.frechet_distance(a, adm.Statistics(np.ones(3), np.zeros((3, 3))))
-    assert d == pytest.approx(3.0, abs=1e-4)  # only the means differ
+def test_frechet_distance_singular_product(monkeypatch):
+    a, b = adm.Statistics(np.zeros(3), np.zeros((3, 3))), adm.Statistics(np.ones(3), np.zeros((3, 3)))
+    assert adm.frechet_distance(a, b) == pytest.approx(3.0, abs=1e-12)  # only the means differ
+    # where sqrtm gives up (non-finite), eps joins both diagonals inside the root only, as in the
+    # evaluator: 3 + 0 + 0 - 2 tr(sqrt(eps^2 I)) = 3 - 6 eps
+    from scipy import linalg
+
+    real, calls = linalg.sqrtm, []
+
+    def flaky(m):
+        calls.append(m.copy())
+        return np.full_like(m, np.nan) if len(calls) == 1 else real(m)
+
+    monkeypatch.setattr(linalg, "sqrtm", flaky)
+    with pytest.warns(RuntimeWarning, match="singular covariance product; adding 0.01"):
+        d = adm.frechet_distance(a, b, eps=0.01)
+    assert np.allclose(calls[1], np.eye(3) * 1e-4) and d == pytest.approx(3.0 - 0.06, abs=1e-9)
 
 
 def test_frechet_distance_refuses_mismatched_sizes():
@@ -178,3 +190,110 @@ def test_features_are_pool3_mixed6d_conv_first7_and_unbiased_logits(random_incep
     p = probabilities(feats.logits)
     np.testing.assert_allclose(p.sum(1), 1.0)
     assert np.argmax(p, 1).tolist() == np.argmax(feats.logits, 1).tolist()
+
+
+def test_read_npz_maps_stored_images_and_reads_compressed_ones(tmp_path):
+    imgs = np.random.default_rng(3).integers(0, 256, size=(5, 4, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "stored.npz", imgs, mu=np.zeros(2), sigma=np.eye(2))
+    np.savez_compressed(tmp_path / "packed.npz", imgs)
+    stored, packed = adm.read_npz(tmp_path / "stored.npz"), adm.read_npz(tmp_path / "packed.npz")
+    assert isinstance(stored.images, np.memmap) and not isinstance(packed.images, np.memmap)
+    assert np.array_equal(stored.images[1:4], imgs[1:4]) and np.array_equal(packed.images, imgs)
+
+
+# -- harness fid --metrics: the ADM protocol end to end ---------------------------------------
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory, random_inception):
+    import torch
+
+    path = tmp_path_factory.mktemp("inception") / "inception-random.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in random_inception.state_dict().items()}, str(path))
+    return str(path)
+
+
+def _png_folder(path, n, seed, size=(24, 24)):
+    from PIL import Image
+
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, size=size + (3,), dtype=np.uint8)).save(path / f"{i:03d}.png")
+    return path
+
+
+@pytest.mark.slow  # Inception on 8 images, then again by hand
+def test_harness_fid_adm_metrics_on_a_folder_and_an_npz(tmp_path, inception_file, capsys, monkeypatch):
+    import json
+
+    from harness.cli import main
+    from harness_quality.features import FEATURES_LIST, extract, probabilities
+    from harness_quality.fidelity import build_extractor, resolve_extractor
+
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    samples = _png_folder(tmp_path / "samples", 4, 0)
+    ref_images = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    model = build_extractor(resolve_extractor(weights=inception_file), list(FEATURES_LIST), False)
+    from harness_quality.evaluate import _read_image
+    smp_images = np.stack([_read_image(str(p)) for p in sorted(samples.glob("*.png"))])
+    fs, fr = extract(model, [smp_images]), extract(model, [ref_images])
+    # the reference carries statistics of its own (shifted, so using them shows in the figure)
+    ref_stats = adm.Statistics(adm.statistics(fr.pool).mu + 0.5, adm.statistics(fr.pool).sigma)
+    np.savez(tmp_path / "ref.npz", ref_images, mu=ref_stats.mu, sigma=ref_stats.sigma)
+
+    # The distance itself is pinned above; here, which statistics reach it (2048-d square roots
+    # take tens of seconds on two cores, so the call is recorded instead of computed).
+    seen = []
+    monkeypatch.setattr(adm, "frechet_distance", lambda a, b: seen.append((a, b)) or float(len(seen)))
+    argv = ["fid", str(samples), str(tmp_path / "ref.npz"), "--metrics", "fid,sfid,isc,precision,recall,kid",
+            "--weights", inception_file, "--cpu", "--json", "--batch-size", "3"]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["samples"] == 4 and got["reference_images"] == 4
+    assert got["reference_statistics"].startswith("from the reference npz (mu/sigma")
+    (fid_a, fid_b), (sfid_a, sfid_b) = seen
+    assert (got["fid"], got["sfid"]) == (1.0, 2.0)
+    np.testing.assert_allclose(fid_a.mu, fs.pool.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fid_a.sigma, np.cov(fs.pool.astype(np.float64), rowvar=False), rtol=1e-4, atol=1e-6)
+    assert fid_b.mu is not None and np.array_equal(fid_b.mu, ref_stats.mu)  # the npz's own, not recomputed
+    # no mu_s/sigma_s in the npz: sfid's reference side comes from its images
+    np.testing.assert_allclose(sfid_a.mu, fs.spatial.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sfid_b.mu, fr.spatial.mean(0), rtol=1e-5, atol=1e-6)
+    assert got["isc"] == pytest.approx(adm.inception_score(probabilities(fs.logits)), rel=1e-6)
+    p, r = adm.precision_recall(fr.pool, fs.pool)
+    assert (got["precision"], got["recall"]) == (pytest.approx(p), pytest.approx(r))
+    assert "kid" in got and got["weights"] == inception_file
+    # features are cached by content, in chunks: a second run reads them back
+    chunks = list((tmp_path / "cache" / "adm").rglob("*.npz"))
+    assert len(chunks) == 2
+    monkeypatch.setattr("harness_quality.evaluate.extract", None)  # a second extraction would fail
+    argv[argv.index("--metrics") + 1] = "isc,precision,recall"
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert {k: again[k] for k in ("isc", "precision", "recall")} == {k: got[k] for k in ("isc", "precision", "recall")}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics", "fid,precison"], "'precison' is not one of .* did you mean 'precision'"),
+    (["--metrics", ","], "expected a comma-separated list"),
+    (["--metrics", "precision", "--stats-only"], "has no images \\('arr_0'\\) for precision"),
+    (["--metrics", "fid", "--one-sample"], "SAMPLES .* holds 1 "),
+    (["--metrics", "sfid", "--missing"], "REFERENCE .*: not found"),
+])
+def test_harness_fid_adm_bad_input_is_one_line(tmp_path, capsys, args, message):
+    import re
+
+    from harness.cli import main
+
+    samples = _png_folder(tmp_path / "s", 1 if "--one-sample" in args else 4, 0)
+    ref = tmp_path / "ref.npz"
+    if "--stats-only" in args:
+        np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    elif "--missing" not in args:
+        np.savez(ref, np.zeros((4, 8, 8, 3), np.uint8))
+    args = [a for a in args if not a.startswith("--") or a == "--metrics"]
+    assert main(["fid", str(samples), str(ref), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(message, err), err

@@ -53,7 +53,8 @@ def frechet_distance(a: Statistics, b: Statistics, eps: float = 1e-6) -> float:
         raise ValueError(f"statistics of different sizes: mean {mu1.shape} vs {mu2.shape}, "
                          f"covariance {s1.shape} vs {s2.shape}")
     diff = mu1 - mu2
-    with np.errstate(all="ignore"):  # a singular product is handled below, as the evaluator does
+    with np.errstate(all="ignore"), warnings.catch_warnings():  # singular: handled below, as the evaluator does
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"singular covariance product; adding {eps} to the diagonals", RuntimeWarning)
@@ -142,20 +143,48 @@ class Batch(NamedTuple):
     spatial: Optional[Statistics]
 
 
+def _stored_array(path: Path, member: str) -> Optional[np.ndarray]:
+    """``member`` of an uncompressed zip (what ``np.savez`` writes) as a read-only memory map,
+    so a 50,000-image batch is read batch by batch instead of whole; None when compressed."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        f.seek(start)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
 def read_npz(path: str | Path, what: str = "npz") -> Batch:
-    """Read an ADM batch without unpickling anything (``allow_pickle=False``)."""
+    """Read an ADM batch without unpickling anything (``allow_pickle=False``); images stay on
+    disk (memory-mapped) when the file is uncompressed."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)
-            images = data["arr_0"] if "arr_0" in keys else None
+            images = None
+            if "arr_0" in keys:
+                images = _stored_array(path, "arr_0.npy")
+                if images is None:  # np.savez_compressed: no way around reading it whole
+                    images = data["arr_0"]
             pool = Statistics(data["mu"], data["sigma"]) if {"mu", "sigma"} <= keys else None
             spatial = Statistics(data["mu_s"], data["sigma_s"]) if {"mu_s", "sigma_s"} <= keys else None
     except FileNotFoundError:
         raise UserError(f"{what} {path}: file not found") from None
     except ValueError as exc:  # object arrays need pickle: refused
         raise UserError(f"{what} {path}: not a plain .npz of arrays ({exc})") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, KeyError) as exc:
         raise UserError(f"{what} {path}: not a readable .npz ({exc})") from None
     if images is None and pool is None:
         raise UserError(f"{what} {path}: no 'arr_0' images and no 'mu'/'sigma' statistics "

@@ -54,7 +54,7 @@ def extract(model: torch.nn.Module, batches: Iterable[np.ndarray], *, device: to
     pools, spatials, logits = [], [], []
     try:
         for batch in batches:
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).to(device)
+            x = torch.from_numpy(np.array(batch, dtype=np.uint8)).permute(0, 3, 1, 2).to(device)  # a copy: batches may be read-only maps
             captured.clear()
             pool, logit = model(x)
             pools.append(pool.float().cpu().numpy())

@@ -1,0 +1,212 @@
+"""The ADM evaluation protocol on image folders and ``.npz`` batches.
+
+``harness fid SAMPLES REFERENCE --metrics fid,sfid,isc,precision,recall`` and the suite
+metrics of the same names land here. Images stream in batches (a 50,000-image npz is never
+read whole), Inception features are extracted once per input and cached by content under
+``$HARNESS_CACHE/adm/`` in chunks, so an interrupted extraction resumes at the chunk it
+reached, and the figures come from :mod:`harness_quality.adm`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from harness.errors import UserError
+
+from . import adm
+from .features import FEATURES_LIST, Features, extract, probabilities
+
+METRICS = ("fid", "sfid", "isc", "precision", "recall", "kid")
+CHUNK = 2048          # images per cached feature chunk: the unit an interrupted run resumes at
+ADM_VERSION = 1       # in every cache key: bump when what a chunk holds changes
+
+
+class Source:
+    """One input: an image folder or an ADM ``.npz`` (``arr_0`` and/or ``mu``/``sigma``...)."""
+
+    def __init__(self, path: str | Path, arg: str):
+        self.path, self.arg = Path(path), arg
+        self.files: list[str] = []
+        self.npz: Optional[adm.Batch] = None
+        self.count, self.shape = 0, None
+        if self.path.is_dir():
+            from .fidelity import _check_folder
+
+            self.files = _check_folder(str(self.path), arg)
+            self.count = len(self.files)
+        elif self.path.suffix == ".npz" and self.path.is_file():
+            self.npz = adm.read_npz(self.path, what=f"{arg}")
+            self.count = 0 if self.npz.images is None else len(self.npz.images)
+        elif self.path.exists():
+            raise UserError(f"{arg} {str(self.path)!r}: expected a folder of images or an ADM .npz file")
+        else:
+            raise UserError(f"{arg} {str(self.path)!r}: not found")
+
+    @property
+    def stats(self) -> tuple[Optional[adm.Statistics], Optional[adm.Statistics]]:
+        return (self.npz.pool, self.npz.spatial) if self.npz is not None else (None, None)
+
+    def content_key(self) -> str:
+        """A hash of the images themselves (file bytes), so a renamed copy hits the cache."""
+        h = hashlib.sha256()
+        if self.npz is not None:
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+        else:
+            for name in self.files:
+                with open(name, "rb") as f:
+                    h.update(hashlib.sha256(f.read()).digest())
+        return h.hexdigest()[:24]
+
+    def batches(self, start: int, stop: int, batch_size: int) -> Iterator[np.ndarray]:
+        """Images ``start:stop`` as (B, H, W, 3) uint8."""
+        for s in range(start, stop, batch_size):
+            e = min(s + batch_size, stop)
+            if self.npz is not None:
+                yield self.npz.images[s:e]
+            else:
+                yield np.stack([_read_image(f) for f in self.files[s:e]])
+
+
+def _read_image(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_chunk(path: Path) -> Optional[Features]:
+    """A cached chunk, or None when missing or unreadable (ours to recompute; never unpickled)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return Features(z["pool"], z["spatial"], z["logits"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def features_of(source: Source, model, identity: str, *, device, batch_size: int, cache: Path,
+                progress: Optional[Callable[[str, int, int], None]] = None) -> Features:
+    """Every image's features, chunk by chunk from the cache or the network."""
+    folder = cache / f"{source.content_key()}-{identity}-v{ADM_VERSION}"
+    parts, done = [], 0
+    for start in range(0, source.count, CHUNK):
+        stop = min(start + CHUNK, source.count)
+        path = folder / f"{start:08d}-{stop:08d}.npz"
+        chunk = _load_chunk(path)
+        if chunk is None:
+            def tick(n, _base=done):
+                nonlocal done
+                done += n
+                if progress:
+                    progress(source.arg, done, source.count)
+
+            chunk = extract(model, source.batches(start, stop, batch_size), device=device, progress=tick)
+            _save_npz(path, pool=chunk.pool, spatial=chunk.spatial, logits=chunk.logits)
+        else:
+            done += stop - start
+            if progress:
+                progress(source.arg, done, source.count)
+        parts.append(chunk)
+    return Features(*(np.concatenate([getattr(p, f) for p in parts]) for f in Features._fields))
+
+
+def parse_metrics(text: str) -> list[str]:
+    from harness.errors import suggest
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    if not names:
+        raise UserError("--metrics: expected a comma-separated list of " + ", ".join(METRICS))
+    for m in names:
+        if m not in METRICS:
+            raise UserError(f"--metrics: {m!r} is not one of {', '.join(METRICS)}{suggest(m, METRICS)}")
+    return list(dict.fromkeys(names))
+
+
+def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, weights: Optional[str] = None,
+             cuda: Optional[bool] = None, batch_size: int = 64, cache_root: Optional[str | Path] = None,
+             progress: Optional[Callable[[str, int, int], None]] = None, split_size: int = 5000,
+             samples_arg: str = "SAMPLES", reference_arg: str = "REFERENCE") -> dict:
+    """The ADM metrics of ``samples`` against ``reference``; every input checked before work."""
+    from .fidelity import INCEPTION, build_extractor, resolve_extractor
+
+    metrics = list(metrics)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    smp = Source(samples, samples_arg)
+    ref = Source(reference, reference_arg)
+    if smp.count < 2:
+        raise UserError(f"{samples_arg} {str(smp.path)!r} holds {smp.count} image(s); at least 2 are needed")
+    pool_stats, spatial_stats = ref.stats
+    need_ref_images = [m for m in metrics if m in ("precision", "recall", "kid")
+                       or (m == "fid" and pool_stats is None) or (m == "sfid" and spatial_stats is None)]
+    if need_ref_images and ref.count < 2:
+        raise UserError(f"{reference_arg} {str(ref.path)!r} has no images ('arr_0') for "
+                        f"{', '.join(need_ref_images)}; only its precomputed statistics")
+    for m in ("precision", "recall"):
+        if m in metrics and min(smp.count, ref.count) <= 3:
+            raise UserError(f"{m} needs more than 3 images in each of {samples_arg} and {reference_arg} "
+                            f"(k = 3 nearest neighbours)")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    device = torch.device("cuda" if cuda else "cpu")
+    ext = resolve_extractor(INCEPTION, weights, option="--weights")
+    model = build_extractor(ext, list(FEATURES_LIST), cuda)
+    cache = Path(cache_root) if cache_root else _default_cache()
+    fs = features_of(smp, model, ext.identity, device=device, batch_size=batch_size, cache=cache, progress=progress)
+    fr = (features_of(ref, model, ext.identity, device=device, batch_size=batch_size, cache=cache,
+                      progress=progress) if need_ref_images else None)
+    out: dict = {}
+    for m in metrics:
+        if m == "fid":
+            out[m] = adm.frechet_distance(adm.statistics(fs.pool), pool_stats or adm.statistics(fr.pool))
+        elif m == "sfid":
+            out[m] = adm.frechet_distance(adm.statistics(fs.spatial), spatial_stats or adm.statistics(fr.spatial))
+        elif m == "isc":
+            out[m] = adm.inception_score(probabilities(fs.logits), split_size=split_size)
+        elif m in ("precision", "recall") and "precision" not in out:
+            out["precision"], out["recall"] = adm.precision_recall(fr.pool, fs.pool)
+        elif m == "kid":
+            out[m] = _kid(fs.pool, fr.pool)
+    return {
+        **{m: out[m] for m in metrics},
+        "samples": smp.count,
+        "reference_images": ref.count,
+        "reference_statistics": ("from the reference npz (mu/sigma" + ("/mu_s/sigma_s" if spatial_stats else "")
+                                 + ")") if pool_stats is not None else "computed from the reference images",
+        "extractor": ext.identity,
+        "weights": ext.weights or "torch-fidelity's download",
+    }
+
+
+def _kid(samples: np.ndarray, reference: np.ndarray) -> float:
+    """torch-fidelity's KID (polynomial-kernel MMD over subsets) on the pool features."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, kid_featuresdict_to_metric
+
+    f1, f2 = {"2048": torch.from_numpy(samples)}, {"2048": torch.from_numpy(reference)}
+    out = kid_featuresdict_to_metric(f1, f2, "2048", verbose=False,
+                                     kid_subset_size=min(1000, len(samples), len(reference)))
+    return float(out[KEY_METRIC_KID_MEAN])
+
+
+def _default_cache() -> Path:
+    root = os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness"
+    return Path(root) / "adm"
