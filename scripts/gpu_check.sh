@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check of issue 3 (< 8 minutes on one GPU): scan parity CUDA vs CPU, and bf16 latency of
-# DiT-XL/2 and LaMamba-Diff-XL at 256x256, batch 1 and 64. Figures go to a JSON file:
+# GPU check of issue 3 (< 8 minutes on one GPU): scan parity against the reference loop, and bf16
+# latency of DiT-XL/2 and LaMamba-Diff-XL at 256x256, batch 1 and 64. Figures go to a JSON file:
 #   scripts/gpu_check.sh [OUT.json] [extra options of scripts/gpu_check.py]
 # default OUT: $OUT/gpu_check.json when $OUT is set, else ./gpu_check.json.
 # Without a GPU, test it with: scripts/gpu_check.sh /tmp/g.json --device cpu --tiny

@@ -18,7 +18,9 @@ def test_tiny_cpu_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:], data.get("errors"))
     assert not data["errors"]
     (scan,) = data["scan"].values()
-    assert scan["finite"] and scan["max_rel_err"] < 1e-4  # CPU against itself: same code path
+    # the CPU's fast path (compiled loop or parallel scan) against the float64 reference loop
+    assert scan["reference"].startswith("selective_scan_ref")
+    assert scan["finite"] and scan["max_abs_err"] > 0 and scan["max_rel_err"] < 1e-5
     keys = set(data["latency"])
     assert keys == {f"{m}@128-bs{b}" for m in ("dit-tiny/2", "lamamba-tiny") for b in (1, 2)}
     assert all(v["ms_median"] > 0 and v["dtype"] == "bfloat16" for v in data["latency"].values())

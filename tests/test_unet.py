@@ -125,7 +125,8 @@ def test_sdxl_needs_its_extra_inputs():
 
 @pytest.mark.slow
 def test_sd15_gflops_with_the_sdpa_handle():
-    """REFERENCE.md: SD-1.5 at a 64x64 latent is 402 G once SDPA is counted (339 G without)."""
+    """SD-1.5 at a 64x64 latent: fvcore counts 402 G once SDPA's attention products are
+    counted, 339 G without (BK-SDM prints about 339 G, from thop, which skips them)."""
     from harness.flops import count_flops
     from harness.plugins import registry
 

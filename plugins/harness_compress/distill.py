@@ -69,13 +69,20 @@ LOSSES = {c.name: c for c in (TaskLoss, OutputKD, FeatureKD, NormalizedFeatureKD
 
 
 # -- features -----------------------------------------------------------------------------------
-_STAGE = re.compile(r"(^|\.)((down_blocks|up_blocks|blocks|encoder|decoder)\.\d+|mid_block)$")
+_STAGE = re.compile(r"(^|\.)((down_blocks|up_blocks|blocks|encoder|decoder)\.\d+|mid_block|mid)$")
 
 
 def feature_points(model: nn.Module) -> list[str]:
     """BK-SDM's feature points: the output of every down and up stage (and the mid block) of a
-    U-Net; every block of a DiT; every stage of LaMamba-Diff."""
-    return [n for n, m in model.named_modules() if n and _STAGE.search(n) and m is not None]
+    U-Net; every block of a DiT; every stage of LaMamba-Diff (encoder, bottleneck, decoder).
+
+    One point per stage: a name nested in a point already taken is not a point (a LaMamba
+    stage holds ``blocks.0``, ...; hooking both would count the same features twice)."""
+    points: list[str] = []
+    for name, _ in model.named_modules():  # parents come before their children
+        if name and _STAGE.search(name) and not any(name.startswith(p + ".") for p in points):
+            points.append(name)
+    return points
 
 
 class FeatureTap:

@@ -6,8 +6,9 @@ diffusers ResNet block whose channels do not change, a diffusers attention layer
 blocks of DiT and LaMamba-Diff. Removing a unit swaps it for a parameter-free :class:`Skip`,
 so module names (and so feature names for distillation) stay those of the teacher.
 
-Two diffusers U-Net ResNets cannot become the identity (REFERENCE.md): one that changes
-channels, and any up-block ResNet, which concatenates a skip connection to its input.
+Two diffusers U-Net ResNets cannot become the identity: one that changes channels (its
+1x1 shortcut is not the identity), and any up-block ResNet, whose input is the previous
+output concatenated with a skip (diffusers' UpBlock2D / CrossAttnUpBlock2D).
 :func:`discover` reports them with the reason.
 
 A pruning *plan* is JSON: ``{"skip": [names], "drop": [names]}``. ``skip`` names units;

@@ -1,6 +1,6 @@
 """LaMamba-Diff: a U-Net of blocks that mix tokens with a 2-D selective scan and window attention.
 
-Structure per the official code (yunxiangfu2001/LaMamba-Diff, REFERENCE.md):
+Structure per the official code (github.com/yunxiangfu2001/LaMamba-Diff; arXiv 2408.02615):
 
 - patch size 1 on the latent: a 1x1 conv to the first width, LayerNorm, plus a learnable
   position embedding initialised with 2-D sin-cos;

@@ -1,7 +1,7 @@
 """CLIP-family scoring and text-to-image sampling, from a hub id or a local folder alike.
 
 PickScore (Kirstain et al.) is a CLIP-H fine-tuned on human preferences; its score is
-``logit_scale.exp() * cosine(text, image)`` (REFERENCE.md). CLIP score is
+``logit_scale.exp() * cosine(text, image)`` (yuvalkirstain/PickScore_v1 usage). CLIP score is
 ``100 * max(cosine, 0)`` (torchmetrics' definition). Both come from the same two embeddings,
 so one function serves both.
 """

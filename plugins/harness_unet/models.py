@@ -6,9 +6,10 @@
   sampling) as diffusers ``UNet2DModel`` with a class table (one extra null class for
   guidance). It fits pixel or latent input; ``adm-tiny`` (one ResNet per stage) and
   ``adm-small`` (three per stage: two thirds of it can be pruned) are ours, for CPU runs.
-- ``sd15`` / ``sdxl``: Stable Diffusion U-Nets (``UNet2DConditionModel``) from the configs
-  in REFERENCE.md; no weights are needed to count parameters and FLOPs. ``sd-tiny`` and
-  ``sdxl-tiny`` keep their block types at a width a CPU can train (ours).
+- ``sd15`` / ``sdxl``: Stable Diffusion U-Nets (``UNet2DConditionModel``) from the
+  ``unet/config.json`` of stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0;
+  no weights are needed to count parameters and FLOPs. ``sd-tiny`` and ``sdxl-tiny`` keep
+  their block types at a width a CPU can train (ours).
 - ``pretrained``: a hub id or a local folder. A pipeline (folder with ``unet/``) is read
   with ``subfolder="unet"``; a bare U-Net folder directly. Its config replaces the preset's.
 

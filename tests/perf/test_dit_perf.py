@@ -27,10 +27,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Mean and mean |.| of the timed forward's output, measured with the current model: a change
+# to the model (or to what is timed) moves them.
+EXPECTED = {"tiny": (-0.0118864, 0.179899), "S": (-0.0226611, 0.287314)}
+
+
 @pytest.mark.parametrize("size,patch", [("tiny", 2), ("S", 2)])
 def test_dit_forward(benchmark, size, patch):
     torch.manual_seed(0)
     model = harness.create("backbone", "dit", size=size, patch=patch).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # adaLN-Zero would make the output exactly 0: nothing to check
+        for p in model.parameters():
+            if p.requires_grad and (p == 0).all():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     x = torch.randn(1, 4, 32, 32)  # the 32x32x4 latent of a 256x256 image, batch 1
     t, y = torch.tensor([500]), torch.tensor([207])
 
@@ -43,3 +53,5 @@ def test_dit_forward(benchmark, size, patch):
     benchmark.extra_info.update(size=size, patch=patch, threads=torch.get_num_threads(), slowdown=SLOWDOWN)
     out = benchmark.pedantic(forward, rounds=10, warmup_rounds=2, iterations=1)
     assert out.shape == (1, 8, 32, 32) and torch.isfinite(out).all()
+    mean, mean_abs = EXPECTED[size]
+    assert (out.mean().item(), out.abs().mean().item()) == pytest.approx((mean, mean_abs), rel=1e-4)

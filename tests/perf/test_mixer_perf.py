@@ -4,6 +4,9 @@ same run and interleaved, at 1024 (32 x 32); the ratios go into extra_info.
 Window attention must cost at most 5x at 4x the tokens; global attention, for comparison,
 approaches 16x as the attention products dominate the projections.
 
+Under --benchmark-disable (`make test`) nothing is timed; the same claim is checked on the
+FLOPs instead, against the hand count, with the output of the mixer that was run.
+
 Timed on one thread: at these sizes each op takes microseconds, and on a loaded shared
 machine a second intra-op thread that is not scheduled stalls every op by milliseconds,
 which measured the scheduler (1.1x for both mixers), not the mixer."""
@@ -37,6 +40,13 @@ def _run(mixer, side):
     return step
 
 
+def hand_flops(name: str, tokens: int) -> int:
+    """Multiply-adds by hand: qkv (3 dim^2) and proj (dim^2) per token, plus QK^T and AV,
+    each tokens x (keys per query) x dim: the window's 64 keys, or all tokens."""
+    keys = WINDOW * WINDOW if name == "window-attention" else tokens
+    return tokens * 4 * DIM * DIM + 2 * tokens * keys * DIM
+
+
 def _ratios(small, large, runs=15) -> tuple[float, float]:
     """Time at 4096 tokens over time at 1024, run alternately: (ratio of minima, of medians).
 
@@ -58,7 +68,14 @@ def test_cost_from_1024_to_4096_tokens(benchmark, name, limit):
     torch.manual_seed(0)
     options = {"window_size": WINDOW, "shift": WINDOW // 2} if name == "window-attention" else {}
     mixer = harness.create("mixer", name, dim=DIM, num_heads=HEADS, **options).eval()
-    benchmark.pedantic(_run(mixer, 64), rounds=5, warmup_rounds=1)
+    out = benchmark.pedantic(_run(mixer, 64), rounds=5, warmup_rounds=1)
+    assert out.shape == (1, 64 * 64, DIM) and torch.isfinite(out).all()
+    from harness.flops import count_flops
+    from harness.plugins import registry
+
+    flops = {side: count_flops(mixer, {"x": torch.randn(1, side * side, DIM), "hw": (side, side)},
+                               registry().flop_handles()).total for side in (32, 64)}
+    assert flops == {side: hand_flops(name, side * side) for side in (32, 64)}
     if benchmark.disabled:
         return
     ratio, median_ratio = _ratios(_run(mixer, 32), _run(mixer, 64))

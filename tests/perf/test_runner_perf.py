@@ -59,6 +59,7 @@ def test_runner_overhead_under_ten_percent(benchmark, tmp_path):
         assert record["status"] == "ok", record["error"]
         assert record["metrics"]["params"]["value"] == params  # same model, same figures
         assert record["metrics"]["gflops"]["value"] * 1e9 == flops
+        assert (params, flops) == (32_865_056, 6_065_504_256)  # DiT-S/2, as pinned in tests/test_dit_table.py
         bare, cell = float("inf"), float("inf")
         for _ in range(3):  # interleaved minima: noise only ever adds time
             bare = min(bare, _cpu_time(bare_count))

@@ -42,11 +42,25 @@ def test_training_step(benchmark):
         opt.step()
         return loss
 
+    # adaLN-Zero and the zero final layer: the untrained model predicts 0, so the first
+    # loss is the noise's mean square; the optimizer step must then lower it.
+    first = step()
+    assert first.item() == pytest.approx(noise.square().mean().item(), rel=1e-6)
+    assert step().item() < first.item()
     assert torch.isfinite(benchmark(step))
 
 
 def test_ddim_sampling(benchmark):
+    from harness.context import derive_seed
+
     model = _suite_dit().eval()
     out = benchmark(lambda: sampling.sample_batch(model, list(range(16)), shape=(3, 16, 16), num_classes=10,
                                                   sampler="ddim", steps=10)[0])
     assert out.shape == (16, 3, 16, 16)
+    # The untrained model predicts eps = 0, so each deterministic DDIM step scales x by
+    # sqrt(abar_prev / abar_t): ten steps telescope to x_T * sqrt(abar_0 / abar_900)
+    # (set_alpha_to_one is off: the last "previous" is abar at t = 0).
+    abar = training.make_scheduler().alphas_cumprod.double()
+    x_t = torch.stack([torch.randn((3, 16, 16), generator=torch.Generator().manual_seed(derive_seed(0, "sample", i)))
+                       for i in range(16)])
+    torch.testing.assert_close(out.double(), x_t.double() * (abar[0] / abar[900]).sqrt(), rtol=1e-5, atol=1e-6)
