@@ -445,13 +445,16 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
         checks.append((("metrics", i), "metric", m))
     if parsed.prune is not None and parsed.prune.criterion is not None:
         checks.append((("prune", "criterion"), "criterion", parsed.prune.criterion_spec()))
-    prompt_files = [(("metrics", i, "prompts"), m.options["prompts"]) for i, m in enumerate(parsed.metric_specs())
-                    if isinstance(m.options.get("prompts"), str)]
+    # Paths a metric reads (prompt files, reference images or batches) must exist now, not
+    # after hours of work.
+    given = [(("metrics", i, key), m.options[key], what) for i, m in enumerate(parsed.metric_specs())
+             for key, what in (("prompts", "prompt file"), ("reference", "reference"))
+             if isinstance(m.options.get(key), str)]
     if parsed.prune is not None and parsed.prune.calibration_prompts is not None:
-        prompt_files.append((("prune", "calibration_prompts"), parsed.prune.calibration_prompts))
-    for loc, prompts in prompt_files:  # a missing file fails now, not after hours of work
-        if not Path(prompts).is_file():
-            raise UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: prompt file {prompts!r} not found "
+        given.append((("prune", "calibration_prompts"), parsed.prune.calibration_prompts, "prompt file"))
+    for loc, path, what in given:
+        if not Path(path).exists():
+            raise UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: {what} {path!r} not found "
                             f"(paths are relative to the directory harness runs in)")
     if parsed.distill is not None:
         for i, term in enumerate(parsed.distill.terms()):

@@ -297,3 +297,61 @@ def test_harness_fid_adm_bad_input_is_one_line(tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert re.search(message, err), err
+
+
+@pytest.mark.slow  # Inception on 6 samples and 5 reference images
+def test_adm_metrics_in_a_cell_sample_once_and_extract_once(tmp_path, inception_file, monkeypatch):
+    import json
+
+    from harness.runner import execute_cell, plan
+    from harness.suite import load_suite
+    from harness_quality import evaluate
+
+    calls = []
+    real = evaluate.extract
+    monkeypatch.setattr(evaluate, "extract", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(adm, "frechet_distance", lambda a, b: float(len(a.mu)))  # the width it was given
+    np.savez(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    opts = {"num_samples": 6, "steps": 2, "batch_size": 6, "weights": inception_file,
+            "reference": str(tmp_path / "ref.npz")}
+    metrics = [{"name": m, **opts} for m in ("fid", "sfid", "precision", "recall", "isc")]
+    doc = {"suite": "adm", "seed": 0,
+           "base": {"backbone": {"name": "dit", "size": "tiny", "patch": 4, "depth": 1, "hidden_size": 32,
+                                 "num_heads": 2},
+                    "data": {"name": "shapes", "resolution": 16, "size": 24, "cache_dir": str(tmp_path / "cache")},
+                    "metrics": metrics, "device": "cpu"}}
+    (tmp_path / "suite.yaml").write_text(json.dumps(doc))
+    (job,) = plan(load_suite(tmp_path / "suite.yaml"), tmp_path / "results")
+    rec = execute_cell(job)
+    assert rec["status"] == "ok", rec.get("traceback")
+    m = rec["metrics"]
+    assert m["fid"]["value"] == 2048 and m["sfid"]["value"] == 2023  # pool_3 and mixed_6/conv[:7]
+    assert 0 <= m["precision"]["value"] <= 1 and 0 <= m["recall"]["value"] <= 1 and m["isc"]["value"] >= 1
+    assert m["sfid"]["protocol"] == "ADM evaluator" and m["sfid"]["reference_images"] == 5
+    assert m["recall"]["direction"] == "higher" and m["sfid"]["direction"] == "lower"
+    # one pass over the samples, one over the reference, whatever the number of metrics
+    assert len(calls) == 2
+    assert len(list((tmp_path / "results" / "adm").rglob("samples-*"))) == 1
+
+
+def test_a_missing_reference_fails_validation(tmp_path):
+    from harness.cli import main
+
+    doc = {"suite": "adm", "base": {"backbone": {"name": "dit", "size": "tiny"}, "data": {"name": "shapes"},
+                                    "metrics": [{"name": "precision", "reference": str(tmp_path / "nope.npz")}]}}
+    (tmp_path / "s.yaml").write_text(__import__("yaml").safe_dump(doc))
+    assert main(["validate", str(tmp_path / "s.yaml")]) == 2
+
+
+def test_without_a_reference_the_data_set_becomes_an_adm_batch_once(tmp_path):
+    import harness
+    from harness_quality.metrics import _dataset_npz
+
+    ds = harness.create("dataset", "shapes", resolution=8, size=6)
+    path = _dataset_npz(ds, None, tmp_path)
+    batch = adm.read_npz(path)
+    assert batch.images.shape == (6, 8, 8, 3)
+    assert np.array_equal(batch.images, ds.uint8_images().permute(0, 2, 3, 1).numpy())
+    mtime = path.stat().st_mtime_ns
+    assert _dataset_npz(ds, None, tmp_path) == path and path.stat().st_mtime_ns == mtime  # by content, once
+    assert adm.read_npz(_dataset_npz(ds, 4, tmp_path)).images.shape[0] == 4

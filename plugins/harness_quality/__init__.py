@@ -1,11 +1,12 @@
-"""Sample-quality metrics: validation loss, FID, KID, IS."""
+"""Sample-quality metrics: validation loss, FID, KID, IS, and the ADM evaluator's sFID, precision, recall."""
 from __future__ import annotations
 
 import harness
 
-from .metrics import FID, ISC, KID, ValLoss
+from .metrics import FID, ISC, KID, SFID, Precision, Recall, ValLoss
 
 
 @harness.hookimpl
 def harness_metrics():
-    return {"val_loss": ValLoss, "fid": FID, "kid": KID, "isc": ISC}
+    return {"val_loss": ValLoss, "fid": FID, "kid": KID, "isc": ISC, "sfid": SFID, "precision": Precision,
+            "recall": Recall}

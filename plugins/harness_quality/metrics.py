@@ -78,13 +78,23 @@ class _SampleMetric:
     def __init__(self, num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
                  guided_channels: int | None = 3, batch_size: int = 50, reference_split: str = "train",
                  reference_size: int | None = None, weights: str | None = None,
-                 extractor: str = "inception-v3-compat", feature_layer: str | None = None):
+                 extractor: str = "inception-v3-compat", feature_layer: str | None = None,
+                 reference: str | None = None):
         if num_samples < 2 or steps < 1 or batch_size < 1:
             raise ValueError(f"{self.name} needs num_samples >= 2, steps >= 1, batch_size >= 1")
         self.sample_opts = {"num_samples": num_samples, "sampler": sampler, "steps": steps,
                             "cfg_scale": cfg_scale, "guided_channels": guided_channels}
         self.batch_size, self.reference_split, self.reference_size = batch_size, reference_split, reference_size
         self.weights, self.extractor, self.feature_layer = weights, extractor, feature_layer
+        self.reference = reference
+        if self.adm and (extractor != "inception-v3-compat" or feature_layer):
+            raise ValueError(f"{self.name} follows the ADM evaluator: TF Inception features only (no extractor or "
+                             f"feature_layer option)")
+
+    @property
+    def adm(self) -> bool:
+        """The ADM evaluator's protocol: a reference folder/npz, or a metric only it defines."""
+        return self.reference is not None or self.key in ("sfid", "precision", "recall")
 
     def __call__(self, ctx: CellContext) -> dict:
         if getattr(ctx.dataset, "null_context", None) is not None:
@@ -100,12 +110,28 @@ class _SampleMetric:
         ref = ctx.make_dataset(self.reference_split) if self.reference_split != "train" else ds
         from harness_data.datasets import cache_root
 
-        cache = cache_root(ctx.config.data.options.get("cache_dir")) / "fidelity"
+        root = cache_root(ctx.config.data.options.get("cache_dir"))
+        if self.adm:
+            return self._adm(ctx, folder, ref, root)
+        cache = root / "fidelity"
         out = fidelity_metrics(str(folder), ref, extractor, metrics=(self.key,), feature_layer=self.feature_layer,
                                reference_size=self.reference_size, cuda=ctx.device.type == "cuda",
                                cache_root=str(cache))
         value = out.pop("value")
         return {"value": value, **out, **self.sample_opts, "reference": f"{getattr(ds, 'name', '?')}"}
+
+    def _adm(self, ctx: CellContext, folder: Path, ds, root: Path) -> dict:
+        """The ADM metrics against ``reference`` (a folder or npz), else the data set's images
+        written once as an npz; features are cached by content, so the cell's other ADM
+        metrics on the same samples extract nothing again."""
+        from .evaluate import evaluate
+
+        reference = self.reference or str(_dataset_npz(ds, self.reference_size, root / "adm-reference"))
+        out = evaluate(folder, reference, [self.key], weights=self.weights, cuda=ctx.device.type == "cuda",
+                       batch_size=self.batch_size, cache_root=root / "adm",
+                       samples_arg=f"{self.name} samples", reference_arg=f"{self.name} reference")
+        return {"value": out.pop(self.key), **out, **self.sample_opts, "protocol": "ADM evaluator",
+                "reference": self.reference or f"{getattr(ds, 'name', '?')} images"}
 
     def _samples(self, ctx: CellContext, ds) -> Path:
         spec = ctx.config.train
@@ -138,3 +164,35 @@ class ISC(_SampleMetric):
     """Inception Score of generated samples (torch-fidelity; no reference needed)."""
 
     name, direction, unit, key = "isc", "higher", "", "isc"
+
+
+class SFID(_SampleMetric):
+    """sFID (ADM evaluator): Frechet distance of Inception mixed_6/conv spatial features."""
+
+    name, direction, unit, key = "sfid", "lower", "", "sfid"
+
+
+class Precision(_SampleMetric):
+    """Improved precision (ADM evaluator, k=3): samples inside the reference manifold."""
+
+    name, direction, unit, key = "precision", "higher", "", "precision"
+
+
+class Recall(_SampleMetric):
+    """Improved recall (ADM evaluator, k=3): reference images inside the sample manifold."""
+
+    name, direction, unit, key = "recall", "higher", "", "recall"
+
+
+def _dataset_npz(ds, limit: int | None, folder: Path) -> Path:
+    """The data set's images as an ADM batch (N, H, W, 3) uint8, written once by content."""
+    import numpy as np
+
+    from .evaluate import _save_npz
+
+    images = ds.uint8_images()
+    images = images[:limit] if limit else images
+    path = folder / f"{ds.content_hash}-{len(images)}.npz"
+    if not path.is_file():
+        _save_npz(path, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8))
+    return path
