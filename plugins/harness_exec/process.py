@@ -16,7 +16,7 @@ from multiprocessing.connection import wait
 
 from harness.errors import UserError
 from harness.plugins import registry
-from harness.records import environment, write_record
+from harness.records import environment, read_record, write_record
 from harness.runner import CellJob, execute_cell
 
 
@@ -31,8 +31,25 @@ def _worker(job: CellJob, conn, threads: int) -> None:
         conn.close()
 
 
-def failed_record(job: CellJob, error: str) -> dict:
-    """The record of a cell whose worker never reported back; written by the parent."""
+def stamp(path) -> tuple | None:
+    """What identifies the file at ``path`` now (a rewrite is a new file: atomic rename)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def failed_record(job: CellJob, error: str, before: tuple | None) -> dict:
+    """The record of a cell whose worker never reported back; written by the parent.
+
+    ``before`` is :func:`stamp` of the record path when the worker started: a worker can
+    write its ok record and die before reporting (killed at the timeout, or on its way
+    out), and then that record, not a failure, is the cell's result."""
+    if stamp(job.record_path) != before:
+        rec = read_record(job.record_path)
+        if rec is not None and rec["status"] == "ok":
+            return rec
     record = {
         "suite": job.suite, "cell": job.cell, "label": job.label, "index": job.index, "seed": job.seed,
         "config": job.config,
@@ -68,43 +85,50 @@ class ProcessExecutor:
 
     def run(self, jobs, on_done, on_start=None):
         ctx = mp.get_context("spawn")
-        queue = list(jobs)
+        queue = iter(jobs)  # taken one at a time: the runner claims each cell as it is taken
         # Keyed by the parent's end of each pipe: it turns readable when the record arrives,
         # or at EOF when the worker dies without one. (Waiting on the process instead could
         # deadlock: a worker blocks sending a record larger than the pipe buffer.)
-        running: dict = {}  # connection -> (job, process, start time)
+        running: dict = {}  # connection -> (job, process, start time, stamp of the record before)
+        more = True
         try:
-            while queue or running:
-                while queue and len(running) < self.jobs:
-                    job = queue.pop(0)
+            while more or running:
+                while more and len(running) < self.jobs:
+                    job = next(queue, None)
+                    if job is None:
+                        more = False
+                        break
                     recv, send = ctx.Pipe(duplex=False)
                     proc = ctx.Process(target=_worker, args=(job, send, self.threads), name=f"cell-{job.cell}")
+                    before = stamp(job.record_path)
                     proc.start()
                     send.close()  # only the child holds the write end now
-                    running[recv] = (job, proc, time.monotonic())
+                    running[recv] = (job, proc, time.monotonic(), before)
                     if on_start:
                         on_start(job)
+                if not running:
+                    continue
                 for conn in wait(list(running), timeout=self._next_deadline(running)):
-                    job, proc, _ = running.pop(conn)
-                    on_done(job, self._collect(job, proc, conn))
-                for conn, (job, proc, started) in list(running.items()):
+                    job, proc, _, before = running.pop(conn)
+                    on_done(job, self._collect(job, proc, conn, before))
+                for conn, (job, proc, started, before) in list(running.items()):
                     if self.timeout and time.monotonic() - started > self.timeout:
                         del running[conn]
                         _stop(proc, conn)
                         on_done(job, failed_record(job, f"TimeoutError: cell ran past {self.timeout:g} s; "
-                                                        "its worker was killed"))
+                                                        "its worker was killed", before))
         finally:  # interrupted: leave no orphan workers behind
-            for conn, (job, proc, _) in running.items():
+            for conn, (job, proc, _, _) in running.items():
                 _stop(proc, conn)
 
     def _next_deadline(self, running) -> float | None:
         if not self.timeout:
             return None
         now = time.monotonic()
-        return max(0.0, min(started + self.timeout - now for _, _, started in running.values()))
+        return max(0.0, min(started + self.timeout - now for _, _, started, _ in running.values()))
 
     @staticmethod
-    def _collect(job: CellJob, proc, conn) -> dict:
+    def _collect(job: CellJob, proc, conn, before) -> dict:
         try:
             record = conn.recv()
         except (EOFError, OSError):  # died before sending: segfault, OOM killer, os._exit
@@ -114,7 +138,7 @@ class ProcessExecutor:
         if isinstance(record, dict):
             return record
         return failed_record(job, f"WorkerCrash: the worker process died ({_exit_reason(proc.exitcode)}) "
-                                  "before the cell finished")
+                                  "before the cell finished", before)
 
 
 def _stop(proc, conn) -> None:
