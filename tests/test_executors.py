@@ -195,6 +195,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie stays where pid 1 does not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
 def test_sigterm_stops_the_process_executor_like_ctrl_c(tmp_path, plugin_site, with_site):
@@ -216,7 +224,7 @@ def test_sigterm_stops_the_process_executor_like_ctrl_c(tmp_path, plugin_site, w
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "harness: terminated; finished cells are kept" in err, (out, err)
     for pid in workers:  # ended by the parent, not left to finish and write records
-        assert not Path(f"/proc/{pid}").exists()
+        assert not _running(pid)
     time.sleep(1)
     assert not list((results / "execs").glob("*.json")) and not list((results / "execs").glob("*.claim"))
 
@@ -236,3 +244,29 @@ def test_parent_keeps_an_ok_record_its_worker_wrote_before_dying(tmp_path):
     # an ok record from an earlier run (`--rerun`) is not this worker's: the failure replaces it
     rec = failed_record(job, "WorkerCrash: ...", stamp(job.record_path))
     assert rec["status"] == "failed" and read_record(job.record_path)["status"] == "failed"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_workers_end_when_their_parent_is_killed(tmp_path, plugin_site, with_site):
+    """SIGKILL cannot be handled; the workers notice and stop, so none writes a record for a
+    cell whose claim died with the parent."""
+    with_site(plugin_site)
+    text = SUITE.replace("backbone.width: [2, 4, 8]", "backbone.sleep: [600]")
+    results = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(_suite(tmp_path, text)), "--results",
+                             str(results), "--executor", "process"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and not workers:
+        time.sleep(0.1)
+        workers = [p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert workers
+    time.sleep(3)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(workers[0]):
+        time.sleep(0.2)
+    assert not _running(workers[0])
+    assert not list((results / "execs").glob("*.json"))

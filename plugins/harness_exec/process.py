@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from multiprocessing.connection import wait
 
@@ -20,15 +21,24 @@ from harness.records import environment, read_record, write_record
 from harness.runner import CellJob, execute_cell
 
 
-def _worker(job: CellJob, conn, threads: int) -> None:
+def _worker(job: CellJob, conn, threads: int, parent: int) -> None:
     """Child side: run one cell and send its record back (it is also on disk)."""
     import torch
 
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(threads)  # a cell's own `threads` setting still wins inside execute_cell
     try:
         conn.send(execute_cell(job))
     finally:
         conn.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once its parent is gone (SIGKILL, the OOM killer): the parent's claim
+    on the cell died with it, another run may be redoing the cell, and nobody collects."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def stamp(path) -> tuple | None:
@@ -99,7 +109,7 @@ class ProcessExecutor:
                         more = False
                         break
                     recv, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=_worker, args=(job, send, self.threads), name=f"cell-{job.cell}")
+                    proc = ctx.Process(target=_worker, args=(job, send, self.threads, os.getpid()), name=f"cell-{job.cell}")
                     before = stamp(job.record_path)
                     proc.start()
                     send.close()  # only the child holds the write end now
