@@ -115,8 +115,12 @@ def claim(record_path: Path) -> Claim | dict:
                 return holder
             _bury(path, holder)
             continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": token}, fh)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
+                           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": token}, fh)
+        except BaseException:  # interrupted half-way: leave no empty claim behind
+            path.unlink(missing_ok=True)
+            raise
         return Claim(path, token)
     return holder or {}

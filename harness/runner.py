@@ -195,12 +195,12 @@ def run_jobs(jobs: list[CellJob], executor, on_start: Callable | None = None,
                 if on_skip:
                     on_skip(job, f"running elsewhere ({claims.describe(got)})", False)
                 continue
+            held[job.cell] = got
             if not rerun and is_done(job):
-                got.release()
+                held.pop(job.cell).release()
                 if on_skip:
                     on_skip(job, "finished by another run", True)
                 continue
-            held[job.cell] = got
             yield job
 
     def done(job, record):
