@@ -266,6 +266,11 @@ def test_claims_stale_taken_over_live_and_foreign_respected(tmp_path):
     foreign = {"host": socket.gethostname() + "-other", "pid": dead.pid, "started": "now"}
     claim_file.write_text(json.dumps(foreign))  # another host's pid means nothing here: left alone
     assert claims.claim(record) == foreign
+    # a run that judged a claim stale but finds a fresh one there when it moves it: put back
+    fresh = {"host": socket.gethostname(), "pid": os.getpid(), "started": "now", "token": "fresh"}
+    claim_file.write_text(json.dumps(fresh))
+    claims._bury(claim_file, {"host": socket.gethostname(), "pid": dead.pid, "started": "then"})
+    assert json.loads(claim_file.read_text()) == fresh and len(list(tmp_path.iterdir())) == 1
     claim_file.write_text("")  # being written by a run that is starting
     assert claims.claim(record) == {}
     old = time.time() - claims.EMPTY_GRACE_S - 5  # ...or left empty by one that died doing so
