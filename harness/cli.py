@@ -1,6 +1,8 @@
 """The ``harness`` command line.
 
-Bad input (UserError) prints one line and exits 2; a run exits 1 when any cell failed.
+Bad input (UserError) prints one line and exits 2; a run exits 1 when any cell failed, 75
+when none failed but some are running elsewhere (claimed by another run), 130 on Ctrl-C
+and 143 on SIGTERM.
 """
 from __future__ import annotations
 
@@ -8,11 +10,14 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import UserError
 
 EXIT_USAGE = 2
+# Some cells were left to another run that holds their claim (sysexits' EX_TEMPFAIL: retry later).
+EXIT_ELSEWHERE = 75
 
 
 def _console(stderr: bool = False):
@@ -92,25 +97,68 @@ def cmd_run(args) -> int:
     todo, done = pending(jobs, args.rerun)
     console.print(_styled("suite ", (suite.name, "bold"), f": {len(jobs)} cell(s), {len(done)} already done, "
                                                           f"{len(todo)} to run ({name} executor) -> {out_dir}"))
-    failed = _run_with_progress(console, todo, executor)
-    from .records import read_record
+    with _terminate_like_interrupt():
+        failed, elsewhere = _run_with_progress(console, todo, executor, args.rerun)
+    from .claims import claim_path
+    from .records import inspect_record, warn
+    from .runner import is_done
 
-    records = [r for r in (read_record(j.record_path) for j in jobs) if r is not None]
+    records = []
+    for job in jobs:
+        rec, problem = inspect_record(job.record_path)
+        if problem is not None:
+            warn(job.record_path, problem, "not in the table")
+        elif rec is not None:
+            records.append(rec)
     if records:
         print()
         print(render(records, "markdown"), flush=True)  # plain print: rich would wrap wide tables
     if failed:
         console.print(_styled((f"{failed} cell(s) failed", "red"),
                               "; their records hold the error. Rerun to retry them."))
-    return 1 if failed or any(r["status"] != "ok" for r in records) else 0
+    # held by another run at the end of this one (those it finished meanwhile count as done)
+    running = [j for j in jobs if j.cell in elsewhere and (claim_path(j.record_path).exists() or not is_done(j))]
+    if running:
+        console.print(f"{len(running)} cell(s) running elsewhere (another run holds their claim); "
+                      f"rerun when it is done. Exit status {EXIT_ELSEWHERE}.", soft_wrap=True)
+    if failed or any(j not in running and not is_done(j) for j in jobs):
+        return 1
+    return EXIT_ELSEWHERE if running else 0
 
 
-def _run_with_progress(console, todo, executor) -> int:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: workers stopped, claims released, finished cells kept."""
+
+
+@contextmanager
+def _terminate_like_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only it may set handlers
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the clean-up short
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_with_progress(console, todo, executor, rerun: bool = False) -> tuple[int, set[str]]:
+    """Run ``todo``; (how many failed, ids of the cells another run holds)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
 
     from .runner import run_jobs
 
     failed = 0
+    elsewhere: set[str] = set()
     starts: dict[str, float] = {}
     with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
@@ -124,16 +172,25 @@ def _run_with_progress(console, todo, executor) -> int:
             nonlocal failed
             took = record.get("duration_s") or (time.perf_counter() - starts.get(job.cell, time.perf_counter()))
             if record["status"] == "ok":
-                progress.console.print(_styled(("ok", "green"), f"     {job.cell}  {job.label}  {took:.1f}s"))
+                progress.console.print(Text.assemble(("ok", "green"), f"     {job.cell}  {job.label}  {took:.1f}s"),
+                                       soft_wrap=True)
             else:
                 failed += 1
-                progress.console.print(_styled(("failed", "red"),
-                                               f" {job.cell}  {job.label}  {took:.1f}s: {record['error']}"))
+                progress.console.print(Text.assemble(("failed", "red"),
+                                                     f" {job.cell}  {job.label}  {took:.1f}s: {record['error']}"),
+                                       soft_wrap=True)
             progress.advance(task)
 
-        run_jobs(todo, executor, on_start=on_start, on_done=on_done)
+        def on_skip(job, why, done):
+            if not done:
+                elsewhere.add(job.cell)
+            progress.console.print(Text.assemble(("done" if done else "skip", "green" if done else "yellow"),
+                                                 f"   {job.cell}  {job.label}: {why}"), soft_wrap=True)
+            progress.advance(task)
+
+        run_jobs(todo, executor, on_start=on_start, on_done=on_done, on_skip=on_skip, rerun=rerun)
         progress.update(task, description="cells")
-    return failed
+    return failed, elsewhere
 
 
 # -- ls / plugins --------------------------------------------------------------------------
@@ -551,9 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("harness: interrupted; finished cells are kept, rerun to finish the rest", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"harness: {what}; finished cells are kept, rerun to finish the rest", file=sys.stderr)
+        return code
     except BrokenPipeError:
         return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -79,7 +80,7 @@ def _teacher(ctx) -> torch.nn.Module:
         from safetensors.torch import save_file
 
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{id(model)}")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # id() can repeat across processes
         save_file(_untie({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}), str(tmp))
         tmp.replace(cache)  # atomic: a parallel cell never reads a torn file
         from .training import _ckpt_path

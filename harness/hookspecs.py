@@ -113,10 +113,12 @@ def harness_distill_losses():
 def harness_executors():
     """Where cells run: ``factory(**options) -> Executor``.
 
-    ``Executor.run(jobs, on_done)`` executes every :class:`harness.runner.CellJob` (each
-    picklable; ``harness.runner.execute_cell(job)`` runs one and writes its record) and
+    ``Executor.run(jobs, on_done, on_start=None)`` executes every :class:`harness.runner.CellJob`
+    (each picklable; ``harness.runner.execute_cell(job)`` runs one and writes its record) and
     calls ``on_done(job, record)`` as each finishes. It must not let one job's failure
-    stop the others.
+    stop the others. ``jobs`` is an iterator: the runner claims each cell as it is taken
+    (see :mod:`harness.claims`), so take one when a slot is free, or all at once
+    (``list(jobs)``) to submit a batch.
 
     An executor that can keep other cells off the machine while a timing-sensitive metric
     runs passes ``execute_cell(job, alone=factory)``: ``factory()`` is a context manager,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
@@ -20,9 +21,13 @@ REQUIRED = ("suite", "cell", "config", "status", "error", "metrics", "env", "plu
 
 def write_record(path: Path, record: dict) -> None:
     """Write via a temporary file in the same folder and an atomic rename: a reader (or a
-    killed run) sees the old record or the new one, never half of one."""
+    killed run) sees the old record or the new one, never half of one.
+
+    The file gets the permissions of any new file (0666 less the umask): mkstemp's 0600
+    would hide the records of a shared results folder from everyone else on it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(record, fh, indent=2, sort_keys=False, default=_jsonable)
@@ -31,7 +36,7 @@ def write_record(path: Path, record: dict) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -45,29 +50,113 @@ def _jsonable(obj: Any):
     return str(obj)
 
 
-def read_record(path: Path) -> dict | None:
-    """The record at ``path``, or None if it is missing or not a record."""
+def _kind(value) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def check_record(data: Any) -> str | None:
+    """What makes ``data`` unusable as a record, or None if every reader can use it.
+
+    One check for every reader (tables, leaderboard, plots, resuming), so a record one of
+    them accepts never crashes another."""
+    if not isinstance(data, dict):
+        return f"not a record: {_kind(data)}, expected a mapping"
+    missing = [k for k in REQUIRED if k not in data]
+    if missing:
+        return f"not a record: missing key(s) {', '.join(map(repr, missing))}"
+    for key, types, expected in (("suite", str, "a string"), ("cell", str, "a string"),
+                                 ("config", dict, "a mapping"), ("metrics", dict, "a mapping"),
+                                 ("env", dict, "a mapping"), ("plugins", dict, "a mapping"),
+                                 ("error", (str, type(None)), "a string or null")):
+        if not isinstance(data[key], types):
+            return f"'{key}' is {_kind(data[key])}, expected {expected}"
+    if data["status"] not in ("ok", "failed"):
+        return f"'status' is {data['status']!r}, expected 'ok' or 'failed'"
+    for key in ("index", "seed"):  # sort keys of load_records
+        if key in data and (not isinstance(data[key], int) or isinstance(data[key], bool)):
+            return f"'{key}' is {_kind(data[key])}, expected an integer"
+    for name, entry in data["metrics"].items():
+        if isinstance(entry, dict):
+            if "value" not in entry:
+                return f"metric '{name}' has no 'value'"
+            entry = entry["value"]
+        if isinstance(entry, (dict, list)):
+            return f"metric '{name}' is {_kind(entry)}, expected a number, a string or null"
+    return None
+
+
+_MISSING = object()
+
+
+def _parse(path: Path) -> tuple[Any, str | None]:
+    """The JSON in ``path``, or why there is none (``_MISSING`` when there is no file)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or any(k not in data for k in REQUIRED):
-        return None
-    return data
+        text = path.read_text()
+    except FileNotFoundError:
+        return _MISSING, None
+    except OSError as exc:
+        return _MISSING, f"cannot read ({exc.strerror or exc})"
+    try:
+        return json.loads(text), None
+    except ValueError as exc:
+        return _MISSING, f"not valid JSON ({exc})"
+
+
+def inspect_record(path: Path) -> tuple[dict | None, str | None]:
+    """``(record, None)``; ``(None, problem)`` for a file that is there but not a usable
+    record (unreadable, truncated, malformed); ``(None, None)`` when there is no file."""
+    data, problem = _parse(path)
+    if data is _MISSING:
+        return None, problem
+    problem = check_record(data)
+    return (None, problem) if problem else (data, None)
+
+
+def read_record(path: Path) -> dict | None:
+    """The record at ``path``, or None if it is missing or not a usable record."""
+    return inspect_record(path)[0]
+
+
+def warn(path: str | Path, problem: str, consequence: str = "skipped") -> None:
+    """One line on stderr, the path and problem verbatim (never through rich markup)."""
+    print(f"harness: warning: {path}: {problem}; {consequence}", file=sys.stderr, flush=True)
+
+
+def _candidates(root: Path) -> list[Path]:
+    files = []
+
+    def unlistable(exc: OSError) -> None:
+        warn(exc.filename, f"cannot list ({exc.strerror or exc})")
+
+    for folder, dirs, names in os.walk(root, onerror=unlistable):
+        dirs.sort()
+        files.extend(Path(folder) / n for n in names if n.endswith(".json") and not n.startswith("."))
+    return sorted(files)
 
 
 def load_records(root: str | Path) -> list[dict]:
-    """Every record under ``root`` (a suite folder or the results root)."""
+    """Every usable record under ``root`` (a suite folder, the results root, or one file).
+
+    A file that cannot be read or is not a usable record is skipped with a warning naming
+    it, so one bad file never hides the others; ``harness run`` redoes its cell. JSON that
+    does not try to be a record (a pruning plan in a cell's folder) is passed over quietly."""
     root = Path(root)
     if not root.exists():
         raise UserError(f"{root}: results directory not found")
-    files: Iterable[Path] = [root] if root.is_file() else sorted(root.rglob("*.json"))
+    files: Iterable[Path] = [root] if root.is_file() else _candidates(root)
     out = []
     for f in files:
-        rec = read_record(f)
-        if rec is not None:
-            rec["_path"] = str(f)
-            out.append(rec)
+        data, problem = _parse(f)
+        if data is not _MISSING:
+            if isinstance(data, dict) and not {"suite", "cell", "status"} & set(data):
+                continue  # JSON that does not try to be a record: a pruning plan, say
+            problem = check_record(data)
+        if problem is not None:
+            warn(f, problem)
+        elif data is not _MISSING:
+            data["_path"] = str(f)
+            out.append(data)
     # suite by suite, each in the order of its cells (records predating `index` go last)
     # suite order, replicates (`--seed`) of a cell side by side in seed order
     return sorted(out, key=lambda r: (r["suite"], r.get("index", float("inf")), r.get("seed", 0), r["cell"]))

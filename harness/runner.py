@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from . import kernels, stages
+from . import claims, kernels, stages
 from .errors import MetricUnavailable, UserError
 from .plugins import registry
-from .records import environment, read_record, write_record
+from .records import environment, inspect_record, warn, write_record
 from .suite import CellConfig, Suite, select, validate_cell
 
 
@@ -167,23 +167,75 @@ def check_builds(suite: Suite, jobs: list[CellJob]) -> None:
                             f"{type(exc).__name__}: {exc}") from None
 
 
+def missing_metrics(job: CellJob, record: dict) -> list[str]:
+    """The metrics ``job`` asks for that ``record`` lacks (an unavailable one is recorded)."""
+    asked = [m if isinstance(m, str) else m.get("name") for m in job.config.get("metrics", [])]
+    return [m for m in asked if m not in record["metrics"]]
+
+
+def is_done(job: CellJob, warn_about: bool = False) -> dict | None:
+    """The cell's ok record with every metric it asks for, or None: then it has to run.
+    With ``warn_about``, a record that is there but unusable is named on stderr."""
+    rec, problem = inspect_record(job.record_path)
+    if problem is not None:
+        if warn_about:
+            warn(job.record_path, problem, "the cell runs again")
+        return None
+    if rec is None or rec["status"] != "ok":
+        return None
+    missing = missing_metrics(job, rec)
+    if missing:
+        if warn_about:
+            warn(job.record_path, f"status ok but metric(s) {', '.join(map(repr, missing))} missing",
+                 "the cell runs again")
+        return None
+    return rec
+
+
 def pending(jobs: list[CellJob], rerun: bool) -> tuple[list[CellJob], list[CellJob]]:
-    """Split into (to run, already ok)."""
+    """Split into (to run, already done)."""
     todo, done = [], []
     for job in jobs:
-        rec = None if rerun else read_record(job.record_path)
-        (done if rec is not None and rec.get("status") == "ok" else todo).append(job)
+        (done if not rerun and is_done(job, warn_about=True) else todo).append(job)
     return todo, done
 
 
 def run_jobs(jobs: list[CellJob], executor, on_start: Callable | None = None,
-             on_done: Callable | None = None) -> list[dict]:
+             on_done: Callable | None = None, on_skip: Callable | None = None, rerun: bool = False) -> list[dict]:
+    """Run ``jobs`` through ``executor``, each cell under a claim (:mod:`harness.claims`).
+
+    Cells are claimed one at a time as the executor takes them, so concurrent runs of one
+    suite share the work. A cell claimed by another live run, or finished by one since
+    ``pending`` looked (unless ``rerun``), is not run: ``on_skip(job, why, done)`` says so."""
     records: list[dict] = []
+    held: dict[str, claims.Claim] = {}
+
+    def claimed():
+        for job in jobs:
+            got = claims.claim(job.record_path)
+            if not isinstance(got, claims.Claim):
+                if on_skip:
+                    on_skip(job, f"running elsewhere ({claims.describe(got)})", False)
+                continue
+            held[job.cell] = got
+            if not rerun and is_done(job):
+                held.pop(job.cell).release()
+                if on_skip:
+                    on_skip(job, "finished by another run", True)
+                continue
+            yield job
 
     def done(job, record):
+        claim = held.pop(job.cell, None)
+        if claim is not None:
+            claim.release()
         records.append(record)
         if on_done:
             on_done(job, record)
 
-    executor.run(jobs, done, on_start=on_start)
+    try:
+        executor.run(claimed(), done, on_start=on_start)
+    finally:  # interrupted: what is not finished is free for the next run
+        for claim in held.values():
+            claim.release()
     return records

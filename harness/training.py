@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -117,7 +118,7 @@ def save_checkpoint(path: Path, model, ema, opt, step: int, state: dict) -> None
         for k, v in opt.state.get(p, {}).items():
             tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().clone().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two writers never share one
     save_file(tensors, str(tmp), metadata={"step": str(step), "state": json.dumps(state)})
     tmp.replace(path)
 

@@ -1,14 +1,18 @@
 """The process and submitit executors: same records as the local one, failures stay local."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 import harness
 from harness.cli import main
-from harness.records import load_records
+from harness.records import load_records, read_record, write_record
 from conftest import make_dist, pip_install_target
 
 SUITE = """\
@@ -214,3 +218,93 @@ def test_submitit_interrupt_cancels_pending_jobs(tmp_path, plugin_site, with_sit
         time.sleep(0.2)
     assert submitted[0].done()  # stopped well before its 600 s of sleep
     assert not jobs[0].record_path.exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (from /proc: no psutil here)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie stays where pid 1 does not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_sigterm_stops_the_process_executor_like_ctrl_c(tmp_path, plugin_site, with_site):
+    with_site(plugin_site)
+    text = SUITE.replace("backbone.width: [2, 4, 8]", "backbone.sleep: [600, 601]")
+    results = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(_suite(tmp_path, text)), "--results",
+                             str(results), "--executor", "process", "--jobs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        time.sleep(0.1)
+        workers = [p for p in _children(proc.pid)
+                   if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2
+    time.sleep(3)  # let them get into their cells
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "harness: terminated; finished cells are kept" in err, (out, err)
+    for pid in workers:  # ended by the parent, not left to finish and write records
+        assert not _running(pid)
+    time.sleep(1)
+    assert not list((results / "execs").glob("*.json")) and not list((results / "execs").glob("*.claim"))
+
+
+def test_parent_keeps_an_ok_record_its_worker_wrote_before_dying(tmp_path):
+    from harness.runner import CellJob
+    from harness_exec.process import failed_record, stamp
+
+    job = CellJob("s", "s.yaml", "abc123", "base", 0, {"backbone": {"name": "toy"}, "metrics": ["params"]},
+                  str(tmp_path))
+    ok = {"suite": "s", "cell": "abc123", "config": job.config, "status": "ok", "error": None,
+          "metrics": {"params": {"value": 3}}, "env": {}, "plugins": {}}
+    before = stamp(job.record_path)  # no record when the worker started
+    write_record(job.record_path, ok)  # the worker wrote it, then was killed (timeout) or crashed
+    assert failed_record(job, "TimeoutError: ...", before) == ok
+    assert read_record(job.record_path) == ok
+    # an ok record from an earlier run (`--rerun`) is not this worker's: the failure replaces it
+    rec = failed_record(job, "WorkerCrash: ...", stamp(job.record_path))
+    assert rec["status"] == "failed" and read_record(job.record_path)["status"] == "failed"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
+def test_workers_end_when_their_parent_is_killed(tmp_path, plugin_site, with_site):
+    """SIGKILL cannot be handled; the workers notice and stop, so none writes a record for a
+    cell whose claim died with the parent."""
+    with_site(plugin_site)
+    text = SUITE.replace("backbone.width: [2, 4, 8]", "backbone.sleep: [600]")
+    results = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", str(_suite(tmp_path, text)), "--results",
+                             str(results), "--executor", "process"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    workers: list[int] = []
+    while time.monotonic() < deadline and not workers:
+        time.sleep(0.1)
+        workers = [p for p in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert workers
+    time.sleep(3)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _running(workers[0]):
+        time.sleep(0.2)
+    assert not _running(workers[0])
+    assert not list((results / "execs").glob("*.json"))

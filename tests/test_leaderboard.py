@@ -156,3 +156,52 @@ def test_cli_leaderboard_out_that_cannot_be_a_file(results, tmp_path, capsys):
         assert captured.err.startswith(f"harness: error: {expected}") and captured.err.count("\n") == 1
         assert "Traceback" not in captured.out + captured.err and not captured.out
     assert [p.name for p in folder.iterdir()] == ["keep.txt"] and blocker.read_text() == "keep me"
+
+
+def test_malformed_records_are_skipped_with_a_warning_and_the_rest_shown(results, capsys):
+    """One bad file in one suite used to crash the leaderboard of every suite, and `table`."""
+    bad = {
+        "metrics-null.json": _record("mixers", "x", 16, 1, 1.0, 1.0, 0.1) | {"metrics": None},
+        "metrics-list.json": _record("scaling", "x", 16, 1, 1.0, 1.0, 0.1) | {"metrics": [1, 2]},
+        "config-list.json": _record("mixers", "y", 16, 1, 1.0, 1.0, 0.1) | {"config": ["a"]},
+        "entry-list.json": _record("mixers", "z", 16, 1, 1.0, 1.0, 0.1) | {"metrics": {"params": [3]}},
+    }
+    for name, rec in bad.items():
+        write_record(results / rec["suite"] / name, rec)
+    (results / "mixers" / "truncated.json").write_text('{"suite": "mixers", "cell": "ab')
+    plan = results / "mixers" / "abc" / "pruned" / "plan.json"  # another tool's JSON: passed over quietly
+    plan.parent.mkdir(parents=True)
+    plan.write_text('{"skip": [], "drop": ["mid_block"]}')
+    for command in (["leaderboard", str(results)], ["table", str(results)]):
+        assert main(command) == 0
+        out, err = capsys.readouterr()
+        assert len([line for line in out.splitlines() if line.startswith("|")]) == 2 + 5  # header, rule, rows
+        assert all(_record(*row)["cell"] in out for row in ROWS)
+        lines = err.splitlines()
+        assert len(lines) == 5 and all(line.startswith("harness: warning: ") for line in lines)
+        by_file = {Path(line.split(": ")[2]).name: line for line in lines}
+        assert "'metrics' is null, expected a mapping; skipped" in by_file["metrics-null.json"]
+        assert "'metrics' is a list, expected a mapping" in by_file["metrics-list.json"]
+        assert "'config' is a list, expected a mapping" in by_file["config-list.json"]
+        assert "metric 'params' is a list" in by_file["entry-list.json"]
+        assert "not valid JSON" in by_file["truncated.json"]
+    assert len(load_records(results / "scaling")) == 1  # a suite's own folder
+    capsys.readouterr()
+
+
+def test_unreadable_record_is_named(results, monkeypatch, capsys):
+    """A record another user cannot read (mode 0600 on a shared folder) is reported, not silently
+    missing. The test runs as any user, root included: the read itself is made to fail."""
+    victim = next((results / "scaling").glob("*.json"))
+    real = Path.read_text
+
+    def read_text(self, *args, **kwargs):
+        if self == victim:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert len(load_records(results)) == 4
+    assert capsys.readouterr().err == f"harness: warning: {victim}: cannot read (Permission denied); skipped\n"
+    assert main(["table", str(results / "scaling")]) == 2
+    assert "no records found" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -236,3 +237,141 @@ def test_env_kernels_names_the_selective_scan_that_ran(tmp_path, monkeypatch, na
     assert record["env"]["kernels"] == {"selective_scan": impl}
     assert record["metrics"]["latency"]["kernels"] == {"selective_scan": impl}
     assert record["metrics"]["latency"]["ran_alone"] is None  # no executor said it ran alone
+
+
+def test_records_honour_the_umask(tmp_path):
+    """A colleague on a shared results folder reads the records (mkstemp's 0600 hid them)."""
+    import os
+
+    path = tmp_path / "cell.json"
+    good = {"suite": "s", "cell": "c", "config": {}, "status": "ok", "error": None, "metrics": {},
+            "env": {}, "plugins": {}}
+    old = os.umask(0o022)
+    try:
+        write_record(path, good)
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o007)
+        write_record(path, good)
+        assert path.stat().st_mode & 0o777 == 0o660
+    finally:
+        os.umask(old)
+
+
+def test_run_redoes_malformed_and_incomplete_records(tmp_path, plugin_site, with_site, capsys):
+    with_site(plugin_site)
+    text = SUITE.replace("[params, gflops, {name: latency, warmup: 1, min_runs: 2, min_time: 0}]", "[params, gflops]")
+    path = suite_file(tmp_path, text)
+    results = tmp_path / "results"
+    assert main(["run", str(path), "--results", str(results)]) == 0
+    files = sorted((results / "toys").glob("*.json"))
+    broken = json.loads(files[0].read_text()) | {"metrics": None}
+    files[0].write_text(json.dumps(broken))
+    incomplete = json.loads(files[1].read_text())
+    del incomplete["metrics"]["gflops"]  # status ok, but not every metric the cell asks for
+    files[1].write_text(json.dumps(incomplete))
+    files[2].write_text(files[2].read_text()[:40])  # truncated
+    capsys.readouterr()
+    assert main(["run", str(path), "--results", str(results)]) == 0
+    out, err = capsys.readouterr()
+    assert "0 already done, 3 to run" in out
+    lines = {line.split(": ")[2]: line for line in err.splitlines()}
+    assert len(lines) == 3 and all(line.endswith("; the cell runs again") for line in lines.values())
+    assert lines[str(files[0])] == (f"harness: warning: {files[0]}: 'metrics' is null, expected a mapping; "
+                                    "the cell runs again")
+    assert f"{files[1]}: status ok but metric(s) 'gflops' missing;" in lines[str(files[1])]
+    assert f"{files[2]}: not valid JSON (Unterminated string" in lines[str(files[2])]
+    records = load_records(results)
+    assert len(records) == 3 and all(set(r["metrics"]) == {"params", "gflops"} for r in records)
+
+
+def test_claims_stale_taken_over_live_and_foreign_respected(tmp_path):
+    import os
+    import socket
+
+    from harness import claims
+
+    record = tmp_path / "abc.json"
+    claim_file = tmp_path / "abc.claim"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is free now (reaped)
+    claim_file.write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "started": "then"}))
+    got = claims.claim(record)  # a dead process's claim on this host is stale: taken over
+    assert isinstance(got, claims.Claim)
+    assert json.loads(claim_file.read_text())["pid"] == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc.claim"]  # nothing left from the takeover
+    assert claims.claim(record) == json.loads(claim_file.read_text())  # held: a second claim is refused
+    got.release()
+    assert not claim_file.exists()
+
+    live = {"host": socket.gethostname(), "pid": os.getppid(), "started": "now"}
+    claim_file.write_text(json.dumps(live))
+    assert claims.claim(record) == live
+    assert "pid" in claims.describe(live) and claim_file.exists()
+    foreign = {"host": socket.gethostname() + "-other", "pid": dead.pid, "started": "now"}
+    claim_file.write_text(json.dumps(foreign))  # another host's pid means nothing here: left alone
+    assert claims.claim(record) == foreign
+    # a run that judged a claim stale but finds a fresh one there when it moves it: put back
+    fresh = {"host": socket.gethostname(), "pid": os.getpid(), "started": "now", "token": "fresh"}
+    claim_file.write_text(json.dumps(fresh))
+    claims._bury(claim_file, {"host": socket.gethostname(), "pid": dead.pid, "started": "then"})
+    assert json.loads(claim_file.read_text()) == fresh and len(list(tmp_path.iterdir())) == 1
+    claim_file.write_text("")  # being written by a run that is starting
+    assert claims.claim(record) == {}
+    old = time.time() - claims.EMPTY_GRACE_S - 5  # ...or left empty by one that died doing so
+    os.utime(claim_file, (old, old))
+    assert isinstance(claims.claim(record), claims.Claim)
+
+
+def test_a_claim_is_released_after_the_record_and_an_interrupt(tmp_path, plugin_site, with_site):
+    with_site(plugin_site)
+    from harness.runner import plan, run_jobs
+    from harness.suite import load_suite
+
+    text = SUITE.replace("[params, gflops, {name: latency, warmup: 1, min_runs: 2, min_time: 0}]", "[params]")
+    jobs = plan(load_suite(suite_file(tmp_path, text)), tmp_path / "r")
+    seen = []
+
+    class Recording:
+        def run(self, jobs, on_done, on_start=None):
+            for job in jobs:
+                seen.append(sorted(p.suffix for p in job.record_path.parent.iterdir()))  # claimed first
+                if len(seen) == 2:
+                    raise KeyboardInterrupt
+                on_done(job, {"status": "ok"})
+
+    with pytest.raises(KeyboardInterrupt):
+        run_jobs(jobs, Recording())
+    assert seen == [[".claim"], [".claim"]]  # the first released once done, the second taken
+    assert not list((tmp_path / "r" / "toys").glob("*.claim"))  # and released on the interrupt
+
+
+@pytest.mark.slow
+def test_concurrent_runs_run_each_cell_once(tmp_path, plugin_site, with_site):
+    """Three `harness run` of one suite on one results folder share the cells: none runs twice.
+    The first holds one slow cell for as long as the others run, then gets SIGTERM."""
+    with_site(plugin_site)
+    text = SUITE.replace("[params, gflops, {name: latency, warmup: 1, min_runs: 2, min_time: 0}]", "[gflops]").replace(
+        "backbone.width: [2, 4, 8]", "backbone.sleep: [600, 0, 0.001, 0.002, 0.003]")
+    path = suite_file(tmp_path, text)
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "harness.cli", "run", str(path), "--results", str(results)]
+    first = subprocess.Popen(cmd + ["--only", "backbone.sleep=600"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((results / "toys").glob("*.claim")):
+        time.sleep(0.05)
+    others = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in others]
+    ran = [line.split()[1] for out, _ in outs for line in out.splitlines() if line.startswith("ok ")]
+    assert len(ran) == 4 and len(set(ran)) == 4, outs  # every fast cell ran, and exactly once
+    for (out, err), proc in zip(outs, others):  # the slow one was claimed: not failed, not done
+        assert proc.returncode == 75 and re.search(r"^\d cell\(s\) running elsewhere", out, re.M), (out, err)
+        assert re.search(r"skip +\w{12} +backbone.sleep=600: running elsewhere \(claimed by \S+ pid %d since "
+                         % first.pid, out), out
+    assert first.poll() is None
+    first.send_signal(signal.SIGTERM)  # stops like Ctrl-C: no record for the cell, its claim released
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 143 and "harness: terminated; finished cells are kept" in err, (out, err)
+    assert not list((results / "toys").glob("*.claim")) and len(load_records(results)) == 4
+    done = subprocess.run(cmd + ["--only", "backbone.sleep=0*"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "4 already done, 0 to run" in done.stdout

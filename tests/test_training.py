@@ -143,3 +143,18 @@ def test_label_dropout_without_a_null_class_is_a_user_error(tmp_path):
     ok = make_ctx(tmp_path, cell="ok", backbone=dict(TINY, class_dropout_prob=0.0), train={"label_dropout": 0.0})
     training.train_cell(ok)
     assert ok.extra["train"]["steps"] == 6
+
+
+def test_checkpoint_temporary_file_is_per_process(tmp_path):
+    """Two processes saving one checkpoint (a stale claim taken over while the old run still
+    trains) must not write into, or rename away, each other's half-written file."""
+    path = tmp_path / "train-checkpoint.safetensors"
+    theirs = path.with_suffix(".tmp")  # what any writer used before
+    theirs.write_bytes(b"another process is writing this")
+    model = torch.nn.Linear(2, 2)
+    ema = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    training.save_checkpoint(path, model, ema, opt, 3, {"window": []})
+    assert theirs.read_bytes() == b"another process is writing this"
+    assert training.load_checkpoint(path, model, ema, opt) == (3, {"window": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train-checkpoint.safetensors", "train-checkpoint.tmp"]

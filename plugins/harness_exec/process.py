@@ -16,13 +16,14 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait
 
 from harness.errors import UserError
 from harness.plugins import registry
-from harness.records import environment, write_record
+from harness.records import environment, read_record, write_record
 from harness.runner import CellJob, execute_cell
 
 
@@ -30,9 +31,11 @@ from harness.runner import CellJob, execute_cell
 _ASK, _GO, _DONE = "alone?", "alone", "alone-done"
 
 
-def _worker(job: CellJob, conn, threads: int) -> None:
+def _worker(job: CellJob, conn, threads: int, parent: int) -> None:
     """Child side: run one cell and send its record back (it is also on disk)."""
     import torch
+
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
     @contextmanager
     def alone():
@@ -50,8 +53,33 @@ def _worker(job: CellJob, conn, threads: int) -> None:
         conn.close()
 
 
-def failed_record(job: CellJob, error: str) -> dict:
-    """The record of a cell whose worker never reported back; written by the parent."""
+def _exit_with_parent(parent: int) -> None:
+    """End this worker once its parent is gone (SIGKILL, the OOM killer): the parent's claim
+    on the cell died with it, another run may be redoing the cell, and nobody collects."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def stamp(path) -> tuple | None:
+    """What identifies the file at ``path`` now (a rewrite is a new file: atomic rename)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
+
+
+def failed_record(job: CellJob, error: str, before: tuple | None) -> dict:
+    """The record of a cell whose worker never reported back; written by the parent.
+
+    ``before`` is :func:`stamp` of the record path when the worker started: a worker can
+    write its ok record and die before reporting (killed at the timeout, or on its way
+    out), and then that record, not a failure, is the cell's result."""
+    if stamp(job.record_path) != before:
+        rec = read_record(job.record_path)
+        if rec is not None and rec["status"] == "ok":
+            return rec
     record = {
         "suite": job.suite, "cell": job.cell, "label": job.label, "index": job.index, "seed": job.seed,
         "config": job.config,
@@ -87,24 +115,32 @@ class ProcessExecutor:
 
     def run(self, jobs, on_done, on_start=None):
         ctx = mp.get_context("spawn")
-        queue = list(jobs)
+        queue = iter(jobs)  # taken one at a time: the runner claims each cell as it is taken
         # Keyed by the parent's end of each pipe: it turns readable when the record arrives,
         # or at EOF when the worker dies without one. (Waiting on the process instead could
         # deadlock: a worker blocks sending a record larger than the pipe buffer.)
-        running: dict = {}  # connection -> (job, process, start time)
+        running: dict = {}  # connection -> (job, process, start time, stamp of the record before)
         asking: dict = {}  # connection -> when its cell asked for the machine to itself
         holder = None  # the connection whose cell is timing alone now
+        more = True
         try:
-            while queue or running:
-                while queue and len(running) < self.jobs and not asking and holder is None:
-                    job = queue.pop(0)
+            while more or running:
+                while more and len(running) < self.jobs and not asking and holder is None:
+                    job = next(queue, None)
+                    if job is None:
+                        more = False
+                        break
                     recv, send = ctx.Pipe()  # duplex: records and requests up, the go-ahead down
-                    proc = ctx.Process(target=_worker, args=(job, send, self.threads), name=f"cell-{job.cell}")
+                    proc = ctx.Process(target=_worker, args=(job, send, self.threads, os.getpid()),
+                                       name=f"cell-{job.cell}")
+                    before = stamp(job.record_path)
                     proc.start()
                     send.close()  # only the child holds its end now
-                    running[recv] = (job, proc, time.monotonic())
+                    running[recv] = (job, proc, time.monotonic(), before)
                     if on_start:
                         on_start(job)
+                if not running:
+                    continue
                 active = {c: v for c, v in running.items() if c not in asking}
                 for conn in wait(list(running), timeout=self._next_deadline(active)):
                     message = self._receive(conn)
@@ -114,34 +150,34 @@ class ProcessExecutor:
                     if message == _DONE:
                         holder = None
                         continue
-                    job, proc, _ = running.pop(conn)
+                    job, proc, _, before = running.pop(conn)
                     asking.pop(conn, None)
                     holder = None if holder is conn else holder
-                    on_done(job, self._collect(job, proc, conn, message))
+                    on_done(job, self._collect(job, proc, conn, message, before))
                 if holder is None and asking and len(asking) == len(running):  # everyone else waits
                     holder = next(iter(asking))
-                    job, proc, started = running[holder]
-                    running[holder] = (job, proc, started + time.monotonic() - asking.pop(holder))
+                    job, proc, started, before = running[holder]
+                    running[holder] = (job, proc, started + time.monotonic() - asking.pop(holder), before)
                     try:
                         holder.send(_GO)
                     except OSError:  # it died meanwhile: its end of file comes next
                         pass
-                for conn, (job, proc, started) in list(running.items()):
+                for conn, (job, proc, started, before) in list(running.items()):
                     if conn not in asking and self.timeout and time.monotonic() - started > self.timeout:
                         del running[conn]
                         holder = None if holder is conn else holder
                         _stop(proc, conn)
                         on_done(job, failed_record(job, f"TimeoutError: cell ran past {self.timeout:g} s; "
-                                                        "its worker was killed"))
+                                                        "its worker was killed", before))
         finally:  # interrupted: leave no orphan workers behind
-            for conn, (job, proc, _) in running.items():
+            for conn, (job, proc, _, _) in running.items():
                 _stop(proc, conn)
 
     def _next_deadline(self, running) -> float | None:
         if not self.timeout or not running:
             return None
         now = time.monotonic()
-        return max(0.0, min(started + self.timeout - now for _, _, started in running.values()))
+        return max(0.0, min(started + self.timeout - now for _, _, started, _ in running.values()))
 
     @staticmethod
     def _receive(conn):
@@ -151,13 +187,13 @@ class ProcessExecutor:
             return None
 
     @staticmethod
-    def _collect(job: CellJob, proc, conn, record) -> dict:
+    def _collect(job: CellJob, proc, conn, record, before) -> dict:
         conn.close()
         proc.join()
         if isinstance(record, dict):
             return record
         return failed_record(job, f"WorkerCrash: the worker process died ({_exit_reason(proc.exitcode)}) "
-                                  "before the cell finished")
+                                  "before the cell finished", before)
 
 
 def _stop(proc, conn) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from harness.errors import UserError, suggest
 from harness.runner import CellJob, execute_cell
 
-from .process import failed_record
+from .process import failed_record, stamp
 
 CLUSTERS = ("slurm", "local", "debug")
 # submitit's own default time limit is minutes; a training cell needs far more.
@@ -64,6 +64,7 @@ class SubmititExecutor:
             return
         executor = self._executor(self.log_folder(jobs[0]))  # <job id>_<task>_log.out etc.
         executor.update_parameters(name=f"harness-{jobs[0].suite}")
+        before = {job.cell: stamp(job.record_path) for job in jobs}
         with _interruptible_children(self.cluster == "local"):
             submitted = executor.map_array(execute_cell, jobs)
         pending = dict(zip(submitted, jobs))
@@ -74,7 +75,8 @@ class SubmititExecutor:
             while pending:
                 finished = [s for s in pending if s.done()]
                 for sub in finished:
-                    on_done(pending[sub], self._collect(sub, pending.pop(sub)))
+                    job = pending.pop(sub)
+                    on_done(job, self._collect(sub, job, before[job.cell]))
                 if pending and not finished:
                     time.sleep(self.poll)
         except BaseException:  # Ctrl-C: cancel what is left, so a rerun does not race live jobs
@@ -83,12 +85,13 @@ class SubmititExecutor:
             raise
 
     @staticmethod
-    def _collect(sub, job: CellJob) -> dict:
+    def _collect(sub, job: CellJob, before) -> dict:
         try:
             return sub.result()
         except Exception as exc:  # the job died (node failure, time limit, OOM kill): a failed cell
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return failed_record(job, f"SlurmJobFailed: job {sub.job_id} ({reason}); log: {sub.paths.stderr}")
+            return failed_record(job, f"SlurmJobFailed: job {sub.job_id} ({reason}); log: {sub.paths.stderr}",
+                                 before)
 
 
 @contextmanager
