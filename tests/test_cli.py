@@ -173,7 +173,7 @@ def test_user_text_is_never_read_as_markup(tmp_path, capsys, monkeypatch):
         code, out, err = cli(args, capsys)
         assert code == 1 and "Traceback" not in err
         assert "backbone.pretrained=/ckpts[enforce fail at x][/old]/dit.pt" in out
-        assert "FileNotFoundError: pretrained checkpoint '/ckpts[enforce fail at x][/old]/dit.pt' not found" in out
+        assert "UserError: pretrained '/ckpts[enforce fail at x][/old]/dit.pt' is not a file" in out
         assert "1 cell(s) failed; their records hold the error" in out
     code, out, _ = cli(["validate", str(suite)], capsys)
     assert code == 0 and f"{suite}: suite 'brackets' is valid" in out
