@@ -257,21 +257,33 @@ def _backbone_context(backbone: str, extra: list[str]):
 def cmd_flops(args, extra: list[str]) -> int:
     import torch
 
-    from .flops import count_flops
+    from .flops import AbstractCountError, count_flops
 
     ctx, options = _backbone_context(args.backbone, extra)
     reg = ctx.registry
-    with torch.no_grad():
-        model = ctx.model.eval()
+
+    def build(device):  # counting needs shapes only: the meta device holds no weights
+        model = ctx.build_backbone(device=device).eval()
         unpruned = sum(p.numel() for p in model.parameters())
         if args.prune:
             model = _apply_prune(model, args.prune)
+        ctx.model = model  # its input shape is read from it
+        return model, unpruned
+
+    with torch.no_grad():
+        model, unpruned = build("meta")
+        inputs = ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0))
+        try:
+            fc = count_flops(model, inputs, reg.flop_handles())
+        except AbstractCountError as exc:  # data-dependent shapes: build it for real and trace that
+            model, unpruned = build("cpu")
+            fc = count_flops(model, ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0)),
+                             reg.flop_handles(), abstract=False)
+            fc.fallback_reason = str(exc)
         params = sum(p.numel() for p in model.parameters())
-        fc = count_flops(model, ctx.example_inputs(1, generator=torch.Generator().manual_seed(0)),
-                         reg.flop_handles())
     result = {"backbone": args.backbone, "options": options, "input": ctx.input_spec, "params": params,
               "gflops": fc.total / 1e9, "batch_size": 1, "convention": "1 multiply-add = 1 FLOP (fvcore)",
-              "uncounted_ops": fc.uncounted_ops}
+              **fc.record()}
     result.update(getattr(model, "flops_extra", {}) or {})
     if args.prune:
         from harness_compress.units import bksdm_reference
@@ -297,8 +309,13 @@ def cmd_flops(args, extra: list[str]) -> int:
             ref = prune["bk_sdm_published"]
             console.print(f"BK-SDM publishes {ref['published_b']:.2f}B (rounded up to 0.01B); here "
                           f"{ref['ours_b']:.2f}B: {'matches' if ref['match'] else 'DOES NOT MATCH'}")
+    if fc.method != "meta":
+        console.print(f"counted by tracing real tensors: {fc.fallback_reason}")
     if fc.uncounted_ops:
         console.print(f"not counted (no FLOP handle): {', '.join(sorted(fc.uncounted_ops))}")
+    if fc.zero_modules:
+        console.print(f"[yellow]warning[/]: count zero FLOPs although they have parameters or reduce their input: "
+                      f"{', '.join(fc.zero_modules)}")
     if args.by_module:
         from rich.table import Table
 

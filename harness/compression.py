@@ -167,28 +167,17 @@ def _additivity(ctx, model, candidates, laptop_scores, spec, removed) -> dict:
 
 
 def unit_flops(ctx, model: torch.nn.Module, names: list[str]) -> tuple[dict[str, float], float]:
-    """fvcore multiply-adds of each named unit, and of the whole model, at batch 1."""
-    import logging
-    import warnings
-
-    from fvcore.nn import FlopCountAnalysis
-
-    from .flops import _NO_MACS, _Positional
+    """fvcore multiply-adds of each named unit, and of the whole model, at batch 1: one count
+    (on the meta device) and its per-module breakdown, whatever the number of units."""
+    from .flops import count_flops
 
     inputs = ctx.example_inputs(1, model=model, generator=ctx.generator("flops-inputs", shared=True))
-    wrapper = _Positional(model, inputs).eval()
-    args = tuple(v for v in inputs.values() if isinstance(v, torch.Tensor))
-    analysis = FlopCountAnalysis(wrapper, args)
-    analysis.set_op_handle(**{op: None for op in _NO_MACS})
-    analysis.set_op_handle(**ctx.registry.flop_handles())
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        per = analysis.by_module()
-        total = float(analysis.total())
-    return {n: float(per.get(f"model.{n}", 0)) for n in names}, total
+    was_training = model.training
+    try:
+        fc = count_flops(model.eval(), inputs, ctx.registry.flop_handles())
+    finally:
+        model.train(was_training)
+    return {n: float(fc.modules.get(n, 0)) for n in names}, float(fc.total)
 
 
 # -- distill ------------------------------------------------------------------------------------
