@@ -42,7 +42,43 @@ def cmd_validate(args) -> int:
     suite, jobs = _prepare(args)
     check_builds(suite, jobs)
     _console().print(f"{args.suite}: suite {suite.name!r} is valid: {len(jobs)} cell(s), every backbone builds")
+    if args.costs:
+        _print_costs(jobs)
     return 0
+
+
+def _print_costs(jobs) -> None:
+    """Parameters and GFLOPs of each cell's backbone as built, counted on the meta device."""
+    import torch
+    from rich.table import Table
+
+    from .context import CellContext
+    from .flops import AbstractCountError, count_flops
+    from .suite import CellConfig
+
+    table = Table("cell", "params", "GFLOPs", "note", box=None)
+    costs: dict[str, tuple[str, str]] = {}
+    for job in jobs:
+        config = CellConfig.model_validate(job.config)
+        key = repr(config.backbone.model_dump())
+        if config.backbone.options.get("pretrained"):
+            costs[key] = ("n/a", "n/a")  # its structure is in the checkpoint's config: the cell reads it
+        if key not in costs:
+            ctx = CellContext(job.suite, job.cell, job.seed, config)
+            model = ctx.abstract_model().eval()
+            params = sum(p.numel() for p in model.parameters())
+            try:
+                with torch.no_grad():
+                    fc = count_flops(model, ctx.example_inputs(1, model=model), ctx.registry.flop_handles())
+                gflops = f"{fc.total / 1e9:.3f}"
+            except AbstractCountError:
+                gflops = "n/a"  # its shapes depend on data: the gflops metric traces real tensors
+            costs[key] = (f"{params / 1e6:.2f}M", gflops)
+        note = "before pruning" if config.prune is not None else ""
+        if config.backbone.options.get("pretrained"):
+            note = "pretrained: counted when the cell runs"
+        table.add_row(job.label, *costs[key], note)
+    _console().print(table)
 
 
 def cmd_run(args) -> int:
@@ -412,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a suite without running it")
     v.add_argument("suite")
     v.add_argument("--results", default="results", help=argparse.SUPPRESS)
+    v.add_argument("--costs", action="store_true",
+                   help="print each cell's parameters and GFLOPs (batch 1, counted on the meta device)")
     v.set_defaults(func=cmd_validate)
 
     ls = sub.add_parser("ls", help="list components")

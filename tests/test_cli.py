@@ -132,3 +132,14 @@ def test_flops_reports_a_text_unets_context_width(capsys):
     assert data["input"]["num_classes"] == 0  # text-conditioned: no class label, whatever the default
     code, out, _ = cli(["flops", "unet", "--preset", "adm-tiny", "--input-size", "8", "--json"], capsys)
     assert code == 0 and json.loads(out)["input"]["num_classes"] == 1000 and json.loads(out)["input"]["context_dim"] == 0
+
+
+def test_validate_costs_prints_each_cells_params_and_gflops(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("suite: s\nbase:\n  backbone: {name: dit, size: tiny, patch: 4, input_size: 16}\n"
+                     "  metrics: [params]\nmatrix:\n  backbone.patch: [2, 4]\n")
+    code, out, _ = cli(["validate", str(suite), "--costs"], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if line.strip().startswith("backbone.")}
+    # the figures `harness flops dit --size tiny --patch P --input-size 16` gives
+    assert rows == {"backbone.patch=2": ["1.40M", "0.056"], "backbone.patch=4": ["1.42M", "0.014"]}, out
