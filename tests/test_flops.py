@@ -167,8 +167,5 @@ def test_sd15_exact():
     flops, params = _count("unet", preset="sd15")
     assert (flops, params) == (402_039_521_280, 859_520_964)  # README: 859.52M, 402.04 GFLOPs
 
-
-@pytest.mark.slow
-def test_sdxl_exact():
-    flops, params = _count("unet", preset="sdxl")
-    assert (flops, params) == (3_382_980_116_480, 2_567_463_684)  # README: 3,382.98 GFLOPs
+# SDXL (3_382_980_116_480, README 3,382.98) is pinned in tests/perf/test_flops_perf.py, under
+# `make bench`: with diffusers' import it takes longer than `make test` should.
