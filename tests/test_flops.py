@@ -169,3 +169,15 @@ def test_sd15_exact():
 
 # SDXL (3_382_980_116_480, README 3,382.98) is pinned in tests/perf/test_flops_perf.py, under
 # `make bench`: with diffusers' import it takes longer than `make test` should.
+
+
+@pytest.mark.slow
+def test_bk_sdm_small_readme_figure(capsys):
+    """README, BK-SDM presets: `harness flops unet --preset sd15 --prune bk-sdm-small`, pruned on meta."""
+    import json
+
+    from harness.cli import main
+
+    assert main(["flops", "unet", "--preset", "sd15", "--prune", "bk-sdm-small", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["params"], f"{data['gflops']:.2f}", data["flops_method"]) == (482_346_884, "255.70", "meta")
