@@ -181,3 +181,27 @@ def test_bk_sdm_small_readme_figure(capsys):
     assert main(["flops", "unet", "--preset", "sd15", "--prune", "bk-sdm-small", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["params"], f"{data['gflops']:.2f}", data["flops_method"]) == (482_346_884, "255.70", "meta")
+
+
+def test_gflops_budget_weighs_every_unit_from_one_meta_count(monkeypatch):
+    """`budget: gflops`: each unit's weight is its share in one count's per-module breakdown,
+    the same as a trace on real tensors gives."""
+    import harness.flops as flops
+    from harness.compression import unit_flops
+    from harness.context import CellContext
+    from harness.suite import CellConfig
+    from harness_compress.units import discover
+
+    config = CellConfig.model_validate({"backbone": {"name": "unet", "preset": "adm-small", "input_size": 16},
+                                        "metrics": ["params"], "device": "cpu"})
+    ctx = CellContext("s", "c", 0, config)
+    model = ctx.model.eval()
+    names = [u.name for u in discover(model) if u.removable]
+    calls = []
+    real_count = flops.count_flops
+    monkeypatch.setattr(flops, "count_flops", lambda *a, **k: calls.append(1) or real_count(*a, **k))
+    weights, total = unit_flops(ctx, model, names)
+    assert len(calls) == 1 and len(names) > 5
+    real = real_count(model, ctx.example_inputs(1, model=model), registry().flop_handles(), abstract=False)
+    assert weights == {n: float(real.modules[n]) for n in names} and total == real.total
+    assert all(w > 0 for w in weights.values())
