@@ -120,7 +120,7 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
             weights = {u.name: float(u.params) for u in candidates}
             total = float(total_params)
         else:
-            weights, total = unit_flops(ctx, student, [u.name for u in candidates])
+            weights, total = unit_flops(ctx, student, candidates)
         from harness_compress.units import conflicts, merge_plans
 
         clashes = [(a.name, b.name) for i, a in enumerate(candidates) for b in candidates[i + 1:] if conflicts(a, b)]
@@ -166,9 +166,10 @@ def _additivity(ctx, model, candidates, laptop_scores, spec, removed) -> dict:
                       seed=ctx.seed("additivity", shared=True) % (2 ** 32))
 
 
-def unit_flops(ctx, model: torch.nn.Module, names: list[str]) -> tuple[dict[str, float], float]:
-    """fvcore multiply-adds of each named unit, and of the whole model, at batch 1: one count
-    (on the meta device) and its per-module breakdown, whatever the number of units."""
+def unit_flops(ctx, model: torch.nn.Module, units: list) -> tuple[dict[str, float], float]:
+    """fvcore multiply-adds of each unit, and of the whole model, at batch 1: one count (on the
+    meta device) and its per-module breakdown, whatever the number of units. A skip pair
+    weighs what both its modules do (it was weighed 0 when looked up by its joined name)."""
     from .flops import count_flops
 
     inputs = ctx.example_inputs(1, model=model, generator=ctx.generator("flops-inputs", shared=True))
@@ -177,7 +178,7 @@ def unit_flops(ctx, model: torch.nn.Module, names: list[str]) -> tuple[dict[str,
         fc = count_flops(model.eval(), inputs, ctx.registry.flop_handles())
     finally:
         model.train(was_training)
-    return {n: float(fc.modules.get(n, 0)) for n in names}, float(fc.total)
+    return {u.name: float(sum(fc.modules.get(m, 0) for m in u.covers)) for u in units}, float(fc.total)
 
 
 # -- distill ------------------------------------------------------------------------------------

@@ -196,12 +196,14 @@ def test_gflops_budget_weighs_every_unit_from_one_meta_count(monkeypatch):
                                         "metrics": ["params"], "device": "cpu"})
     ctx = CellContext("s", "c", 0, config)
     model = ctx.model.eval()
-    names = [u.name for u in discover(model) if u.removable]
+    units = [u for u in discover(model) if u.removable]
     calls = []
     real_count = flops.count_flops
     monkeypatch.setattr(flops, "count_flops", lambda *a, **k: calls.append(1) or real_count(*a, **k))
-    weights, total = unit_flops(ctx, model, names)
-    assert len(calls) == 1 and len(names) > 5
+    weights, total = unit_flops(ctx, model, units)
+    assert len(calls) == 1 and len(units) > 5
     real = real_count(model, ctx.example_inputs(1, model=model), registry().flop_handles(), abstract=False)
-    assert weights == {n: float(real.modules[n]) for n in names} and total == real.total
-    assert all(w > 0 for w in weights.values())
+    assert weights == {u.name: float(sum(real.modules[m] for m in u.covers)) for u in units}
+    assert total == real.total
+    pairs = [u for u in units if u.drop]
+    assert pairs and all(weights[u.name] > 0 for u in units)  # a skip pair weighs both its ResNets
