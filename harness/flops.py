@@ -222,8 +222,24 @@ def _zero_modules(model: torch.nn.Module, modules: dict[str, int], zero_calls: l
 # 2. The tracer records a convolution as ``aten::_convolution`` (fvcore's conv rule), which a
 #    real device reaches through ``aten::convolution``'s composite kernel; meta has a kernel of
 #    its own for ``aten::convolution`` that skips it, so the convolution would be missing.
+# The wrapping kernels are registered once per process (registering ~600 costs more than a
+# small model's whole count) and are inert outside a count: they call PyTorch's own kernel.
+_ACTIVE = [False]
+_LIBRARY: list = []
+
+
 @contextlib.contextmanager
 def _meta_tracing():
+    if not _LIBRARY:
+        _LIBRARY.append(_register_meta_kernels())
+    _ACTIVE[0] = True
+    try:
+        yield
+    finally:
+        _ACTIVE[0] = False
+
+
+def _register_meta_kernels():
     from torch._decomp import global_decomposition_table
     from torch._meta_registrations import _meta_lib_dont_use_me_use_register_meta as meta_lib
 
@@ -237,7 +253,7 @@ def _meta_tracing():
 
     def paused(fn):
         def kernel(*args, **kwargs):
-            state = torch._C._get_tracing_state()
+            state = torch._C._get_tracing_state() if _ACTIVE[0] else None
             if state is None:
                 return fn(*args, **kwargs)
             set_state(None)
@@ -247,26 +263,31 @@ def _meta_tracing():
                 set_state(state)
         return kernel
 
-    def convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-        return torch.ops.aten._convolution.default(input, weight, bias, stride, padding, dilation, transposed,
-                                                   output_padding, groups, False, False, True, True)
-
+    convolution_meta = None
     lib = torch.library.Library("aten", "IMPL")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "overriding a previously registered kernel", by design
-            seen = set()
-            for table in ("meta", "post_autograd", "pre_autograd"):  # the precedence PyTorch registers with
-                for op, fn in global_decomposition_table[table].items():
-                    if not isinstance(op, torch._ops.OpOverload) or op in seen:
-                        continue
-                    seen.add(op)
-                    if f"{op.namespace}/{op.name().split('::')[-1]}/Meta" in meta_lib._op_impls:
-                        lib.impl(op, paused(fn), "Meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel", by design
+        seen = set()
+        for table in ("meta", "post_autograd", "pre_autograd"):  # the precedence PyTorch registers with
+            for op, fn in global_decomposition_table[table].items():
+                if not isinstance(op, torch._ops.OpOverload) or op in seen:
+                    continue
+                seen.add(op)
+                if f"{op.namespace}/{op.name().split('::')[-1]}/Meta" in meta_lib._op_impls:
+                    lib.impl(op, paused(fn), "Meta")
+                    if op is torch.ops.aten.convolution.default:
+                        convolution_meta = fn
+
+        def convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
+            if not _ACTIVE[0]:
+                return convolution_meta(input, weight, bias, stride, padding, dilation, transposed, output_padding,
+                                        groups)
+            return torch.ops.aten._convolution.default(input, weight, bias, stride, padding, dilation, transposed,
+                                                       output_padding, groups, False, False, True, True)
+
+        if convolution_meta is not None:  # else nothing to wrap; tests/test_flops.py checks the graph still matches
             lib.impl("convolution", convolution, "Meta")
-        yield
-    finally:
-        lib._destroy()  # PyTorch's own meta kernels are active again
+    return lib
 
 
 def sdpa_flop(inputs, outputs) -> int:
