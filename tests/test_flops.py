@@ -210,7 +210,7 @@ def test_gflops_budget_weighs_every_unit_from_one_meta_count(monkeypatch):
 
 
 def test_meta_kernels_are_pytorchs_own_outside_a_count():
-    count_flops(torch.nn.Conv2d(3, 4, 3), {"x": torch.randn(1, 3, 8, 8)})  # installs the wrappers
+    assert count_flops(torch.nn.Conv2d(3, 4, 3), {"input": torch.randn(1, 3, 8, 8)}).method == "meta"  # installs them
     x, w = torch.empty(1, 3, 8, 8, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
     assert torch.conv2d(x, w, padding=1).shape == (1, 4, 8, 8)
     graph, _ = torch.jit._get_trace_graph(lambda a, b: torch.conv2d(a, b), (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)))
