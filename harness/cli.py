@@ -307,15 +307,18 @@ def cmd_flops(args, extra: list[str]) -> int:
         return model, unpruned
 
     with torch.no_grad():
-        model, unpruned = build("meta")
-        inputs = ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0))
         try:
+            model, unpruned = build("meta")
+            inputs = ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0))
             fc = count_flops(model, inputs, reg.flop_handles())
-        except AbstractCountError as exc:  # data-dependent shapes: build it for real and trace that
+        except UserError:
+            raise
+        except Exception as exc:  # a factory that loads weights, or data-dependent shapes: count it for real
+            reason = str(exc) if isinstance(exc, AbstractCountError) else f"{type(exc).__name__}: {exc}"
             model, unpruned = build("cpu")
             fc = count_flops(model, ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0)),
                              reg.flop_handles(), abstract=False)
-            fc.fallback_reason = str(exc)
+            fc.fallback_reason = reason.strip().splitlines()[0] if reason.strip() else reason
         params = sum(p.numel() for p in model.parameters())
     result = {"backbone": args.backbone, "options": options, "input": ctx.input_spec, "params": params,
               "gflops": fc.total / 1e9, "batch_size": 1, "convention": "1 multiply-add = 1 FLOP (fvcore)",
