@@ -65,7 +65,43 @@ def cmd_validate(args) -> int:
 
     check_builds(suite, jobs)
     _console().print(f"{args.suite}: suite {suite.name!r} is valid: {len(jobs)} cell(s), every backbone builds")
+    if args.costs:
+        _print_costs(jobs)
     return 0
+
+
+def _print_costs(jobs) -> None:
+    """Parameters and GFLOPs of each cell's backbone as built, counted on the meta device."""
+    import torch
+    from rich.table import Table
+
+    from .context import CellContext
+    from .flops import AbstractCountError, count_flops
+    from .suite import CellConfig
+
+    table = Table("cell", "params", "GFLOPs", "note", box=None)
+    costs: dict[str, tuple[str, str]] = {}
+    for job in jobs:
+        config = CellConfig.model_validate(job.config)
+        key = repr(config.backbone.model_dump())
+        if config.backbone.options.get("pretrained"):
+            costs[key] = ("n/a", "n/a")  # its structure is in the checkpoint's config: the cell reads it
+        if key not in costs:
+            ctx = CellContext(job.suite, job.cell, job.seed, config)
+            model = ctx.abstract_model().eval()
+            params = sum(p.numel() for p in model.parameters())
+            try:
+                with torch.no_grad():
+                    fc = count_flops(model, ctx.example_inputs(1, model=model), ctx.registry.flop_handles())
+                gflops = f"{fc.total / 1e9:.3f}"
+            except AbstractCountError:
+                gflops = "n/a"  # its shapes depend on data: the gflops metric traces real tensors
+            costs[key] = (f"{params / 1e6:.2f}M", gflops)
+        note = "before pruning" if config.prune is not None else ""
+        if config.backbone.options.get("pretrained"):
+            note = "pretrained: counted when the cell runs"
+        table.add_row(job.label, *costs[key], note)
+    _console().print(table)
 
 
 def cmd_run(args) -> int:
@@ -350,21 +386,36 @@ def _backbone_context(backbone: str, extra: list[str]):
 def cmd_flops(args, extra: list[str]) -> int:
     import torch
 
-    from .flops import count_flops
+    from .flops import AbstractCountError, count_flops
 
     ctx, options = _backbone_context(args.backbone, extra)
     reg = ctx.registry
-    with torch.no_grad():
-        model = ctx.model.eval()
+
+    def build(device):  # counting needs shapes only: the meta device holds no weights
+        model = ctx.build_backbone(device=device).eval()
         unpruned = sum(p.numel() for p in model.parameters())
         if args.prune:
             model = _apply_prune(model, args.prune)
+        ctx.model = model  # its input shape is read from it
+        return model, unpruned
+
+    with torch.no_grad():
+        try:
+            model, unpruned = build("meta")
+            inputs = ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0))
+            fc = count_flops(model, inputs, reg.flop_handles())
+        except UserError:
+            raise
+        except Exception as exc:  # a factory that loads weights, or data-dependent shapes: count it for real
+            reason = str(exc) if isinstance(exc, AbstractCountError) else f"{type(exc).__name__}: {exc}"
+            model, unpruned = build("cpu")
+            fc = count_flops(model, ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0)),
+                             reg.flop_handles(), abstract=False)
+            fc.fallback_reason = reason.strip().splitlines()[0] if reason.strip() else reason
         params = sum(p.numel() for p in model.parameters())
-        fc = count_flops(model, ctx.example_inputs(1, generator=torch.Generator().manual_seed(0)),
-                         reg.flop_handles())
     result = {"backbone": args.backbone, "options": options, "input": ctx.input_spec, "params": params,
               "gflops": fc.total / 1e9, "batch_size": 1, "convention": "1 multiply-add = 1 FLOP (fvcore)",
-              "uncounted_ops": fc.uncounted_ops}
+              **fc.record()}
     result.update(getattr(model, "flops_extra", {}) or {})
     if args.prune:
         from harness_compress.units import bksdm_reference
@@ -390,8 +441,13 @@ def cmd_flops(args, extra: list[str]) -> int:
             ref = prune["bk_sdm_published"]
             console.print(f"BK-SDM publishes {ref['published_b']:.2f}B (rounded up to 0.01B); here "
                           f"{ref['ours_b']:.2f}B: {'matches' if ref['match'] else 'DOES NOT MATCH'}")
+    if fc.method != "meta":
+        console.print(f"counted by tracing real tensors: {fc.fallback_reason}")
     if fc.uncounted_ops:
         console.print(f"not counted (no FLOP handle): {', '.join(sorted(fc.uncounted_ops))}")
+    if fc.zero_modules:
+        console.print(f"[yellow]warning[/]: count zero FLOPs although they have parameters or reduce their input: "
+                      f"{', '.join(fc.zero_modules)}")
     if args.by_module:
         from rich.table import Table
 
@@ -532,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("suite")
     v.add_argument("--results", default="results", help=argparse.SUPPRESS)
     v.add_argument("--max-cells", type=int, metavar="N", help=MAX_CELLS_HELP)
+    v.add_argument("--costs", action="store_true",
+                   help="print each cell's parameters and GFLOPs (batch 1, counted on the meta device)")
     v.set_defaults(func=cmd_validate)
 
     ls = sub.add_parser("ls", help="list components")

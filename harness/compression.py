@@ -121,7 +121,7 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
             weights = {u.name: float(u.params) for u in candidates}
             total = float(total_params)
         else:
-            weights, total = unit_flops(ctx, student, [u.name for u in candidates])
+            weights, total = unit_flops(ctx, student, candidates)
         from harness_compress.units import conflicts, merge_plans
 
         clashes = [(a.name, b.name) for i, a in enumerate(candidates) for b in candidates[i + 1:] if conflicts(a, b)]
@@ -167,29 +167,19 @@ def _additivity(ctx, model, candidates, laptop_scores, spec, removed) -> dict:
                       seed=ctx.seed("additivity", shared=True) % (2 ** 32))
 
 
-def unit_flops(ctx, model: torch.nn.Module, names: list[str]) -> tuple[dict[str, float], float]:
-    """fvcore multiply-adds of each named unit, and of the whole model, at batch 1."""
-    import logging
-    import warnings
-
-    from fvcore.nn import FlopCountAnalysis
-
-    from .flops import _NO_MACS, _Positional
+def unit_flops(ctx, model: torch.nn.Module, units: list) -> tuple[dict[str, float], float]:
+    """fvcore multiply-adds of each unit, and of the whole model, at batch 1: one count (on the
+    meta device) and its per-module breakdown, whatever the number of units. A skip pair
+    weighs what both its modules do (it was weighed 0 when looked up by its joined name)."""
+    from .flops import count_flops
 
     inputs = ctx.example_inputs(1, model=model, generator=ctx.generator("flops-inputs", shared=True))
-    wrapper = _Positional(model, inputs).eval()
-    args = tuple(v for v in inputs.values() if isinstance(v, torch.Tensor))
-    analysis = FlopCountAnalysis(wrapper, args)
-    analysis.set_op_handle(**{op: None for op in _NO_MACS})
-    analysis.set_op_handle(**ctx.registry.flop_handles())
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        per = analysis.by_module()
-        total = float(analysis.total())
-    return {n: float(per.get(f"model.{n}", 0)) for n in names}, total
+    was_training = model.training
+    try:
+        fc = count_flops(model.eval(), inputs, ctx.registry.flop_handles())
+    finally:
+        model.train(was_training)
+    return {u.name: float(sum(fc.modules.get(m, 0) for m in u.covers)) for u in units}, float(fc.total)
 
 
 # -- distill ------------------------------------------------------------------------------------

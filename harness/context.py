@@ -49,6 +49,7 @@ class CellContext:
         self.dtype = DTYPES[config.dtype]
         self.extra: dict[str, Any] = {}  # extra record fields (loss curve, pruning plan...)
         self._model: torch.nn.Module | None = None
+        self._meta_model: torch.nn.Module | None = None
 
     # -- seeds ---------------------------------------------------------------------------
     def seed(self, purpose: str, shared: bool = False) -> int:
@@ -94,17 +95,19 @@ class CellContext:
         defaults = comp.defaults()
         spec = {k: self.backbone_options.get(k, defaults.get(k)) for k in INPUT_KEYS}
         # A factory default of None means "the model decides" (e.g. a preset's native size):
-        # read it back from the built model's attribute of the same name.
+        # read it back from the built model's attribute of the same name (structure only: a
+        # model not built yet is read on the meta device, without weights).
+        model = self.abstract_model()
         for k in ("input_size", "in_channels", "num_classes"):
             if spec[k] is None and k in defaults:
-                spec[k] = getattr(self.model, k, None)
+                spec[k] = getattr(model, k, None)
         # A text-conditioned model takes no class label whatever the factory's default says
         # (its num_classes attribute is 0); an explicit option still wins.
-        if "num_classes" not in self.backbone_options and getattr(self.model, "num_classes", None) == 0:
+        if "num_classes" not in self.backbone_options and getattr(model, "num_classes", None) == 0:
             spec["num_classes"] = 0
         # 0 is "no text context" unless the built model says it takes one (an SD preset's
         # cross-attention width comes from its config, not from an option)
-        spec["context_dim"] = spec["context_dim"] or getattr(self.model, "context_dim", 0) or 0
+        spec["context_dim"] = spec["context_dim"] or getattr(model, "context_dim", 0) or 0
         missing = [k for k in ("input_size", "in_channels", "num_classes") if spec[k] is None]
         if missing:
             raise ValueError(f"backbone {self.config.backbone.name!r} gives no default for {missing}; "
@@ -118,6 +121,19 @@ class CellContext:
         with torch.device(device):
             model = self.registry.create("backbone", self.config.backbone.name, **options)
         return model
+
+    def abstract_model(self) -> torch.nn.Module:
+        """The cell's model as it stands, or the backbone on the meta device (no weights, the
+        global RNG untouched) while nothing has built it: what parameter and FLOP counts need."""
+        if self._model is not None:
+            return self._model
+        if self._meta_model is None:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    self._meta_model = self.build_backbone(device="meta")
+            except Exception:  # a factory that needs real tensors (weights loaded as it builds)
+                return self.model
+        return self._meta_model
 
     @property
     def model(self) -> torch.nn.Module:

@@ -135,4 +135,9 @@ def harness_flop_handles():
     ``"aten::scaled_dot_product_attention"`` or ``"prim::PythonOp.SelectiveScanFn"``
     (an ``autograd.Function`` subclass named SelectiveScanFn) and the handle is fvcore's
     ``handle(inputs, outputs) -> int | Counter``. Count one multiply-add as one FLOP.
+
+    The trace runs on the meta device (harness.flops): a handle sees shapes, never values,
+    and a custom ``autograd.Function`` should return empty outputs of the right shapes when
+    its inputs are meta tensors (as ``harness_mixers.scan.SelectiveScanFn`` does); one that
+    cannot is traced on real tensors instead, and the record's ``flops_method`` says so.
     """

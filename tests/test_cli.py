@@ -186,3 +186,14 @@ def test_jobs_must_be_positive(tmp_path, capsys, jobs):
     code, out, err = cli(["run", str(suite), "--jobs", jobs, "--results", str(tmp_path / "r")], capsys)
     assert code == 2 and err == f"harness: error: --jobs {jobs}: expected an integer >= 1\n" and not out
     assert not (tmp_path / "r").exists()
+
+
+def test_validate_costs_prints_each_cells_params_and_gflops(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("suite: s\nbase:\n  backbone: {name: dit, size: tiny, patch: 4, input_size: 16}\n"
+                     "  metrics: [params]\nmatrix:\n  backbone.patch: [2, 4]\n")
+    code, out, _ = cli(["validate", str(suite), "--costs"], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line.split()[1:3] for line in out.splitlines() if line.strip().startswith("backbone.")}
+    # the figures `harness flops dit --size tiny --patch P --input-size 16` gives
+    assert rows == {"backbone.patch=2": ["1.40M", "0.056"], "backbone.patch=4": ["1.42M", "0.014"]}, out

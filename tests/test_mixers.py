@@ -270,3 +270,15 @@ def test_inference_mode_then_training_forward(name):
     with torch.inference_mode():
         mixer(x, (6, 6))
     mixer(x, (6, 6)).sum().backward()
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+def test_window_attention_takes_the_fused_sdpa_kernel(shift):
+    """A 3-D bias sent SDPA down its unfused math path on the CPU, which grew 5-6x at 4x
+    the tokens (tests/perf/test_mixer_perf.py times it)."""
+    mixer = harness.create("mixer", "window-attention", dim=64, num_heads=4, window_size=8, shift=shift).eval()
+    x = torch.randn(1, 16 * 16, 64)
+    with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        mixer(x, (16, 16))
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_attention_math" not in ops, sorted(ops)

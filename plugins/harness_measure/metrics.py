@@ -9,7 +9,7 @@ import torch
 
 from harness import kernels
 from harness.context import DTYPES, CellContext
-from harness.flops import count_flops
+from harness.flops import AbstractCountError, count_flops
 
 
 class Params:
@@ -18,14 +18,15 @@ class Params:
     name, direction, unit = "params", "lower", "params"
 
     def __call__(self, ctx: CellContext) -> dict:
-        model = ctx.model
+        model = ctx.abstract_model()  # shapes are all a count needs: no weights built for it
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return {"value": total, "trainable": trainable}
 
 
 class GFlops:
-    """GFLOPs of one forward at batch 1 (fvcore; one multiply-add = one FLOP)."""
+    """GFLOPs of one forward at batch 1 (fvcore; one multiply-add = one FLOP), traced on the
+    meta device (harness.flops), or on real tensors where the model cannot run on meta."""
 
     name, direction, unit = "gflops", "lower", "G"
 
@@ -33,19 +34,27 @@ class GFlops:
         self.by_module = by_module
 
     def __call__(self, ctx: CellContext) -> dict:
-        model = ctx.model
+        model = ctx.abstract_model()
+        try:
+            fc = self._count(ctx, model)
+        except AbstractCountError as exc:  # built on meta but needs data: build it for real
+            fc = self._count(ctx, ctx.model, abstract=False)
+            fc.fallback_reason = str(exc)
+        out = {"value": fc.total / 1e9, "batch_size": 1, "resolution": ctx.input_spec["input_size"],
+               "convention": "1 multiply-add = 1 FLOP (fvcore)", **fc.record()}
+        if self.by_module:
+            out["by_module"] = {k: v / 1e9 for k, v in fc.by_module.items()}
+        return out
+
+    @staticmethod
+    def _count(ctx: CellContext, model: torch.nn.Module, abstract: bool = True):
         was_training = model.training
         model.eval()
         try:
             inputs = ctx.example_inputs(1, model=model, generator=ctx.generator("flops-inputs"))
-            fc = count_flops(model, inputs, ctx.registry.flop_handles())
+            return count_flops(model, inputs, ctx.registry.flop_handles(), abstract=abstract)
         finally:
             model.train(was_training)
-        out = {"value": fc.total / 1e9, "batch_size": 1, "resolution": ctx.input_spec["input_size"],
-               "convention": "1 multiply-add = 1 FLOP (fvcore)", "uncounted_ops": fc.uncounted_ops}
-        if self.by_module:
-            out["by_module"] = {k: v / 1e9 for k, v in fc.by_module.items()}
-        return out
 
 
 class Latency:
