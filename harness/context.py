@@ -133,6 +133,10 @@ class CellContext:
                     self._meta_model = self.build_backbone(device="meta")
             except Exception:  # a factory that needs real tensors (weights loaded as it builds)
                 return self.model
+        from .flops import is_small
+
+        if is_small(self._meta_model):  # cheaper built and traced for real (harness.flops.SMALL_MODEL_PARAMS)
+            return self.model
         return self._meta_model
 
     @property

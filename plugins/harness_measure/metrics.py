@@ -9,7 +9,7 @@ import torch
 
 from harness import kernels
 from harness.context import DTYPES, CellContext
-from harness.flops import AbstractCountError, count_flops
+from harness.flops import AbstractCountError, count_flops, is_small
 
 
 class Params:
@@ -36,7 +36,8 @@ class GFlops:
     def __call__(self, ctx: CellContext) -> dict:
         model = ctx.abstract_model()
         try:
-            fc = self._count(ctx, model)
+            # a small model is cheaper traced for real (harness.flops.SMALL_MODEL_PARAMS)
+            fc = self._count(ctx, model, abstract=not is_small(model))
         except AbstractCountError as exc:  # built on meta but needs data: build it for real
             fc = self._count(ctx, ctx.model, abstract=False)
             fc.fallback_reason = str(exc)

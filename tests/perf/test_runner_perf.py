@@ -8,23 +8,30 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
 import torch
 
 import harness
 from harness.runner import CellJob, execute_cell
 
-MODEL = {"name": "dit", "size": "S", "patch": 2}  # big enough that timer noise is not the figure
+# DiT-S/2, and the smallest shipped backbone (suites/ablation.yaml's tiny DiT), whose fixed
+# cost per cell is the largest share; both at the default 32x32x4 latent input.
+MODELS = {
+    "dit-S/2": ({"name": "dit", "size": "S", "patch": 2}, (32_865_056, 6_065_504_256)),  # tests/test_dit_table.py
+    "ablation-tiny": ({"name": "dit", "size": "tiny", "patch": 2, "depth": 2, "hidden_size": 64,
+                       "mixer": "attention"}, None),
+}
 MAX_OVERHEAD = 0.10
 
 
-def bare_count() -> tuple[int, int]:
+def bare_count(spec: dict) -> tuple[int, int]:
     """What a user would write without the harness: same model, same inputs, fvcore with the
     same op handles (SDPA's matrix products are counted, as the papers count attention)."""
     from fvcore.nn import FlopCountAnalysis
 
     from harness.plugins import registry
 
-    model = harness.create("backbone", **MODEL).eval()
+    model = harness.create("backbone", **spec).eval()
     params = sum(p.numel() for p in model.parameters())
     x, t, y = torch.randn(1, 4, 32, 32), torch.tensor([500]), torch.tensor([207])
     analysis = FlopCountAnalysis(model, (x, t, y))
@@ -36,9 +43,9 @@ def bare_count() -> tuple[int, int]:
         return params, analysis.total()
 
 
-def _job(tmp_path) -> CellJob:
-    config = {"backbone": dict(MODEL), "metrics": ["params", "gflops"], "device": "cpu"}
-    return CellJob("perf", "perf.yaml", "runner-overhead", "dit-S/2", 0, config, str(tmp_path))
+def _job(tmp_path, spec: dict, label: str) -> CellJob:
+    config = {"backbone": dict(spec), "metrics": ["params", "gflops"], "device": "cpu"}
+    return CellJob("perf", "perf.yaml", "runner-overhead", label, 0, config, str(tmp_path))
 
 
 def _cpu_time(fn) -> float:
@@ -47,22 +54,29 @@ def _cpu_time(fn) -> float:
     return time.process_time() - t0
 
 
-def test_runner_overhead_under_ten_percent(benchmark, tmp_path):
-    job = _job(tmp_path)
+@pytest.mark.parametrize("label", [
+    "dit-S/2",
+    # Not met yet (issue 14): building the model on meta to learn its size, then for real to
+    # count it, costs the tiny cell about +40% over the bare count on one thread.
+    pytest.param("ablation-tiny", marks=pytest.mark.xfail(strict=True, reason="fixed cost per cell above 10%")),
+])
+def test_runner_overhead_under_ten_percent(benchmark, tmp_path, label):
+    spec, pinned = MODELS[label]
+    job = _job(tmp_path, spec, label)
     threads = torch.get_num_threads()
     # CPU time of this process on one thread: what the harness itself costs, unmoved by the
     # other jobs of a shared machine (wall time there swung 2x between identical runs).
     torch.set_num_threads(1)
     try:
-        params, flops = bare_count()  # warm both paths (imports, first trace) before timing
+        params, flops = bare_count(spec)  # warm both paths (imports, first trace) before timing
         record = execute_cell(job)
         assert record["status"] == "ok", record["error"]
         assert record["metrics"]["params"]["value"] == params  # same model, same figures
         assert record["metrics"]["gflops"]["value"] * 1e9 == flops
-        assert (params, flops) == (32_865_056, 6_065_504_256)  # DiT-S/2, as pinned in tests/test_dit_table.py
+        assert pinned is None or (params, flops) == pinned
         bare, cell = float("inf"), float("inf")
         for _ in range(3):  # interleaved minima: noise only ever adds time
-            bare = min(bare, _cpu_time(bare_count))
+            bare = min(bare, _cpu_time(lambda: bare_count(spec)))
             cell = min(cell, _cpu_time(lambda: execute_cell(job)))
         # the per-cell time, tracked by `make bench` like any other figure
         benchmark.extra_info.update(bare_cpu_s=bare, cell_cpu_s=cell, threads=1)
