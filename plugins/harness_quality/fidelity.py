@@ -262,16 +262,6 @@ def fidelity_metrics(samples: str, reference, extractor: Extractor, metrics=("fi
     return result
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance of two Gaussians, by torch-fidelity's own formula."""
-    import numpy as np
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-
-    s1 = {"mu": np.asarray(mu1, dtype=np.float64), "sigma": np.asarray(sigma1, dtype=np.float64)}
-    s2 = {"mu": np.asarray(mu2, dtype=np.float64), "sigma": np.asarray(sigma2, dtype=np.float64)}
-    return fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID]
-
-
 def _check_folder(folder: str, arg: str) -> list[str]:
     """The images of one ``harness fid`` folder, or a UserError naming ``arg`` and what is wrong."""
     from PIL import Image, UnidentifiedImageError
