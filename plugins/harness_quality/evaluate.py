@@ -114,7 +114,7 @@ def features_of(source: Source, model, identity: str, *, device, batch_size: int
         path = folder / f"{start:08d}-{stop:08d}.npz"
         chunk = _load_chunk(path)
         if chunk is None:
-            def tick(n, _base=done):
+            def tick(n):
                 nonlocal done
                 done += n
                 if progress:
@@ -170,7 +170,11 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, we
     device = torch.device("cuda" if cuda else "cpu")
     ext = resolve_extractor(INCEPTION, weights, option="--weights")
     model = build_extractor(ext, list(FEATURES_LIST), cuda)
-    cache = Path(cache_root) if cache_root else _default_cache()
+    if cache_root is None:
+        from harness_data.datasets import cache_root as harness_cache
+
+        cache_root = harness_cache() / "adm"
+    cache = Path(cache_root)
     fs = features_of(smp, model, ext.identity, device=device, batch_size=batch_size, cache=cache, progress=progress)
     fr = (features_of(ref, model, ext.identity, device=device, batch_size=batch_size, cache=cache,
                       progress=progress) if need_ref_images else None)
@@ -207,6 +211,3 @@ def _kid(samples: np.ndarray, reference: np.ndarray) -> float:
     return float(out[KEY_METRIC_KID_MEAN])
 
 
-def _default_cache() -> Path:
-    root = os.environ.get("HARNESS_CACHE") or Path.home() / ".cache" / "harness"
-    return Path(root) / "adm"
