@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import PluginError, UserError
 
 EXIT_USAGE = 2
 # Some cells were left to another run that holds their claim (sysexits' EX_TEMPFAIL: retry later).
@@ -97,7 +97,8 @@ def _print_costs(jobs) -> None:
             except AbstractCountError:
                 gflops = "n/a"  # its shapes depend on data: the gflops metric traces real tensors
             costs[key] = (f"{params / 1e6:.2f}M", gflops)
-        note = "before pruning" if config.prune is not None else ""
+        # the backbone as built: what the cell's stages (pruning, quantisation) change is not in it
+        note = f"before {', '.join(sorted(config.blocks))}" if config.blocks else ""
         if config.backbone.options.get("pretrained"):
             note = "pretrained: counted when the cell runs"
         table.add_row(job.label, *costs[key], note)
@@ -234,13 +235,23 @@ def cmd_ls(args) -> int:
     from .plugins import KINDS, registry
 
     reg = registry()
-    kinds = [args.kind] if args.kind else list(KINDS)
-    if args.kind and args.kind not in KINDS:
+    listable = list(KINDS) + ["stage", "command"]
+    kinds = [args.kind] if args.kind else listable
+    if args.kind and args.kind not in listable:
         from .errors import suggest
 
-        raise UserError(f"unknown kind {args.kind!r}{suggest(args.kind, KINDS)}")
-    rows = [{"kind": k, "name": c.name, "plugin": c.plugin, "description": c.description}
-            for k in kinds for c in reg.components(k).values()]
+        raise UserError(f"unknown kind {args.kind!r}{suggest(args.kind, listable)}")
+    rows = []
+    for k in kinds:
+        if k == "stage":
+            rows += [{"kind": k, "name": n, "plugin": reg.stage_plugin(n), "description": st.description}
+                     for n, st in reg.stages().items()]
+        elif k == "command":
+            rows += [{"kind": k, "name": n, "plugin": plugin, "description": c.help}
+                     for n, (c, plugin) in reg.commands().items()]
+        else:
+            rows += [{"kind": k, "name": c.name, "plugin": c.plugin, "description": c.description}
+                     for c in reg.components(k).values()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -261,6 +272,10 @@ def cmd_plugins(args) -> int:
     for kind in KINDS:
         for c in reg.components(kind).values():
             by_plugin.setdefault(c.plugin, []).append(f"{kind}:{c.name}")
+    for name in reg.stages():
+        by_plugin.setdefault(reg.stage_plugin(name), []).append(f"stage:{name}")
+    for name, (_, plugin) in reg.commands().items():
+        by_plugin.setdefault(plugin, []).append(f"command:{name}")
     rows = [{"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks),
              "components": by_plugin.get(p.name, [])} for p in reg.plugins()]
     if args.json:
@@ -333,69 +348,53 @@ def cmd_plot(args) -> int:
     records = load_records(args.results_dir)
     if not records:
         raise UserError(f"{args.results_dir}: no records found")
+    x, y = _plot_axes(records, args.x, args.y, args.scaling)
     if args.scaling:
-        path = scaling_plot(records, args.y or "gflops", args.out or Path(args.results_dir) / "plots" /
-                            f"scaling-{args.y or 'gflops'}.png")
+        path = scaling_plot(records, y, args.out or Path(args.results_dir) / "plots" / f"scaling-{y}.png")
     else:
-        x, y = args.x or "gflops", args.y or "val_loss"
         path = pareto_plot(records, x, y, args.out or Path(args.results_dir) / "plots" / f"pareto-{x}-{y}.png")
     _console().print(f"wrote {path}")
     return 0
 
 
+def _plot_axes(records, x, y, scaling: bool) -> tuple[str | None, str]:
+    """Defaults read from the records: cost on x (GFLOPs when recorded), the first quality
+    metric with a direction on y; ``--scaling`` puts the cost on y."""
+    from .leaderboard import metric_roles
+
+    roles = metric_roles(records)
+    directed = [m for m in roles if any((r.get("metrics", {}).get(m) or {}).get("direction")
+                                        for r in records if isinstance(r.get("metrics", {}).get(m), dict))]
+    costs = [m for m in directed if roles[m] == "cost"]
+    cost = "gflops" if "gflops" in costs else (costs[0] if costs else "gflops")
+    if scaling:
+        return None, y or cost
+    quality = next((m for m in directed if roles[m] == "quality"), "val_loss")
+    return x or cost, y or quality
+
+
 # -- flops ---------------------------------------------------------------------------------
-def _parse_options(extra: list[str]) -> dict:
-    import yaml
-
-    options, i = {}, 0
-    while i < len(extra):
-        arg = extra[i]
-        if not arg.startswith("--") or len(arg) < 3:
-            raise UserError(f"unexpected argument {arg!r}; options are given as --name value")
-        key = arg[2:]
-        if "=" in key:
-            key, raw = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
-            raw = extra[i + 1]
-            i += 2
-        else:
-            raw, i = "true", i + 1
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        options[key.replace("-", "_")] = value
-    return options
-
-
-def _backbone_context(backbone: str, extra: list[str]):
-    """A CPU cell context for one backbone configuration given as ``--option value`` pairs."""
-    from .context import CellContext
-    from .plugins import registry
-    from .suite import CellConfig
-
-    options = _parse_options(extra)
-    reg = registry()
-    reg.get("backbone", backbone).check_options(options)
-    config = CellConfig.model_validate({"backbone": {"name": backbone, **options}, "metrics": ["params"],
-                                        "device": "cpu"})
-    return CellContext(backbone, "cli", 0, config, reg=reg), options
-
-
 def cmd_flops(args, extra: list[str]) -> int:
     import torch
 
+    from .commands import backbone_context, parse_options
     from .flops import AbstractCountError, count_flops
 
-    ctx, options = _backbone_context(args.backbone, extra)
+    options = parse_options(extra)
+    ctx = backbone_context(args.backbone, options)
     reg = ctx.registry
+    applied: dict = {}
+    if args.prune:  # the pruning stage's result, applied outside a suite
+        stage = reg.stages().get("prune")
+        if stage is None or stage.apply is None:
+            raise UserError("--prune: no installed plugin registers a 'prune' stage that can apply a plan")
 
     def build(device):  # counting needs shapes only: the meta device holds no weights
         model = ctx.build_backbone(device=device).eval()
         unpruned = sum(p.numel() for p in model.parameters())
         if args.prune:
-            model = _apply_prune(model, args.prune)
+            applied.clear()
+            applied.update(stage.apply(model, args.prune) or {})
         ctx.model = model  # its input shape is read from it
         return model, unpruned
 
@@ -418,12 +417,9 @@ def cmd_flops(args, extra: list[str]) -> int:
               **fc.record()}
     result.update(getattr(model, "flops_extra", {}) or {})
     if args.prune:
-        from harness_compress.units import bksdm_reference
-
-        result["prune"] = {"plan": args.prune, "params_before": unpruned, "removed_ratio": 1 - params / unpruned}
-        reference = bksdm_reference(args.prune, unpruned, params)
-        if reference:
-            result["prune"]["bk_sdm_published"] = reference
+        summary = applied.pop("summary", None)  # the stage's line for people, not for the JSON
+        result["prune"] = {"plan": args.prune, "params_before": unpruned, "removed_ratio": 1 - params / unpruned,
+                           **applied}
     if args.by_module:
         result["by_module"] = {k: {"params": fc.params_by_module[k], "gflops": v / 1e9}
                                for k, v in fc.by_module.items()}
@@ -437,10 +433,8 @@ def cmd_flops(args, extra: list[str]) -> int:
     if args.prune:
         prune = result["prune"]
         console.print(f"pruned  {args.prune}: {prune['removed_ratio']:.1%} of {unpruned:,} parameters removed")
-        if "bk_sdm_published" in prune:
-            ref = prune["bk_sdm_published"]
-            console.print(f"BK-SDM publishes {ref['published_b']:.2f}B (rounded up to 0.01B); here "
-                          f"{ref['ours_b']:.2f}B: {'matches' if ref['match'] else 'DOES NOT MATCH'}")
+        if summary:  # what the stage adds (BK-SDM: the published size it matches)
+            console.print(summary)
     if fc.method != "meta":
         console.print(f"counted by tracing real tensors: {fc.fallback_reason}")
     if fc.uncounted_ops:
@@ -456,111 +450,6 @@ def cmd_flops(args, extra: list[str]) -> int:
             table.add_row(k, f"{v['params']:,}", f"{v['gflops']:.3f}")
         console.print(table)
     return 0
-
-
-def _apply_prune(model, spec: str):
-    """A BK-SDM preset name, or a plan file (``plan.json`` as saved with a pruned model)."""
-    from harness_compress.units import BKSDM_PRESETS, apply_plan, bksdm_plan
-
-    from .errors import suggest
-
-    if spec in BKSDM_PRESETS:
-        return apply_plan(model, bksdm_plan(model, spec))
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "plan.json"
-    if not path.is_file():
-        raise UserError(f"--prune {spec!r}: neither a preset{suggest(spec, BKSDM_PRESETS)} nor a plan file")
-    try:
-        plan = json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"--prune {spec}: not a JSON plan ({exc})") from None
-    return apply_plan(model, plan)
-
-
-# -- prune ---------------------------------------------------------------------------------
-def cmd_prune(args, extra: list[str]) -> int:
-    from harness_compress.units import discover
-
-    ctx, options = _backbone_context(args.backbone, extra)
-    model = ctx.build_backbone(device="meta")  # sizes only
-    total = sum(p.numel() for p in model.parameters())
-    units = discover(model)
-    removable = [u for u in units if u.removable]
-    if args.json:
-        print(json.dumps({"backbone": args.backbone, "options": options, "params": total,
-                          "units": [u.to_dict() for u in units]}, indent=2))
-        return 0
-    from rich.table import Table
-
-    table = Table("unit", "kind", "params", "share", "removable", box=None)
-    table.columns[0].overflow = table.columns[4].overflow = "fold"  # long module paths: wrap, never cut
-    for u in units:
-        table.add_row(u.name, u.kind, f"{u.params:,}", f"{u.params / total:.2%}",
-                      "yes" if u.removable else f"no: {u.reason}")
-    console = _console()
-    console.print(table)
-    # pairs overlap single units, so the removable total counts each module once
-    names = {name for u in removable for name in u.covers}
-    names = {n for n in names if not any(n.startswith(o + ".") for o in names)}  # nested: count once
-    covered = {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
-    console.print(f"{args.backbone}: {total:,} params; {len(removable)} removable units "
-                  f"covering {sum(covered.values()) / total:.1%} of them")
-    return 0
-
-
-# -- fid -----------------------------------------------------------------------------------
-def cmd_fid(args) -> int:
-    """Plain FID of two folders stays torch-fidelity's own figure; any other metric, or an
-    ``.npz`` input, goes through the ADM evaluator's protocol (harness_quality.evaluate)."""
-    from harness_quality.evaluate import evaluate, parse_metrics
-    from harness_quality.fidelity import fid_of_folders
-
-    from .errors import MetricUnavailable
-
-    metrics = parse_metrics(args.metrics)
-    folders = Path(args.dir1).is_dir() and Path(args.dir2).is_dir()
-    try:
-        if metrics == ["fid"] and folders:
-            result = fid_of_folders(args.dir1, args.dir2, weights=args.weights, batch_size=args.batch_size,
-                                    cuda=False if args.cpu else None)
-        else:
-            with _feature_progress() as progress:
-                result = evaluate(args.dir1, args.dir2, metrics, weights=args.weights, batch_size=args.batch_size,
-                                  cuda=False if args.cpu else None, progress=progress)
-    except MetricUnavailable as exc:  # on the command line, missing weights is the user's to fix
-        raise UserError(f"fid: {exc} (or pass --weights PATH)") from None
-    if args.json:
-        print(json.dumps(result))
-    elif "samples" not in result:  # torch-fidelity's FID of two folders
-        print(f"FID {result['fid']:.6g}  ({result['extractor']})")
-    else:
-        for m in metrics:
-            print(f"{m:<10} {result[m]:.6g}")
-        print(f"({result.get('samples', '?')} samples, {result.get('reference_images', '?')} reference images; "
-              f"{result['extractor']})")
-    return 0
-
-
-def _feature_progress():
-    """A progress bar on stderr for feature extraction: which input, how far, how long."""
-    from contextlib import contextmanager
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    @contextmanager
-    def bars():
-        tasks: dict[str, int] = {}
-        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=_console(stderr=True), transient=True) as bar:
-            def update(arg: str, done: int, total: int) -> None:
-                if arg not in tasks:
-                    tasks[arg] = bar.add_task(f"Inception features of {arg}", total=total)
-                bar.update(tasks[arg], completed=done)
-
-            yield update
-
-    return bars()
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -617,8 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser("plot", help="Pareto front of quality vs cost, or --scaling of cost vs tokens")
     pt.add_argument("results_dir")
-    pt.add_argument("--x", help="cost metric of the Pareto plot (default gflops)")
-    pt.add_argument("--y", help="quality metric (default val_loss), or with --scaling the cost (default gflops)")
+    pt.add_argument("--x", help="cost metric of the Pareto plot (default: gflops when recorded, else the first "
+                                "cost metric)")
+    pt.add_argument("--y", help="quality metric (default: the first quality metric recorded), or with --scaling "
+                                "the cost (default as --x)")
     pt.add_argument("--scaling", action="store_true", help="y against tokens, one line per mixer")
     pt.add_argument("--out", metavar="FILE", help="FILE.png, .svg or .pdf (default RESULTS_DIR/plots/...)")
     pt.set_defaults(func=cmd_plot)
@@ -632,30 +523,46 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--prune", metavar="PRESET|PLAN", help="measure pruned: bk-sdm-base/small/tiny or a plan.json")
     f.set_defaults(func=cmd_flops, takes_extra=True)
 
-    pr = sub.add_parser("prune", help="the prunable units of one backbone configuration",
-                        description="Options after the backbone name are passed to its factory, "
-                                    "e.g. harness prune unet --preset sd15")
-    pr.add_argument("backbone")
-    pr.add_argument("--json", action="store_true")
-    pr.set_defaults(func=cmd_prune, takes_extra=True)
-
-    fd = sub.add_parser("fid", help="FID, sFID, IS, precision, recall (the ADM evaluator's protocol) of image "
-                                    "folders or .npz batches")
-    fd.add_argument("dir1", metavar="SAMPLES", help="image folder or ADM .npz (arr_0: N x H x W x 3 uint8)")
-    fd.add_argument("dir2", metavar="REFERENCE", help="image folder or .npz; its mu/sigma (mu_s/sigma_s) are "
-                                                      "used for fid (sfid) when present")
-    fd.add_argument("--metrics", default="fid", help="comma-separated: fid, sfid, isc, precision, recall, kid "
-                                                     "(default: fid)")
-    fd.add_argument("--weights", help="local Inception weights (default: $HARNESS_FID_WEIGHTS, else download)")
-    fd.add_argument("--batch-size", type=int, default=64)
-    fd.add_argument("--cpu", action="store_true", help="do not use CUDA even when present")
-    fd.add_argument("--json", action="store_true")
-    fd.set_defaults(func=cmd_fid)
     return p
 
 
+def add_plugin_commands(p: argparse.ArgumentParser) -> None:
+    """Subcommands registered by plugins (harness.hookspecs.harness_commands)."""
+    from .plugins import registry
+
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for name, (command, plugin) in registry().commands().items():
+        if name in sub.choices:
+            raise PluginError(f"plugin {plugin!r} declares command {name!r}, which the harness already has")
+        c = sub.add_parser(name, help=f"{command.help} [{plugin}]", description=command.description)
+        command.arguments(c)
+        c.set_defaults(func=_plugin_command(command), takes_extra=command.backbone_options)
+
+
+def _plugin_command(command):
+    def run(args, extra=None):
+        if command.backbone_options:
+            from .commands import parse_options
+
+            args.options = parse_options(extra or [])
+        return command.run(args)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
+    try:
+        # The core's own commands answer without loading plugins (a bad suite is refused at
+        # once); anything else, --help included, may be a plugin's command.
+        first = next((a for a in argv if not a.startswith("-")), None)
+        core = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        if first not in core:
+            add_plugin_commands(parser)
+    except UserError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     args, extra = parser.parse_known_args(argv)
     try:
         if getattr(args, "takes_extra", False):

@@ -15,6 +15,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Conditioning inputs the backbone factory contract names; the rest are backbone options.
 INPUT_KEYS = ("input_size", "in_channels", "num_classes", "context_dim")
+# What a backbone is built for when neither the suite nor a data set says: the 32x32x4
+# latent of a 256x256 image under the Stable Diffusion VAE, and ImageNet's 1000 classes
+# (DiT's and LaMamba-Diff's setting).
+DEFAULT_INPUTS = {"input_size": 32, "in_channels": 4, "num_classes": 1000}
 
 
 def derive_seed(*parts: Any) -> int:
@@ -48,6 +52,7 @@ class CellContext:
         self.device = resolve_device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.extra: dict[str, Any] = {}  # extra record fields (loss curve, pruning plan...)
+        self.teacher: torch.nn.Module | None = None  # a stage's reference model (the unpruned one)
         self._model: torch.nn.Module | None = None
         self._meta_model: torch.nn.Module | None = None
 
@@ -58,6 +63,23 @@ class CellContext:
 
     def generator(self, purpose: str, shared: bool = False, device: str | torch.device = "cpu") -> torch.Generator:
         return torch.Generator(device=device).manual_seed(self.seed(purpose, shared))
+
+    # -- stages ------------------------------------------------------------------------------
+    @cached_property
+    def specs(self) -> dict[str, Any]:
+        """The cell's stage blocks, validated by the schemas of the stages that own them."""
+        from .suite import stage_specs
+
+        return stage_specs(self.config, self.registry.stages())
+
+    @property
+    def train(self):
+        """The ``train`` block's settings (defaults without one): how the backbone is trained,
+        and the noise schedule the cell's measurements use."""
+        from .training import TrainSpec
+
+        spec = self.specs.get("train")
+        return spec if isinstance(spec, TrainSpec) else TrainSpec.model_validate(self.config.blocks.get("train", {}))
 
     # -- data and inputs ---------------------------------------------------------------------
     @cached_property
@@ -73,12 +95,9 @@ class CellContext:
                                     **spec.options)
 
     @cached_property
-    def backbone_options(self) -> dict[str, Any]:
-        """Factory options with the input shape resolved: explicit option, else the data
-        set's shape, else the factory's default."""
-        spec: ComponentSpec = self.config.backbone
-        comp = self.registry.get("backbone", spec.name)
-        opts = spec.options
+    def _given_inputs(self) -> dict[str, Any]:
+        """Factory options from the suite, with the input shape the data set implies."""
+        opts = self.config.backbone.options
         if self.config.data is not None:
             ds = self.dataset
             derived = {"input_size": ds.resolution, "in_channels": ds.channels, "num_classes": ds.num_classes}
@@ -86,24 +105,34 @@ class CellContext:
                 derived["context_dim"] = ds.context_dim
             for k, v in derived.items():
                 opts.setdefault(k, v)
+        return opts
+
+    @cached_property
+    def backbone_options(self) -> dict[str, Any]:
+        """What the factory is called with. The contract's inputs are always passed: the
+        suite's option, else the data set's shape, else the factory's own default, else
+        :data:`DEFAULT_INPUTS`."""
+        comp = self.registry.get("backbone", self.config.backbone.name)
+        opts = dict(self._given_inputs)
+        defaults = comp.defaults()
+        for k, v in DEFAULT_INPUTS.items():
+            opts.setdefault(k, defaults.get(k, v))
         comp.check_options(opts)
         return opts
 
     @cached_property
     def input_spec(self) -> dict[str, int]:
-        comp = self.registry.get("backbone", self.config.backbone.name)
-        defaults = comp.defaults()
-        spec = {k: self.backbone_options.get(k, defaults.get(k)) for k in INPUT_KEYS}
+        spec = {k: self.backbone_options.get(k) for k in INPUT_KEYS}
         # A factory default of None means "the model decides" (e.g. a preset's native size):
         # read it back from the built model's attribute of the same name (structure only: a
         # model not built yet is read on the meta device, without weights).
         model = self.abstract_model()
         for k in ("input_size", "in_channels", "num_classes"):
-            if spec[k] is None and k in defaults:
+            if spec[k] is None:
                 spec[k] = getattr(model, k, None)
         # A text-conditioned model takes no class label whatever the factory's default says
         # (its num_classes attribute is 0); an explicit option still wins.
-        if "num_classes" not in self.backbone_options and getattr(model, "num_classes", None) == 0:
+        if "num_classes" not in self._given_inputs and getattr(model, "num_classes", None) == 0:
             spec["num_classes"] = 0
         # 0 is "no text context" unless the built model says it takes one (an SD preset's
         # cross-attention width comes from its config, not from an option)

@@ -28,8 +28,13 @@ def harness_backbones():
     """Denoising networks.
 
     ``factory(*, input_size: int, in_channels: int, num_classes: int, context_dim: int = 0,
-    **options) -> torch.nn.Module``. Give ``input_size``, ``in_channels`` and ``num_classes``
-    defaults: a suite without a ``data`` block measures the backbone at those defaults.
+    **options) -> torch.nn.Module``. The harness always passes ``input_size``,
+    ``in_channels`` and ``num_classes``: the suite's backbone option when given, else the
+    shape of the cell's data set, else the factory's own default when it declares one, else
+    the documented default, the 32x32x4 latent of a 256x256 image and 1000 classes
+    (:data:`harness.context.DEFAULT_INPUTS`). A factory whose default is ``None`` lets the
+    built model decide (a preset's native size) and reports it through the model attribute
+    of the same name. ``context_dim`` is passed when the data set serves captions.
 
     The module's ``forward(x, t, y=None)`` takes ``x`` of shape (B, in_channels, H, W) with
     H = W = input_size, ``t`` of shape (B,), and ``y``: class labels (B,) (long), a context
@@ -37,11 +42,16 @@ def harness_backbones():
     (B, in_channels or 2 * in_channels, H, W): noise, optionally followed by the learned
     variance.
 
-    Optional attributes the harness uses when present:
+    What the harness asks the model, when present:
 
     - ``example_inputs(batch_size, device=None, generator=None) -> dict`` of forward keyword
       arguments (for backbones whose forward needs more than x, t, y);
-    - ``learn_sigma: bool``: whether the second half of the output channels is a variance.
+    - ``learn_sigma: bool``: whether the second half of the output channels is a variance;
+    - ``context_dim: int``: the width of the text context it takes (0 or absent: none), and
+      ``num_classes``: the class labels it takes (0: unconditional or text);
+    - ``null_class: int | None``: the label that stands for "no class", fed when training
+      drops labels for classifier-free guidance (DiT: ``num_classes``); ``None`` when the
+      model was built without one. Absent: ``num_classes``, the convention of DiT and ADM.
 
     Transformer-style backbones take a ``mixer`` option (a mixer name, or a mapping with
     ``name`` and options) and build their token mixers with
@@ -73,6 +83,14 @@ def harness_metrics():
     :class:`harness.MetricUnavailable` with a reason when the figure cannot be computed
     here (missing weights offline, say): the record then says so, and no number is made up.
     Any other exception fails the cell with its error.
+
+    ``role`` is ``"cost"`` for what a method pays (parameters, FLOPs, time, memory) and
+    ``"quality"`` (the default) for what it delivers; the record keeps it beside the figure,
+    and leaderboards rank by quality and plot quality against cost from it.
+
+    ``path_options`` (a class attribute, ``{option name: what it is}``) names the options
+    that are paths to files the metric reads (``{"prompts": "prompt file"}``): a suite whose
+    path does not exist is refused when it is validated, not after hours of work.
 
     A metric whose figure depends on having the machine to itself (latency) sets the class
     attribute ``timing_sensitive = True``. The runner then measures it inside the executor's
@@ -140,4 +158,49 @@ def harness_flop_handles():
     and a custom ``autograd.Function`` should return empty outputs of the right shapes when
     its inputs are meta tensors (as ``harness_mixers.scan.SelectiveScanFn`` does); one that
     cannot is traced on real tensors instead, and the record's ``flops_method`` says so.
+    """
+
+
+@hookspec
+def harness_stages():
+    """Methods applied to a cell's model before it is measured: ``{block name: Stage}``.
+
+    A :class:`harness.stages.Stage` owns the top-level block of a cell's configuration that
+    bears its name (``train:``, ``prune:``, ``distill:``, a third party's ``quantize:``). Its
+    ``schema`` (a pydantic model) validates the block when the suite is validated, and its
+    errors carry the suite's file and line. The runner builds the
+    :class:`harness.context.CellContext`, runs every stage whose block the cell has (each
+    after those it names in ``after``; one named in another's ``replaces`` is skipped), then
+    the metrics. ``run(ctx, spec)`` leaves its model in ``ctx.model`` and what the record
+    should keep under ``ctx.extra[<block name>]``; a stage that keeps a reference model for
+    the metrics (the unpruned teacher) sets ``ctx.teacher``. Draws are seeded through
+    ``ctx.seed(purpose)`` so that a rerun repeats them.
+
+    Example, a post-training quantisation::
+
+        class QuantizeSpec(pydantic.BaseModel):
+            model_config = {"extra": "forbid"}
+            dtype: Literal["qint8"] = "qint8"
+
+        def quantize(ctx, spec):
+            ctx.model = torch.ao.quantization.quantize_dynamic(ctx.model.cpu(), {nn.Linear}, torch.qint8)
+            ctx.extra["quantize"] = {"dtype": spec.dtype}
+
+        @harness.hookimpl
+        def harness_stages():
+            return {"quantize": Stage(schema=QuantizeSpec, run=quantize, after=("train", "prune", "distill"))}
+    """
+
+
+@hookspec
+def harness_commands():
+    """Subcommands of the ``harness`` command line: ``{name: Command}``.
+
+    A :class:`harness.commands.Command` gives a one-line ``help``, ``arguments(parser)``
+    adding its options to an argparse parser, and ``run(args) -> int`` returning the exit
+    status. Raise :class:`harness.UserError` for bad input: the command line prints its one
+    line and exits 2. A command with ``backbone_options=True`` also receives the
+    ``--name value`` pairs after its own arguments as ``args.options`` (a backbone's
+    factory options, see :func:`harness.commands.backbone_context`). Names must not shadow
+    the core's commands (run, validate, ls, plugins, table, leaderboard, plot, flops).
     """

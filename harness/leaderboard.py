@@ -23,8 +23,31 @@ from .errors import UserError, suggest
 from .table import ARROW, SPREAD_NOTE, build_frame, metric_header
 
 FORMATS = ("markdown", "latex", "csv", "html")
-# Figures of cost: a leaderboard ranks by quality when it has a choice.
-COST_METRICS = ("params", "gflops", "latency", "memory", "peak_memory")
+
+
+def metric_roles(records: list[dict]) -> dict[str, str]:
+    """Each metric's role ("cost" or "quality") as its records state it; for records written
+    before entries carried one, as the installed metric declares (else "quality")."""
+    roles: dict[str, str] = {}
+    for r in records:
+        for name, entry in (r.get("metrics") or {}).items():
+            if isinstance(entry, dict) and entry.get("role") in ("cost", "quality"):
+                roles.setdefault(name, entry["role"])
+    names = {m for r in records for m in (r.get("metrics") or {})}
+    for name in sorted(names - set(roles)):
+        roles[name] = _declared_role(name)
+    return roles
+
+
+def _declared_role(name: str) -> str:
+    try:
+        from .plugins import registry
+
+        factory = registry().components("metric").get(name)
+    except Exception:  # a broken plugin must not stop a table of records on disk
+        factory = None
+    role = getattr(factory.factory, "role", None) if factory is not None else None
+    return role if role in ("cost", "quality") else "quality"
 
 
 @dataclass
@@ -60,7 +83,8 @@ def build(records: list[dict], metric: str | None = None, link_base: str | Path 
         raise UserError(f"unknown metric {metric!r} in these records{suggest(metric, names)}")
     if metric is None:
         ranked = [m for m in names if directions[m] in ARROW]
-        metric = next((m for m in ranked if m not in COST_METRICS), ranked[0] if ranked else None)
+        roles = metric_roles(records)  # a leaderboard ranks by quality when it has a choice
+        metric = next((m for m in ranked if roles[m] != "cost"), ranked[0] if ranked else None)
     elif directions[metric] not in ARROW:
         raise UserError(f"metric {metric!r} has no direction (lower or higher is better); cannot rank by it")
 

@@ -91,6 +91,7 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self._dists: dict[str, tuple[str, str]] = {}
         self._components: dict[str, dict[str, Component]] | None = None
+        self._stages: dict | None = None
         if load_entrypoints:
             self._load_entrypoints()
 
@@ -124,16 +125,16 @@ class Registry:
                     ) from exc
                 self.pm.register(plugin, name=ep.name)
                 self._dists[ep.name] = (dist_name, dist.version)
-        self._components = None
+        self._components = self._stages = None
 
     def register(self, plugin: object, name: str | None = None) -> str:
         name = self.pm.register(plugin, name=name)
-        self._components = None
+        self._components = self._stages = None
         return name
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> None:
         self.pm.unregister(plugin=plugin, name=name)
-        self._components = None
+        self._components = self._stages = None
 
     def plugins(self) -> list[PluginInfo]:
         out = []
@@ -180,6 +181,44 @@ class Registry:
                     raise PluginError(f"FLOP handle for {op!r} is declared twice (plugin {impl.plugin_name!r})")
                 handles[op] = handle
         return handles
+
+    def _declared(self, hook_name: str, what: str, cls: type) -> dict[str, tuple[object, str]]:
+        """``{name: (object, plugin)}`` from a hook whose values must be ``cls`` instances."""
+        out: dict[str, tuple[object, str]] = {}
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            try:
+                declared = impl.function() or {}
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} failed in {hook_name}(): {type(exc).__name__}: {exc}"
+                ) from exc
+            for name, obj in declared.items():
+                if not isinstance(obj, cls):
+                    raise PluginError(f"plugin {impl.plugin_name!r} declares {what} {name!r} as "
+                                      f"{type(obj).__name__}, expected {cls.__module__}.{cls.__name__}")
+                if name in out:
+                    raise PluginError(f"{what} {name!r} is declared by both plugin {out[name][1]!r} and plugin "
+                                      f"{impl.plugin_name!r}")
+                out[name] = (obj, impl.plugin_name)
+        return dict(sorted(out.items()))
+
+    def stages(self) -> dict[str, "Stage"]:
+        """Every registered stage by the block it owns (see :func:`harness.hookspecs.harness_stages`)."""
+        from .stages import Stage
+
+        if self._stages is None:
+            self._stages = self._declared("harness_stages", "stage", Stage)
+        return {name: stage for name, (stage, _) in self._stages.items()}
+
+    def stage_plugin(self, name: str) -> str:
+        self.stages()
+        return self._stages[name][1]
+
+    def commands(self) -> dict[str, tuple["Command", str]]:
+        """``{name: (Command, plugin)}`` (see :func:`harness.hookspecs.harness_commands`)."""
+        from .commands import Command
+
+        return self._declared("harness_commands", "command", Command)
 
     def components(self, kind: str) -> dict[str, Component]:
         _check_kind(kind)

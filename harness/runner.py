@@ -55,7 +55,17 @@ def _metric_entry(metric, value) -> dict:
         raise TypeError(f"metric {metric.name!r} returned a dict without 'value'")
     entry.setdefault("direction", getattr(metric, "direction", None))
     entry.setdefault("unit", getattr(metric, "unit", ""))
+    entry.setdefault("role", metric_role(metric))
     return entry
+
+
+def metric_role(metric) -> str:
+    """"cost" or "quality", as the metric declares (see harness.hookspecs.harness_metrics)."""
+    role = getattr(metric, "role", None) or "quality"
+    if role not in ("cost", "quality"):
+        raise TypeError(f"metric {getattr(metric, 'name', metric)!r} declares role {role!r}; expected 'cost' or "
+                        f"'quality'")
+    return role
 
 
 def _measure(metric, ctx, alone: Callable[[], AbstractContextManager] | None) -> dict:
@@ -68,7 +78,8 @@ def _measure(metric, ctx, alone: Callable[[], AbstractContextManager] | None) ->
             entry = _metric_entry(metric, metric(ctx))
         except MetricUnavailable as exc:
             return {"value": None, "status": "unavailable", "reason": str(exc),
-                    "direction": getattr(metric, "direction", None), "unit": getattr(metric, "unit", "")}
+                    "direction": getattr(metric, "direction", None), "unit": getattr(metric, "unit", ""),
+                    "role": metric_role(metric)}
         finished = _now()
     if sensitive:
         entry["ran_alone"] = ran_alone
@@ -102,11 +113,7 @@ def execute_cell(job: CellJob, alone: Callable[[], AbstractContextManager] | Non
                 torch.set_num_threads(config.threads)
             ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
             device = str(ctx.device)
-            compress = config.prune is not None or config.distill is not None
-            if config.train.steps > 0 and not compress:  # a compression cell trains (and caches) its teacher itself
-                stages.train_cell(ctx)
-            if compress:
-                stages.compress_cell(ctx)
+            stages.run_stages(ctx, ctx.specs, reg.stages())
             for spec in config.metric_specs():
                 metric = reg.create("metric", spec.name, **spec.options)
                 record["metrics"][spec.name] = _measure(metric, ctx, alone)

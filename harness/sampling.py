@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     ctx, model = load_trained(args.record, device)
-    ds, spec = ctx.dataset, ctx.config.train
+    ds, spec = ctx.dataset, ctx.train
     sample_to_folder(model, args.out, args.num_samples, batch_size=args.batch_size,
                      decode=getattr(ds, "decode", None), shape=(ds.channels, ds.resolution, ds.resolution),
                      num_classes=ds.num_classes, seed=args.seed, sampler=args.sampler, steps=args.steps,

@@ -1,19 +1,74 @@
-"""Work a cell does before it is measured: training, pruning, distillation.
+"""Stages: the work a cell does to its model before it is measured (training, pruning,
+distillation, a third party's quantisation).
 
-Each stage takes the :class:`harness.context.CellContext`, leaves its model in ``ctx.model``
-and what the record should keep in ``ctx.extra``. The runner calls them in this order:
-train (``train.steps > 0``), then compress (``prune`` / ``distill`` blocks).
+A stage owns one top-level block of a cell's configuration (``train:``, ``prune:``...) and
+is registered by a plugin through :func:`harness.hookspecs.harness_stages`. The core knows
+no stage by name: it validates each block with the stage's schema, orders the stages a cell
+uses by their ``after`` declarations, and runs them on the :class:`harness.context.CellContext`
+before the metrics.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
-def train_cell(ctx) -> None:
-    from .training import train_cell as _train
+from pydantic import BaseModel
 
-    _train(ctx)
+from .errors import PluginError
 
 
-def compress_cell(ctx) -> None:
-    from .compression import compress_cell as _compress
+@dataclass(frozen=True)
+class Stage:
+    """One method a suite can apply to a cell's model.
 
-    _compress(ctx)
+    Attributes:
+        schema: pydantic model of the block; its errors are reported with the suite's file,
+            line and key like any other. A stage whose block may be a bare list or value
+            converts it in a ``model_validator(mode="before")``.
+        run: ``run(ctx, spec)``: transform ``ctx.model`` (or replace it) and put what the
+            record should keep in ``ctx.extra``; ``spec`` is the validated block.
+        after: stages that run before this one when the cell has both.
+        replaces: stages this one takes over when the cell has both (pruning trains the
+            teacher the ``train`` block describes itself, so ``train`` does not run).
+        active: ``active(spec) -> bool``: whether a given block asks for any work
+            (``train: {steps: 0}`` does not); default: always.
+        apply: optional ``apply(model, value) -> dict``, the stage's result applied outside a
+            suite, in place (``harness flops --prune PLAN``); returns what to report.
+        description: one line for ``harness ls stage``.
+    """
+
+    schema: type[BaseModel]
+    run: Callable[[Any, Any], None]
+    after: tuple[str, ...] = ()
+    replaces: tuple[str, ...] = ()
+    active: Optional[Callable[[Any], bool]] = None
+    apply: Optional[Callable[[Any, Any], dict]] = None
+    description: str = field(default="")
+
+    def wants(self, spec: Any) -> bool:
+        return True if self.active is None else bool(self.active(spec))
+
+
+def order(stages: dict[str, Stage], specs: dict[str, Any]) -> list[str]:
+    """The stages a cell runs, in order: those whose block is present and asks for work,
+    less those another such stage replaces, each after the ones it names in ``after``
+    (ties in name order, so the order never depends on a suite's key order)."""
+    names = sorted(n for n in specs if n in stages and stages[n].wants(specs[n]))
+    replaced = {r for n in names for r in stages[n].replaces}
+    todo = [n for n in names if n not in replaced]
+    done: list[str] = []
+    while todo:
+        ready = [n for n in todo if all(a not in todo for a in stages[n].after)]
+        if not ready:
+            raise PluginError(f"stages {', '.join(todo)} name each other in 'after': no order runs them")
+        done.append(ready[0])
+        todo.remove(ready[0])
+    return done
+
+
+def run_stages(ctx, specs: dict[str, Any], stages: dict[str, Stage]) -> list[str]:
+    """Run the cell's stages on ``ctx`` in order; return the names of those that ran."""
+    ran = order(stages, specs)
+    for name in ran:
+        stages[name].run(ctx, specs[name])
+    return ran

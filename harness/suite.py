@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import UserError
+from .errors import UserError, suggest
 
 Path_ = tuple  # a path into the document: ("base", "backbone", "mixer")
 
@@ -40,93 +40,18 @@ class ComponentSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-class TrainSpec(_Strict):
-    steps: int = Field(0, ge=0)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: Optional[float] = Field(1.0, gt=0)
-    ema: Optional[float] = Field(0.9999, ge=0, lt=1)
-    schedule: Literal["linear", "cosine"] = "linear"
-    timesteps: int = Field(1000, gt=0)
-    label_dropout: float = Field(0.1, ge=0, le=1)
-    learn_sigma: bool = False
-    checkpoint_every: int = Field(0, ge=0)
-    log_every: int = Field(10, gt=0)
+class CellConfig(BaseModel):
+    """One cell: the core keys below, plus one block per stage it uses (``train:``,
+    ``prune:``...), each validated by the schema of the plugin that registers the stage
+    (see :func:`stage_specs`)."""
 
-
-class PruneSpec(_Strict):
-    """Layer pruning: a criterion scores the units, a selection removes ``ratio`` of the budget;
-    or a fixed ``preset`` (BK-SDM's handcrafted removals)."""
-
-    criterion: Optional[Union[str, ComponentSpec]] = None
-    preset: Optional[Literal["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"]] = None
-    ratio: Optional[float] = Field(None, gt=0, lt=1)
-    budget: Literal["params", "gflops"] = "params"
-    selection: Literal["knapsack", "greedy"] = "knapsack"
-    additivity: int = Field(0, ge=0)  # random subsets for the additivity check (0: skip)
-    calibration_batch: int = Field(8, gt=0)
-    calibration_timesteps: int = Field(8, gt=0)
-    # text U-Nets: calibrate on encoded prompts (a prompt file, and the hub id or folder of a
-    # pipeline whose tokenizer and text encoder(s) encode them) instead of a random context
-    calibration_prompts: Optional[str] = None
-    calibration_pipeline: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _one_way(self):
-        if (self.criterion is None) == (self.preset is None):
-            raise ValueError("give either criterion (with ratio) or preset")
-        if (self.calibration_prompts is None) != (self.calibration_pipeline is None):
-            raise ValueError("calibration_prompts and calibration_pipeline go together (prompts, and the "
-                             "pipeline whose text encoder encodes them)")
-        if self.criterion is not None and self.ratio is None:
-            raise ValueError("a criterion needs ratio (the fraction of the budget to remove, 0 < ratio < 1)")
-        return self
-
-    def criterion_spec(self) -> Optional[ComponentSpec]:
-        c = self.criterion
-        return ComponentSpec(name=c) if isinstance(c, str) else c
-
-
-class DistillTerm(ComponentSpec):
-    """``{name: loss, weight: 1.0, **options}``."""
-
-    weight: float = 1.0
-
-    @property
-    def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-
-class DistillSpec(_Strict):
-    """Retraining of the pruned student against the teacher; a bare list means ``losses``."""
-
-    losses: list[Union[str, DistillTerm]] = Field(min_length=1)
-    steps: int = Field(100, ge=0)
-    batch_size: Optional[int] = Field(None, gt=0)
-    lr: Optional[float] = Field(None, gt=0)
-    ema: Optional[float] = Field(0.0, ge=0, lt=1)  # 0: the EMA is the weights (a short retraining's EMA lags)
-    features: Optional[list[str]] = None  # teacher module names; default: every stage output
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_list(cls, v):
-        return {"losses": v} if isinstance(v, list) else v
-
-    def terms(self) -> list[DistillTerm]:
-        return [DistillTerm(name=t) if isinstance(t, str) else t for t in self.losses]
-
-
-class CellConfig(_Strict):
+    model_config = ConfigDict(extra="allow")
     backbone: ComponentSpec
     data: Optional[ComponentSpec] = None
-    train: TrainSpec = Field(default_factory=TrainSpec)
     metrics: list[Union[str, ComponentSpec]] = Field(min_length=1)
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: Optional[int] = Field(None, gt=0)
-    prune: Optional[PruneSpec] = None
-    distill: Optional[DistillSpec] = None
 
     @field_validator("device")
     @classmethod
@@ -137,6 +62,25 @@ class CellConfig(_Strict):
 
     def metric_specs(self) -> list[ComponentSpec]:
         return [ComponentSpec(name=m) if isinstance(m, str) else m for m in self.metrics]
+
+    @property
+    def blocks(self) -> dict[str, Any]:
+        """The stage blocks as written, by name."""
+        return dict(self.model_extra or {})
+
+
+CORE_KEYS = tuple(CellConfig.model_fields)
+
+
+def stage_specs(config: CellConfig, stages: dict) -> dict[str, BaseModel]:
+    """Each stage block validated by its stage's schema. Raises UserError for a block no
+    installed stage owns, and pydantic's ValidationError (locations relative to the block)."""
+    out = {}
+    for name, block in config.blocks.items():
+        if name not in stages:
+            raise UserError(f"{name}: unknown key{suggest(name, list(CORE_KEYS) + list(stages))}")
+        out[name] = stages[name].schema.model_validate(block)
+    return out
 
 
 # The suite names a folder, results/<suite>/: well under a file name's 255 bytes.
@@ -396,7 +340,8 @@ def _pydantic_message(err: dict) -> str:
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "missing required key"
-    if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict):
+    if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict) \
+            and repr(err["input"]) not in msg:
         got = repr(err["input"])
         msg += f" (got {got[:60] + '...' if len(got) > 80 else got})"  # one readable line, whatever was given
     return msg
@@ -428,43 +373,35 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
-    """Schema and component names/options of one cell; raises UserError with a location."""
+    """Schema, stage blocks and component names/options of one cell; raises UserError with a
+    location."""
     from .plugins import registry
 
     try:
         parsed = cell.parsed()
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(err["loc"])
-        raise UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: {_pydantic_message(err)}") from None
+        raise _located(suite, cell, (), exc) from None
     reg = registry()
+    stages = reg.stages()
+    for name, block in parsed.blocks.items():
+        if name not in stages:
+            known = list(CORE_KEYS) + list(stages)
+            raise UserError(f"{suite.locate(cell, (name,))}: {name}: unknown key{suggest(name, known)}"
+                            + ("" if stages else " (no installed plugin registers a stage)"))
+        try:
+            stages[name].schema.model_validate(block)
+        except ValidationError as exc:
+            raise _located(suite, cell, (name,), exc) from None
     checks = [(("backbone",), "backbone", parsed.backbone)]
     if parsed.data is not None:
         checks.append((("data",), "dataset", parsed.data))
     for i, m in enumerate(parsed.metric_specs()):
         checks.append((("metrics", i), "metric", m))
-    if parsed.prune is not None and parsed.prune.criterion is not None:
-        checks.append((("prune", "criterion"), "criterion", parsed.prune.criterion_spec()))
-    # Paths a metric reads (prompt files, reference images or batches) must exist now, not
-    # after hours of work.
-    given = [(("metrics", i, key), m.options[key], what) for i, m in enumerate(parsed.metric_specs())
-             for key, what in (("prompts", "prompt file"), ("reference", "reference"))
-             if isinstance(m.options.get(key), str)]
-    if parsed.prune is not None and parsed.prune.calibration_prompts is not None:
-        given.append((("prune", "calibration_prompts"), parsed.prune.calibration_prompts, "prompt file"))
-    for loc, path, what in given:
-        if not Path(path).exists():
-            raise UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: {what} {path!r} not found "
-                            f"(paths are relative to the directory harness runs in)")
-    if parsed.distill is not None:
-        for i, term in enumerate(parsed.distill.terms()):
-            checks.append((("distill", i), "loss", term))
     for loc, kind, spec in checks:
         try:
             comp = reg.get(kind, spec.name)
             opts = spec.options
             if kind == "backbone":
-                opts = {k: v for k, v in opts.items()}
                 mixer = opts.get("mixer")
                 if mixer is not None:
                     mname = mixer if isinstance(mixer, str) else (mixer or {}).get("name")
@@ -475,7 +412,20 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
             if "mixer" in str(exc) and kind == "backbone":
                 sub = loc + ("mixer",)
             raise UserError(f"{suite.locate(cell, sub)}: {_fmt_loc(loc)}: {exc}") from None
+        # Files a metric reads (prompt sets, reference images or batches) must exist now, not
+        # after hours of work; the metric names which of its options are paths.
+        for key, what in (getattr(comp.factory, "path_options", None) or {}).items():
+            path = spec.options.get(key)
+            if isinstance(path, str) and not Path(path).exists():
+                raise UserError(f"{suite.locate(cell, loc + (key,))}: {_fmt_loc(loc + (key,))}: {what} {path!r} "
+                                f"not found (paths are relative to the directory harness runs in)")
     return parsed
+
+
+def _located(suite: Suite, cell: Cell, prefix: tuple, exc: ValidationError) -> UserError:
+    err = exc.errors()[0]
+    loc = prefix + tuple(err["loc"])
+    return UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: {_pydantic_message(err)}")
 
 
 def select(cells: list[Cell], pattern: str | None, source: str) -> list[Cell]:

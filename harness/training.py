@@ -14,14 +14,35 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 
 from .context import derive_seed
 
 LossFn = Callable[..., tuple]
+
+
+class TrainSpec(BaseModel):
+    """The ``train:`` block: how the cell's backbone is trained, and the noise schedule every
+    measurement of the cell (validation loss, sampling) uses. A cell without the block
+    measures its backbone untrained, under these defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    ema: Optional[float] = Field(0.9999, ge=0, lt=1)
+    schedule: Literal["linear", "cosine"] = "linear"
+    timesteps: int = Field(1000, gt=0)
+    label_dropout: float = Field(0.1, ge=0, le=1)
+    learn_sigma: bool = False
+    checkpoint_every: int = Field(0, ge=0)
+    log_every: int = Field(10, gt=0)
 
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 
@@ -103,7 +124,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 # -- checkpoints --------------------------------------------------------------------------------
-def _ckpt_path(ctx, tag: str) -> Optional[Path]:
+def training_checkpoint(ctx, tag: str) -> Optional[Path]:
+    """Where :func:`train_model` keeps the resumable checkpoint of its run ``tag`` (None: no workdir)."""
     return Path(ctx.workdir) / f"{tag}-checkpoint.safetensors" if ctx.workdir else None
 
 
@@ -194,15 +216,17 @@ def text_conditioning(ds, model):
     return null
 
 
-def _check_null_class(model, num_classes: int) -> None:
-    """Label dropout feeds the null class (index num_classes); a DiT-style label table built
-    without it (class_dropout_prob 0) would fail deep inside the forward, so say it here."""
+def null_class(model, num_classes: int) -> int:
+    """The label training feeds when it drops a class for classifier-free guidance: the
+    model's ``null_class`` (see harness.hookspecs.harness_backbones), else ``num_classes``."""
     from .errors import UserError
 
-    table = getattr(getattr(model, "y_embedder", None), "embedding_table", None)
-    if isinstance(table, torch.nn.Embedding) and table.num_embeddings <= num_classes:
-        raise UserError("train.label_dropout > 0 needs the backbone's null class; give the backbone "
-                        "class_dropout_prob > 0 or set train.label_dropout: 0")
+    null = getattr(model, "null_class", num_classes)
+    if null is None:
+        raise UserError("train.label_dropout > 0 feeds a null class, and the backbone declares no null class "
+                        "(its null_class is None; DiT and LaMamba-Diff have one when class_dropout_prob > 0); "
+                        "set train.label_dropout: 0 or give the backbone one")
+    return int(null)
 
 
 # -- the loop -----------------------------------------------------------------------------------
@@ -213,7 +237,7 @@ def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = N
     Args:
         ctx: the cell's :class:`harness.context.CellContext` (data set, seeds, device, workdir).
         model: the network to train (moved to ``ctx.device``).
-        spec: a :class:`harness.suite.TrainSpec` (steps, batch_size, lr, weight_decay,
+        spec: a :class:`TrainSpec` (steps, batch_size, lr, weight_decay,
             grad_clip, ema, schedule, timesteps, label_dropout, learn_sigma,
             checkpoint_every (0: every tenth of the run), log_every).
         loss_fn: replaces the objective: ``loss_fn(model, x0, t, y, noise, x_t, teacher) ->
@@ -247,13 +271,12 @@ def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = N
                             weight_decay=spec.weight_decay)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if spec.ema is not None else model
     num_classes = int(getattr(ds, "num_classes", 0) or 0)
-    if num_classes and spec.label_dropout > 0:
-        _check_null_class(model, num_classes)
+    null = null_class(model, num_classes) if num_classes and spec.label_dropout > 0 else None
     null_context = text_conditioning(ds, model)
     data_seed = ctx.seed(f"{tag}-data", shared=True)
     noise_seed = ctx.seed(f"{tag}-noise", shared=True)
     every = spec.checkpoint_every or max(1, spec.steps // 10)
-    path = _ckpt_path(ctx, tag)
+    path = training_checkpoint(ctx, tag)
     step, state = 0, {"loss_curve": [], "seconds": 0.0}
     resumed_from = None
     if path is not None and path.is_file():
@@ -269,10 +292,9 @@ def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = N
         t = torch.randint(0, spec.timesteps, (len(x0),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         if num_classes and spec.label_dropout > 0:
-            # Classifier-free guidance: dropped labels become the null class (index
-            # num_classes, the convention of every built-in backbone).
+            # Classifier-free guidance: dropped labels become the model's null class.
             drop = torch.rand(len(y), generator=gen) < spec.label_dropout
-            y = torch.where(drop, torch.full_like(y, num_classes), y)
+            y = torch.where(drop, torch.full_like(y, null), y)
         elif null_context is not None and spec.label_dropout > 0:  # text: the empty prompt, as SD trains
             drop = torch.rand(len(x0), generator=gen) < spec.label_dropout
             y = _drop_to_null(y, null_context, drop)
@@ -311,10 +333,3 @@ def train_model(ctx, model: torch.nn.Module, spec, loss_fn: Optional[LossFn] = N
     return {"ema": ema, "steps": step, "loss_curve": curve, "final_loss": curve[-1][1] if curve else None,
             "resumed_from": resumed_from, "seconds": round(state["seconds"], 3), "objective": objective,
             "schedule": spec.schedule, "batch_size": spec.batch_size}
-
-
-def train_cell(ctx) -> None:
-    """The runner's training stage: train the cell's backbone, then measure its EMA."""
-    result = train_model(ctx, ctx.model, ctx.config.train)
-    ctx.model = result.pop("ema")
-    ctx.extra["train"] = result

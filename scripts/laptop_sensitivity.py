@@ -20,11 +20,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.compression import _teacher, prune
 from harness.context import CellContext
 from harness.errors import UserError
 from harness.suite import load_suite
+from harness.suite import CellConfig
 from harness_compress.metrics import OutputLoss
+from harness_compress.stages import PruneSpec, build_teacher, prune
 
 CRITERIA = ("laptop", "random", "magnitude", "taylor", "similarity", "bk-sdm")
 
@@ -32,8 +33,9 @@ CRITERIA = ("laptop", "random", "magnitude", "taylor", "similarity", "bk-sdm")
 def prune_cell(suite, backbone: str, ratio: float):
     for cell in suite.cells():
         cfg = cell.parsed()
-        if cfg.backbone.name == backbone and cfg.prune and cfg.prune.ratio == ratio and not cfg.distill:
-            return cell, cfg
+        spec = PruneSpec.model_validate(cfg.blocks["prune"]) if "prune" in cfg.blocks else None
+        if cfg.backbone.name == backbone and spec and spec.ratio == ratio and "distill" not in cfg.blocks:
+            return cell, cfg, spec
     raise UserError(f"{suite.source}: no prune cell with backbone {backbone!r} and ratio {ratio}")
 
 
@@ -59,7 +61,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         suite = load_suite(args.suite)
-        cell, cfg = prune_cell(suite, args.backbone, args.ratio)
+        cell, cfg, prune_spec = prune_cell(suite, args.backbone, args.ratio)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -71,16 +73,17 @@ def main(argv=None) -> int:
     output_loss = OutputLoss(**options)
     rows = []
     for seed in args.seeds:
-        for steps in args.teacher_steps or [cfg.train.steps]:
-            run_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": steps})})
+        train = cfg.blocks.get("train") or {}
+        for steps in args.teacher_steps or [train.get("steps", 0)]:
+            run_cfg = CellConfig.model_validate({**cfg.model_dump(), "train": {**train, "steps": steps}})
             # one folder per teacher: a teacher's training checkpoint must not resume another's
             workdir = args.out / f"seed{seed}-steps{steps}" / suite.name / cell.id
             ctx = CellContext(suite.name, cell.id, seed, run_cfg, workdir=workdir)
-            teacher = _teacher(ctx).eval().requires_grad_(False)
-            for batch, timesteps in args.calibration or [(cfg.prune.calibration_batch, cfg.prune.calibration_timesteps)]:
+            teacher = build_teacher(ctx).eval().requires_grad_(False)
+            for batch, timesteps in args.calibration or [(prune_spec.calibration_batch, prune_spec.calibration_timesteps)]:
                 for name in criteria:
                     t0 = time.perf_counter()
-                    spec = cfg.prune.model_copy(update={"criterion": name, "calibration_batch": batch,
+                    spec = prune_spec.model_copy(update={"criterion": name, "calibration_batch": batch,
                                                         "calibration_timesteps": timesteps, "additivity": 0})
                     student = copy.deepcopy(teacher)
                     _, info = prune(ctx, student, teacher, spec)
@@ -103,7 +106,7 @@ def main(argv=None) -> int:
                        in zip(table.iterrows(), best)]  # a tie names every criterion in it
     table["laptop rank"] = table[criteria].rank(axis=1, method="min")["laptop"].astype(int) if "laptop" in criteria else ""
     print(f"held-out output_loss ({output_loss.batch_size} images x {output_loss.timesteps} timesteps), "
-          f"{args.backbone} at {args.ratio:.0%} parameters removed, {cfg.prune.selection}")
+          f"{args.backbone} at {args.ratio:.0%} parameters removed, {prune_spec.selection}")
     print(table.reset_index().to_markdown(index=False, floatfmt=".5f"))
     return 0
 

@@ -187,7 +187,7 @@ def test_gflops_budget_weighs_every_unit_from_one_meta_count(monkeypatch):
     """`budget: gflops`: each unit's weight is its share in one count's per-module breakdown,
     the same as a trace on real tensors gives."""
     import harness.flops as flops
-    from harness.compression import unit_flops
+    from harness_compress.stages import unit_flops
     from harness.context import CellContext
     from harness.suite import CellConfig
     from harness_compress.units import discover

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from harness.context import CellContext
-from harness.suite import CellConfig, TrainSpec
+from harness.suite import CellConfig
+from harness.training import TrainSpec
 from harness import training
+from harness_train import train_cell
 
 TINY = {"name": "dit", "size": "tiny", "patch": 4, "depth": 1, "hidden_size": 32, "num_heads": 2}
 
@@ -21,7 +23,7 @@ def make_ctx(tmp_path, cell="c1", train=None, backbone=None, seed=0, workdir=Non
 
 def test_training_lowers_the_loss_and_keeps_the_curve(tmp_path):
     ctx = make_ctx(tmp_path, train={"steps": 30, "log_every": 5, "lr": 3e-3})
-    training.train_cell(ctx)
+    train_cell(ctx, ctx.train)
     rec = ctx.extra["train"]
     curve = [loss for _, loss, _ in rec["loss_curve"]]
     assert len(curve) == 6 and rec["steps"] == 30 and rec["objective"] == "mse"
@@ -32,7 +34,7 @@ def test_training_lowers_the_loss_and_keeps_the_curve(tmp_path):
 
 def test_learned_variance_adds_the_vlb_term(tmp_path):
     ctx = make_ctx(tmp_path, train={"steps": 2, "learn_sigma": True})
-    training.train_cell(ctx)
+    train_cell(ctx, ctx.train)
     terms = ctx.extra["train"]["loss_curve"][-1][2]
     assert set(terms) == {"mse", "vb"} and ctx.extra["train"]["objective"] == "mse+vlb"
 
@@ -57,7 +59,7 @@ def _final_state(ctx):
 def test_killed_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     # Same cell (same initialisation), two working folders: one run uninterrupted.
     full = make_ctx(tmp_path, workdir="full")
-    training.train_cell(full)
+    train_cell(full, full.train)
     expected = _final_state(full)
 
     killed = make_ctx(tmp_path, workdir="killed")
@@ -72,11 +74,11 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        training.train_cell(killed)
+        train_cell(killed, killed.train)
     monkeypatch.setattr(training, "save_checkpoint", real_save)
 
     resumed = make_ctx(tmp_path, workdir="killed")
-    training.train_cell(resumed)
+    train_cell(resumed, resumed.train)
     assert calls == [2, 4] and resumed.extra["train"]["resumed_from"] == 4
     got = _final_state(resumed)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
@@ -96,13 +98,13 @@ def test_every_candidate_sees_the_same_batches_and_noise(tmp_path):
     wide = dict(TINY, hidden_size=64)
     for cell, bb in (("a", TINY), ("b", wide)):
         ctx = make_ctx(tmp_path, cell=cell, backbone=bb)
-        training.train_model(ctx, ctx.model, ctx.config.train, loss_fn=spy(cell))
+        training.train_model(ctx, ctx.model, ctx.train, loss_fn=spy(cell))
     assert len(seen["a"]) == 6
     for sa, sb in zip(seen["a"], seen["b"]):
         assert all(torch.equal(u, v) for u, v in zip(sa, sb))
     # A different suite seed draws different data.
     ctx = make_ctx(tmp_path, cell="c", seed=1)
-    training.train_model(ctx, ctx.model, ctx.config.train, loss_fn=spy("c"))
+    training.train_model(ctx, ctx.model, ctx.train, loss_fn=spy("c"))
     assert not torch.equal(seen["c"][0][3], seen["a"][0][3])
 
 
@@ -118,7 +120,7 @@ def test_custom_loss_gets_the_teacher_and_its_terms_are_logged(tmp_path):
         kd = ((s - tt) ** 2).mean()
         return kd, {"kd": kd.detach()}
 
-    out = training.train_model(ctx, student, ctx.config.train, loss_fn=distill, teacher=teacher, tag="student")
+    out = training.train_model(ctx, student, ctx.train, loss_fn=distill, teacher=teacher, tag="student")
     assert out["objective"] == "custom" and "kd" in out["loss_curve"][0][2]
     assert (ctx.workdir / "student-checkpoint.safetensors").is_file()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -139,9 +141,9 @@ def test_label_dropout_without_a_null_class_is_a_user_error(tmp_path):
 
     ctx = make_ctx(tmp_path, backbone=dict(TINY, class_dropout_prob=0.0))
     with pytest.raises(UserError, match="label_dropout"):
-        training.train_cell(ctx)
+        train_cell(ctx, ctx.train)
     ok = make_ctx(tmp_path, cell="ok", backbone=dict(TINY, class_dropout_prob=0.0), train={"label_dropout": 0.0})
-    training.train_cell(ok)
+    train_cell(ok, ok.train)
     assert ok.extra["train"]["steps"] == 6
 
 

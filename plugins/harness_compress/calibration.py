@@ -50,7 +50,7 @@ def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: in
     set takes them from the cell's prune block unless given."""
     gen = ctx.generator(purpose, shared=True)
     device = next(model.parameters()).device
-    spec = ctx.config.train
+    spec = ctx.train
     abar = alphas_cumprod(spec.schedule, spec.timesteps)
     base = ctx.example_inputs(batch_size, model=model, device=device, generator=gen)
     x0 = _data_images(ctx, batch_size, gen, split)
@@ -68,7 +68,7 @@ def calibration_inputs(ctx, model: nn.Module, batch_size: int = 8, timesteps: in
                      (labels.is_floating_point() and y.is_floating_point() and labels.shape[-1] == y.shape[-1]))
         if same_kind:  # class indices, or the text contexts of captioned data
             base["y"] = labels.to(device=device, dtype=y.dtype)
-    prune = getattr(ctx.config, "prune", None)
+    prune = ctx.specs.get("prune")
     if prompts is None and purpose == "calibration" and prune is not None and prune.calibration_prompts:
         prompts = (prune.calibration_prompts, prune.calibration_pipeline)
     if prompts is not None:
@@ -90,7 +90,7 @@ def prompt_context(model: nn.Module, base: dict, prompts_file: str, pipeline: st
     """A text U-Net's conditioning from ``n`` prompts drawn from the file: the pipeline's own
     ``encode_prompt`` (SD: last hidden state; SDXL: both encoders and the pooled embedding),
     no classifier-free guidance. The draw follows ``gen``, so the held-out set draws its own."""
-    from harness_t2i.scoring import encode_prompts, read_prompts
+    from harness_t2i import encode_prompts, read_prompts
 
     y = base.get("y")
     if y is None or y.dtype == torch.long:

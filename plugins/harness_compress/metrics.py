@@ -17,6 +17,7 @@ class OutputLoss:
     a random context."""
 
     name, direction, unit = "output_loss", "lower", "mse"
+    path_options = {"prompts": "prompt file"}
 
     def __init__(self, batch_size: int = 64, timesteps: int = 16, held_out: bool = True,
                  prompts: str | None = None, pipeline: str | None = None):

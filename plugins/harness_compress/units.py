@@ -316,12 +316,12 @@ def save_pruned(model: nn.Module, plan: dict, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(_untie(state), str(folder / "model.safetensors"))
+    save_file(untie(state), str(folder / "model.safetensors"))
     (folder / "plan.json").write_text(json.dumps(plan, indent=2))
     return folder
 
 
-def _untie(state: dict) -> dict:
+def untie(state: dict) -> dict:
     """safetensors refuses shared storage (tied weights): give each tensor its own."""
     seen, out = set(), {}
     for k, v in state.items():

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import harness
 
-from .datasets import cifar10, image_folder, shapes
+from .datasets import cache_root, cifar10, image_folder, shapes
+
+# cache_root is public: the quality plugin keeps its feature caches beside the data sets'.
+__all__ = ["cache_root"]
 
 
 @harness.hookimpl

@@ -19,7 +19,7 @@ MEMORY_ENV = "HARNESS_CAPTION_MEMORY_GB"
 
 class CaptionedDataset(torch.utils.data.Dataset):
     def __init__(self, source, captions: list[str], pipeline: str):
-        from harness_t2i.scoring import context_bytes, encode_prompts
+        from harness_t2i import context_bytes, encode_prompts
 
         if len(captions) != len(source):
             raise ValueError(f"{len(captions)} captions for {len(source)} images")
@@ -52,7 +52,7 @@ class CaptionedDataset(torch.utils.data.Dataset):
     def encode_labels(self, captions: list[str]):
         """A batch's conditioning: (N, tokens, width) contexts, or for SDXL-style encoders a dict
         with the pooled embeddings and size ids too. Only captions not cached are encoded."""
-        from harness_t2i.scoring import encode_prompts
+        from harness_t2i import encode_prompts
 
         found = {c: self._cache[c] for c in dict.fromkeys(captions) if c in self._cache}
         missing = [c for c in dict.fromkeys(captions) if c not in found]

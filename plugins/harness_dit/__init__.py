@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import harness
 
-from .models import DIT_SIZES, dit
+from .models import (DIT_SIZES, LabelEmbedder, Mlp, TimestepEmbedder, dit, get_2d_sincos_pos_embed,
+                     load_checkpoint, modulate)
 
 
 @harness.hookimpl
@@ -11,4 +12,6 @@ def harness_backbones():
     return {"dit": dit}
 
 
-__all__ = ["DIT_SIZES", "dit"]
+# The building blocks other backbones reuse (LaMamba-Diff embeds time and class as DiT does).
+__all__ = ["DIT_SIZES", "LabelEmbedder", "Mlp", "TimestepEmbedder", "dit", "get_2d_sincos_pos_embed",
+           "load_checkpoint", "modulate"]

@@ -56,7 +56,8 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+        # in the weights' dtype (bf16 latency); a quantised MLP has no float weights and takes float32
+        return self.mlp(freq.to(next(self.mlp.parameters(), freq).dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -148,6 +149,8 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(patch, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes else None
+        # the label fed for a dropped class (classifier-free guidance): row num_classes of the table
+        self.null_class = num_classes if class_dropout_prob > 0 else None
         # Fixed, not learned: a buffer keeps it out of the parameter count and the optimiser,
         # and under the reference's key so its checkpoints load.
         self.register_buffer("pos_embed", torch.zeros(1, self.grid * self.grid, hidden_size))

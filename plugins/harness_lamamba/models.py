@@ -35,8 +35,8 @@ from torch import nn
 
 from harness.errors import UserError, suggest
 from harness.mixers import build_mixer
-from harness_dit.models import (LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, load_checkpoint,
-                                modulate)
+from harness_dit import (LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, load_checkpoint,
+                         modulate)
 
 
 @dataclass(frozen=True)
@@ -164,6 +164,8 @@ class LaMambaDiff(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, input_size * input_size, widths[0]))
         self.t_embedder = TimestepEmbedder(cond)
         self.y_embedder = LabelEmbedder(num_classes, cond, class_dropout_prob) if num_classes else None
+        # the label fed for a dropped class (classifier-free guidance): row num_classes of the table
+        self.null_class = num_classes if class_dropout_prob > 0 else None
 
         index = 0
         self.encoder, self.downsample = nn.ModuleList(), nn.ModuleList()

@@ -16,6 +16,7 @@ class Params:
     """Number of parameters (buffers such as fixed position embeddings excluded)."""
 
     name, direction, unit = "params", "lower", "params"
+    role = "cost"
 
     def __call__(self, ctx: CellContext) -> dict:
         model = ctx.abstract_model()  # shapes are all a count needs: no weights built for it
@@ -29,6 +30,7 @@ class GFlops:
     meta device (harness.flops), or on real tensors where the model cannot run on meta."""
 
     name, direction, unit = "gflops", "lower", "G"
+    role = "cost"
 
     def __init__(self, by_module: bool = False):
         self.by_module = by_module
@@ -62,6 +64,7 @@ class Latency:
     """Forward latency in ms: eval and inference mode, warm-up, median and IQR of timed runs."""
 
     name, direction, unit = "latency", "lower", "ms"
+    role = "cost"
     timing_sensitive = True  # executors run it with no other cell on the machine
 
     def __init__(self, batch_size: int = 1, warmup: int = 3, min_runs: int = 10, max_runs: int = 200,

@@ -171,7 +171,7 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, we
     ext = resolve_extractor(INCEPTION, weights, option="--weights")
     model = build_extractor(ext, list(FEATURES_LIST), cuda)
     if cache_root is None:
-        from harness_data.datasets import cache_root as harness_cache
+        from harness_data import cache_root as harness_cache
 
         cache_root = harness_cache() / "adm"
     cache = Path(cache_root)

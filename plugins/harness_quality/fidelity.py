@@ -223,7 +223,7 @@ def fidelity_metrics(samples: str, reference, extractor: Extractor, metrics=("fi
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
 
-    from harness_data.datasets import cache_root as harness_cache
+    from harness_data import cache_root as harness_cache
 
     cls = reg.FEATURE_EXTRACTORS_REGISTRY[extractor.name]
     layers = {m: feature_layer or cls.get_default_feature_layer_for_metric(m) for m in metrics}

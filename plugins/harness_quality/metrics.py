@@ -37,7 +37,7 @@ class ValLoss:
         ds = ctx.make_dataset("val")
         if ds is None:
             raise ValueError("val_loss needs a data block (data: {name: shapes, resolution: 32})")
-        spec = ctx.config.train
+        spec = ctx.train
         ac = make_scheduler(spec.schedule, spec.timesteps).alphas_cumprod
         n = min(len(ds), self.max_samples)
         # Evenly spaced timesteps from the middle of each bin: the whole schedule, no draw.
@@ -74,6 +74,7 @@ class _SampleMetric:
 
     name = direction = unit = ""
     key = ""
+    path_options = {"reference": "reference"}
 
     def __init__(self, num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
                  guided_channels: int | None = 3, batch_size: int = 50, reference_split: str = "train",
@@ -108,7 +109,7 @@ class _SampleMetric:
             raise ValueError(f"{self.name} needs a data block to sample and to compare against")
         folder = self._samples(ctx, ds)
         ref = ctx.make_dataset(self.reference_split) if self.reference_split != "train" else ds
-        from harness_data.datasets import cache_root
+        from harness_data import cache_root
 
         root = cache_root(ctx.config.data.options.get("cache_dir"))
         if self.adm:
@@ -134,7 +135,7 @@ class _SampleMetric:
                 "reference": self.reference or f"{getattr(ds, 'name', '?')} images"}
 
     def _samples(self, ctx: CellContext, ds) -> Path:
-        spec = ctx.config.train
+        spec = ctx.train
         # An untrained variance half (train.learn_sigma off) must not drive DDPM's variance.
         opts = {**self.sample_opts, "schedule": spec.schedule, "timesteps": spec.timesteps,
                 "learn_sigma": spec.learn_sigma}

@@ -16,6 +16,7 @@ from . import scoring
 
 class _T2IScore:
     name = direction = unit = ""
+    path_options = {"prompts": "prompt file"}
     default_model: str = ""
     default_processor: str | None = None
 

@@ -1,0 +1,77 @@
+"""``harness fid SAMPLES REFERENCE --metrics ...``: quality figures of two image sets.
+
+Plain FID of two folders stays torch-fidelity's own figure; any other metric, or an ``.npz``
+input, goes through the ADM evaluator's protocol (:mod:`harness_quality.evaluate`)."""
+from __future__ import annotations
+
+import argparse
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+from harness.commands import Command
+from harness.errors import MetricUnavailable, UserError
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir1", metavar="SAMPLES", help="image folder or ADM .npz (arr_0: N x H x W x 3 uint8)")
+    p.add_argument("dir2", metavar="REFERENCE", help="image folder or .npz; its mu/sigma (mu_s/sigma_s) are "
+                                                     "used for fid (sfid) when present")
+    p.add_argument("--metrics", default="fid", help="comma-separated: fid, sfid, isc, precision, recall, kid "
+                                                    "(default: fid)")
+    p.add_argument("--weights", help="local Inception weights (default: $HARNESS_FID_WEIGHTS, else download)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--cpu", action="store_true", help="do not use CUDA even when present")
+    p.add_argument("--json", action="store_true")
+
+
+def _run(args) -> int:
+    from .evaluate import evaluate, parse_metrics
+    from .fidelity import fid_of_folders
+
+    metrics = parse_metrics(args.metrics)
+    folders = Path(args.dir1).is_dir() and Path(args.dir2).is_dir()
+    try:
+        if metrics == ["fid"] and folders:
+            result = fid_of_folders(args.dir1, args.dir2, weights=args.weights, batch_size=args.batch_size,
+                                    cuda=False if args.cpu else None)
+        else:
+            with _feature_progress() as progress:
+                result = evaluate(args.dir1, args.dir2, metrics, weights=args.weights, batch_size=args.batch_size,
+                                  cuda=False if args.cpu else None, progress=progress)
+    except MetricUnavailable as exc:  # on the command line, missing weights is the user's to fix
+        raise UserError(f"fid: {exc} (or pass --weights PATH)") from None
+    if args.json:
+        print(json.dumps(result))
+    elif "samples" not in result:  # torch-fidelity's FID of two folders
+        print(f"FID {result['fid']:.6g}  ({result['extractor']})")
+    else:
+        for m in metrics:
+            print(f"{m:<10} {result[m]:.6g}")
+        print(f"({result.get('samples', '?')} samples, {result.get('reference_images', '?')} reference images; "
+              f"{result['extractor']})")
+    return 0
+
+
+@contextmanager
+def _feature_progress():
+    """A progress bar on stderr for feature extraction: which input, how far, how long."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, int] = {}
+    console = Console(stderr=True, highlight=False, markup=False)  # paths are printed verbatim
+    with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        def update(arg: str, done: int, total: int) -> None:
+            if arg not in tasks:
+                tasks[arg] = bar.add_task(f"Inception features of {arg}", total=total)
+            bar.update(tasks[arg], completed=done)
+
+        yield update
+
+
+COMMANDS = {
+    "fid": Command(help="FID, sFID, IS, precision, recall (the ADM evaluator's protocol) of image folders or "
+                        ".npz batches", arguments=_arguments, run=_run),
+}
