@@ -174,7 +174,13 @@ def harness_stages():
     the metrics. ``run(ctx, spec)`` leaves its model in ``ctx.model`` and what the record
     should keep under ``ctx.extra[<block name>]``; a stage that keeps a reference model for
     the metrics (the unpruned teacher) sets ``ctx.teacher``. Draws are seeded through
-    ``ctx.seed(purpose)`` so that a rerun repeats them.
+    ``ctx.seed(purpose)`` (or ``ctx.generator(purpose)``) so that a rerun repeats them.
+
+    What else the context offers a stage: ``ctx.dataset`` (the cell's training data),
+    ``ctx.device``, ``ctx.workdir`` (a folder of the cell's own for checkpoints, which a
+    resumed cell finds again; None outside a suite), ``ctx.train`` (the cell's ``train:`` block, defaults filled
+    in, for stages that train as well) and ``ctx.specs`` (every validated block of the cell,
+    by stage name). ``harness.training.train_model`` is the training loop stages share.
 
     Example, a post-training quantisation::
 
