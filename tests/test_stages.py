@@ -317,3 +317,11 @@ def test_metric_roles_come_from_the_metric():
 
     with pytest.raises(TypeError, match="expected 'cost' or 'quality'"):
         metric_role(Odd())
+
+
+def test_a_null_block_is_no_stage_so_a_matrix_compares_with_and_without(tmp_path, stage_plugin):
+    text = SUITE.split("include:")[0] + "matrix:\n  scale: [null, {factor: 3.0}]\n"
+    assert main(["run", str(write(tmp_path, text)), "--results", str(tmp_path / "r")]) == 0
+    without, with_ = load_records(tmp_path / "r" / "staged")
+    assert "scale" not in without and with_["scale"] == {"factor": 3.0}
+    assert stage_plugin.ran == ["scale"]
