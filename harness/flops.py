@@ -36,7 +36,7 @@ from .errors import UserError, suggest
 # The conventions a count can follow, and the one line a record or the CLI says about each.
 CONVENTIONS = {
     "fvcore": "1 multiply-add = 1 FLOP (fvcore)",
-    "thop": "multiply-adds of conv, linear and norm modules, by thop's rules (BK-SDM's MACs)",
+    "thop": "multiply-adds of conv, linear and batch/layer/instance-norm modules (thop 0.1.1's rules; BK-SDM's MACs)",
 }
 DEFAULT_CONVENTION = "fvcore"
 
