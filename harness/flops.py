@@ -364,8 +364,9 @@ def baddbmm_flop(inputs, outputs) -> int:
 # release thop 0.1.1, Lyken17/pytorch-OpCounter). Everything else counts zero: attention's
 # products (a function call, not a module), GroupNorm, activations. The rules below are those
 # of thop 0.1.1, formula for formula. Two deliberate differences: a subclass counts as its base
-# (thop matches the exact class, so diffusers' LoRACompatibleConv, a Conv2d, counted zero), and
-# the RNN family, which no backbone here has, is left without a rule (it shows as such).
+# (thop matches the exact class, so under thop diffusers' LoRACompatibleConv, a Conv2d
+# subclass, would count zero), and the RNN family, which no backbone here has, is left
+# without a rule (it shows as such).
 # ultralytics-thop 2.x, thop's successor on PyPI, also counts GroupNorm and attention products
 # (its 2.2.3 gives 402 G for SD-1.5, near fvcore's figure): this convention is the one BK-SDM's
 # figures were counted in.
@@ -460,6 +461,8 @@ def count_thop(model: torch.nn.Module, inputs: dict, method: str = METHOD_META) 
         no_rule_calls[type(m).__name__] += 1
 
     under_rule: list[str] = []
+    was_training = model.training
+    model.eval()  # as thop.profile does (its PReLU rule counts in eval mode only)
     try:
         for name, module in model.named_modules():
             if any(name.startswith(r + ".") for r in under_rule):
@@ -473,6 +476,7 @@ def count_thop(model: torch.nn.Module, inputs: dict, method: str = METHOD_META) 
         with torch.no_grad():
             model(**inputs)
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
     modules: dict[str, int] = {"": 0}
