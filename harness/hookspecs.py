@@ -91,6 +91,9 @@ def harness_metrics():
     ``path_options`` (a class attribute, ``{option name: what it is}``) names the options
     that are paths to files the metric reads (``{"prompts": "prompt file"}``): a suite whose
     path does not exist is refused when it is validated, not after hours of work.
+    Likewise ``validate_options(options: dict)`` (a static method of the factory, any
+    component kind) may check option values and raise :class:`harness.UserError`; it runs
+    when the suite is validated (``gflops`` refuses an unknown ``convention`` this way).
 
     A metric whose figure depends on having the machine to itself (latency) sets the class
     attribute ``timing_sensitive = True``. The runner then measures it inside the executor's
