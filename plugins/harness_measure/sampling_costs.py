@@ -368,7 +368,7 @@ class PeakMemory(_SamplingCost):
             before = _proc_kib("VmRSS") * 1024
             gen.run(model, self.batch_size)
             peak = _proc_kib("VmHWM") * 1024
-            how = "peak resident set (VmHWM, reset by /proc/self/clear_refs) minus the resident set before"
+            how = "peak resident set (VmHWM, reset by /proc/self/clear_refs) minus the resident set before, after malloc_trim"
         else:  # ru_maxrss is the process's lifetime peak: growth shows only if this run set a new one
             scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
