@@ -52,6 +52,15 @@ def test_pixel_dit_times_its_denoising_steps_only():
     assert ctx.model.training  # left as it was found
 
 
+def test_another_dtype_runs_a_cast_copy_and_leaves_the_cell_model_alone():
+    ctx = cell(DIT, {"name": "shapes", "resolution": 8, "size": 4})
+    seen = []  # (the copy inherits the hook)
+    ctx.model.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+    out = harness.create("metric", "sample_latency", steps=2, warmup=0, runs=1, dtype="bfloat16")(ctx)
+    assert out["dtype"] == "bfloat16" and out["value"] > 0 and seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert next(ctx.model.parameters()).dtype == torch.float32 and ctx.model.training
+
+
 def test_latent_backbone_decodes_with_its_data_blocks_vae(tiny_vae, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path))
     ctx = cell(DIT, {"name": "shapes", "resolution": 16, "size": 4, "vae": tiny_vae})
