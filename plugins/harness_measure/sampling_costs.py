@@ -260,8 +260,8 @@ class SampleLatency(_SamplingCost):
     timing_sensitive = True  # executors run it with no other cell on the machine
 
     def __init__(self, batch_size: int = 1, warmup: int = 1, runs: int = 5, steps: int = 25, sampler: str = "ddim",
-                 cfg_scale: float = 1.0,
-                 prompt: str = DEFAULT_PROMPT, pipeline: str | None = None, vae: str | None = None, dtype: str | None = None):
+                 cfg_scale: float = 1.0, prompt: str = DEFAULT_PROMPT, pipeline: str | None = None,
+                 vae: str | None = None, dtype: str | None = None):
         super().__init__(steps, sampler, cfg_scale, prompt, pipeline, vae, dtype)
         _check_timing(warmup, runs, self.name)
         if batch_size < 1:
@@ -289,7 +289,8 @@ class Throughput(_SamplingCost):
 
     def __init__(self, batch_size: int | None = None, max_batch_size: int = 256, warmup: int = 1, runs: int = 3,
                  steps: int = 25, sampler: str = "ddim", cfg_scale: float = 1.0,
-                 prompt: str = DEFAULT_PROMPT, pipeline: str | None = None, vae: str | None = None, dtype: str | None = None):
+                 prompt: str = DEFAULT_PROMPT, pipeline: str | None = None, vae: str | None = None,
+                 dtype: str | None = None):
         super().__init__(steps, sampler, cfg_scale, prompt, pipeline, vae, dtype)
         _check_timing(warmup, runs, self.name)
         if (batch_size is not None and batch_size < 1) or max_batch_size < 1:
@@ -298,7 +299,7 @@ class Throughput(_SamplingCost):
 
     def __call__(self, ctx) -> dict:
         gen = self.generation(ctx)
-        search = {}
+        search, load_before = {}, _load_average()
         with gen.session() as model:
             if self.batch_size is not None:
                 batch, how = self.batch_size, "given"
@@ -311,7 +312,7 @@ class Throughput(_SamplingCost):
         out = _summary(times)
         return {"value": batch / out["value"], "latency": out["value"], "iqr": out["iqr"], "runs": out["runs"],
                 "share": out["share"], "batch_size_from": how, "search": search or None, "warmup": self.warmup,
-                **gen.describe(batch)}
+                **gen.describe(batch), "load_average": [load_before, _load_average()]}
 
     def _largest(self, gen: Generation, model) -> tuple[int, str, dict]:
         """Double the batch until CUDA runs out of memory; each size's images/s from one run."""
@@ -338,7 +339,8 @@ class PeakMemory(_SamplingCost):
     role = "cost"
 
     def __init__(self, batch_size: int = 1, steps: int = 25, sampler: str = "ddim", cfg_scale: float = 1.0,
-                 prompt: str = DEFAULT_PROMPT, pipeline: str | None = None, vae: str | None = None, dtype: str | None = None):
+                 prompt: str = DEFAULT_PROMPT, pipeline: str | None = None, vae: str | None = None,
+                 dtype: str | None = None):
         super().__init__(steps, sampler, cfg_scale, prompt, pipeline, vae, dtype)
         if batch_size < 1:
             raise ValueError(f"{self.name} needs batch_size >= 1, got {batch_size}")
@@ -368,7 +370,8 @@ class PeakMemory(_SamplingCost):
             before = _proc_kib("VmRSS") * 1024
             gen.run(model, self.batch_size)
             peak = _proc_kib("VmHWM") * 1024
-            how = "peak resident set (VmHWM, reset by /proc/self/clear_refs) minus the resident set before, after malloc_trim"
+            how = ("peak resident set (VmHWM, reset by /proc/self/clear_refs) minus the resident set before, "
+                   "after malloc_trim")
         else:  # ru_maxrss is the process's lifetime peak: growth shows only if this run set a new one
             scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
             before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
