@@ -145,6 +145,29 @@ def test_peak_memory_grows_with_the_batch_on_the_cpu():
     assert large["bytes"] > small["bytes"] and "resident set" in large["measure"]
 
 
+def test_peak_memory_on_cuda_is_max_allocated_over_one_generation(monkeypatch):
+    """The CUDA branch, with torch.cuda's counters faked (no GPU here): reset, run, read."""
+    from harness_measure.sampling_costs import PeakMemory
+
+    events = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: events.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 100 * 2 ** 20)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 356 * 2 ** 20)
+
+    class Gen:
+        device = torch.device("cuda")
+
+        def sync(self):
+            events.append("sync")
+
+        def run(self, model, batch):
+            events.append(("run", batch))
+
+    out = PeakMemory(batch_size=2)._cuda(Gen(), None)
+    assert events == ["sync", "reset", ("run", 2)]
+    assert out["value"] == 356 and out["growth_bytes"] == 256 * 2 ** 20 and out["baseline_bytes"] == 100 * 2 ** 20
+
+
 def test_records_hold_the_three_costs(tmp_path):
     from harness.runner import CellJob, execute_cell
 
