@@ -35,8 +35,7 @@ from torch import nn
 
 from harness.errors import UserError, suggest
 from harness.mixers import build_mixer
-from harness_dit import (LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, load_checkpoint,
-                         modulate)
+from harness_dit import LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
 
 
 @dataclass(frozen=True)
@@ -264,7 +263,8 @@ def lamamba(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 10
     """LaMamba-Diff U-Net (SS2D + window attention): XL is the paper's; tiny/S/B/L are our scaling.
 
     ``pretrained``/``checkpoint_key`` as for DiT: a state dict, or a checkpoint's ``ema`` (default)
-    or ``model`` entry."""
+    or ``model`` entry; ours, or one the official code's ``train.py`` wrote (its names are mapped,
+    see official.py)."""
     if size not in LAMAMBA_SIZES:
         raise UserError(f"unknown LaMamba-Diff size {size!r}{suggest(size, LAMAMBA_SIZES)}")
     if context_dim:
@@ -296,8 +296,21 @@ def lamamba(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 10
                         branches=branches, d_state=d_state, window_size=window_size, mlp_ratio=mlp_ratio,
                         class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma)
     if pretrained:
-        load_checkpoint(model, pretrained, checkpoint_key)
+        load_pretrained(model, pretrained, checkpoint_key)
     return model
+
+
+def load_pretrained(model: LaMambaDiff, source: str, key: str | None = None) -> None:
+    """A state dict or training checkpoint of ours or of the official code, read without running
+    pickled code (harness.weights), into ``model`` strictly."""
+    from harness.weights import load_state_dict, load_state_into
+
+    from .official import from_official, is_official
+
+    state = load_state_dict(source, key=key, what="pretrained", key_option="checkpoint_key")
+    if is_official(state):
+        state = from_official(state, model, str(source))
+    load_state_into(model, state, source, what="pretrained")
 
 
 __all__ = ["LAMAMBA_SIZES", "LaMambaConfig", "LaMambaDiff", "lamamba"]
