@@ -104,7 +104,7 @@ def _randomise(model):
     return model
 
 
-def _inputs(batch=2, size=16):
+def _inputs(batch=1, size=16):
     g = torch.Generator().manual_seed(1)
     return (torch.randn(batch, 4, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g),
             torch.randint(0, 1000, (batch,), generator=g))
