@@ -236,7 +236,8 @@ def test_conv_bias_and_d_state_mismatches_say_which_option(tmp_path):
     path = _saved(tmp_path, {"ema": _official_state(biased.state_dict(), layout), "model": {}})
     loaded = _ours(pretrained=path, ssm={"name": "ss2d", "conv_bias": True}).eval()
     assert torch.equal(loaded(*_inputs()), biased(*_inputs()))
-    with pytest.raises(UserError, match=r"'layers\.0\.blocks\.0\.op\.conv2d\.bias' has no counterpart.*conv_bias: true"):
+    with pytest.raises(UserError, match=r"'layers\.0\.blocks\.0\.op\.conv2d\.bias' has no counterpart.*"
+                                        r"conv_bias: true"):
         _ours(pretrained=path)
     with pytest.raises(UserError, match=r"'layers\.0\.blocks\.0\.op\.x_proj_weight' has shape .*d_state"):
         _ours(pretrained=path, ssm={"name": "ss2d", "conv_bias": True}, d_state=16)

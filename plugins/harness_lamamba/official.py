@@ -46,7 +46,8 @@ _TOP = [  # (official, ours) for names outside the blocks
     (r"(pos_embed|y_embedder\.embedding_table\.weight|t_embedder\.mlp\.[02]\.(?:weight|bias)"
      r"|final_adaLN_modulation\.1\.(?:weight|bias)|final_linear\.(?:weight|bias))", r"\1"),
 ]
-_STAGES = [(r"layers\.(\d+)\.blocks\.(\d+)\.", r"encoder.\1.blocks.\2."), (r"mid_layer\.blocks\.(\d+)\.", r"mid.blocks.\1."),
+_STAGES = [(r"layers\.(\d+)\.blocks\.(\d+)\.", r"encoder.\1.blocks.\2."),
+           (r"mid_layer\.blocks\.(\d+)\.", r"mid.blocks.\1."),
            (r"layers_up\.(\d+)\.blocks\.(\d+)\.", r"decoder.\1.blocks.\2.")]
 _BLOCK = [  # within a block
     (r"condition_projection\.(weight|bias)", r"cond_proj.\1"),
