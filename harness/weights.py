@@ -5,7 +5,10 @@ read with ``torch.load(weights_only=True)``, whose unpickler rebuilds tensors an
 containers and refuses every other global, so a crafted ``.pth`` whose ``__reduce__`` calls
 ``os.system`` is a :class:`~harness.errors.UserError` instead of a shell. The one class
 allowed besides is ``argparse.Namespace``: facebookresearch/DiT's ``train.py`` saves
-``{"model", "ema", "opt", "args"}`` with its parsed arguments in ``args``.
+``{"model", "ema", "opt", "args"}`` with its parsed arguments in ``args``. Training scripts
+of the VMamba family (LaMamba-Diff's ``train.py`` among them) also save their yacs config
+under ``config``; a ``yacs.config.CfgNode`` is read as a plain ``OrderedDict`` of its entries
+(see :class:`_ConfigAsDict`), so neither yacs nor anything else is imported or run to read it.
 
 URLs are downloaded once into torch.hub's checkpoint folder (where
 ``torch.hub.load_state_dict_from_url`` would put them, so an earlier download is reused) and
@@ -18,6 +21,7 @@ import os
 import pickle
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
@@ -30,6 +34,20 @@ from .errors import UserError, suggest
 # The entry of a training checkpoint taken when none is named: DiT's train.py keeps the EMA
 # weights it samples with under "ema", the raw ones under "model".
 DEFAULT_KEY = "ema"
+
+
+class _ConfigAsDict:
+    """Stands for ``yacs.config.CfgNode`` when reading: a pickled CfgNode (a dict subclass) is
+    rebuilt as ``cls.__new__(cls)``, then its entries set; this gives a plain OrderedDict
+    instead, the one dict type torch's safe unpickler both fills and lets take attributes."""
+
+    def __new__(cls, *args):
+        return OrderedDict()
+
+
+# Allowed when reading: the globals a training checkpoint may hold besides tensors, each as
+# the class itself or (what stands for it, the name the pickle uses).
+_SAFE_GLOBALS = [argparse.Namespace, (_ConfigAsDict, "yacs.config.CfgNode")]
 
 
 def is_url(source: str) -> bool:
@@ -65,7 +83,7 @@ def read_tensors(path: str | Path, *, what: str = "weights"):
         except (SafetensorError, OSError) as exc:
             raise UserError(f"{what} {str(path)!r} is not a readable .safetensors file ({exc})") from None
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+        with torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
             # An old pickle protocol is refused below anyway; its warning would be a second line.
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -121,7 +139,12 @@ def load_state_dict(source: str | Path, *, key: Optional[str] = None, what: str 
 def load_into(model: torch.nn.Module, source: str | Path, *, key: Optional[str] = None,
               what: str = "pretrained", key_option: str = "checkpoint_key") -> None:
     """``load_state_dict`` into ``model`` strictly; a mismatch is one line naming the first keys."""
-    state = load_state_dict(source, key=key, what=what, key_option=key_option)
+    load_state_into(model, load_state_dict(source, key=key, what=what, key_option=key_option), source, what=what)
+
+
+def load_state_into(model: torch.nn.Module, state: dict, source: str | Path, *, what: str = "pretrained") -> None:
+    """``state`` (read from ``source``) into ``model`` strictly; a mismatch is one line naming the
+    first keys. For components that translate another code base's names first."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

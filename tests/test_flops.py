@@ -145,6 +145,35 @@ def test_readme_lamamba_table(size, latent, d_state):
     assert f"{flops / 1e9:.2f}" == LAMAMBA_TABLE[size, latent, d_state]
 
 
+def test_scan_d_term_adds_b_d_l_per_scan_and_changes_no_output():
+    """The official flops() counts the skip term D·u of each scan, B·D·L (D = 4 directions x
+    d_inner = 8C). Tiny at 16x16: width 32 on 256 tokens in 3 blocks (1 encoder, 2 decoder),
+    64 on 64 tokens in 3, 128 on 16 tokens in 7 (1 + 1 encoder, 1 bottleneck, 2 + 2 decoder)."""
+    ours, _ = _count("lamamba", size="tiny", input_size=16)
+    official, _ = _count("lamamba", size="tiny", input_size=16, scan_d_term=True)
+    assert official - ours == 8 * (3 * 32 * 256 + 3 * 64 * 64 + 7 * 128 * 16) == 409_600
+    dit, _ = _count("dit", size="tiny", patch=2, input_size=16, mixer={"name": "ss2d", "scan_d_term": True})
+    # tiny DiT: 4 blocks of width 128 on (16 / 2)^2 = 64 tokens
+    assert dit - _count("dit", size="tiny", patch=2, input_size=16, mixer="ss2d")[0] == 4 * 8 * 128 * 64
+    x = torch.randn(2, 4, 16, 16)
+    t, y = torch.tensor([3, 700]), torch.tensor([1, 2])
+    outs = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        outs.append(harness.create("backbone", "lamamba", size="tiny", input_size=16, scan_d_term=flag).eval()(x, t, y))
+    assert torch.equal(*outs)
+
+
+@pytest.mark.slow
+def test_xl_d_state_1_counts_the_official_way():
+    """README: 45.897 GFLOPs ours, 45.925 with the official flops()'s D term (256x256, d_state 1)."""
+    ours, params = _count("lamamba", size="XL", input_size=32, d_state=1)
+    official, _ = _count("lamamba", size="XL", input_size=32, d_state=1, scan_d_term=True)
+    assert (ours, official, params) == (45_897_297_920, 45_924_823_040, 652_484_648)
+    # 8C x tokens over XL's 22 blocks: 320 on 1024 tokens in 5, 640 on 256 in 5, 1280 on 64 in 12
+    assert official - ours == 8 * (5 * 320 * 1024 + 5 * 640 * 256 + 12 * 1280 * 64)
+
+
 MIXERS_TABLE = {  # README, "Every mixer in the same tiny backbones": GFLOPs @256/1024/4096 tokens
     "attention": (("0.272", "1.891", "20.446"), ("0.060", "0.411", "4.448")),
     "window-attention": (("0.221", "0.884", "3.534"), ("0.050", "0.204", "0.811")),

@@ -80,9 +80,20 @@ def test_xl_windows_shift_every_other_block_and_small_maps_attend_globally():
     assert [(b.mixers[1].window_size, b.mixers[1].shift_size) for b in m.decoder[3].blocks] == [(8, 0), (8, 4), (8, 0)]
 
 
-# Exact counts of this implementation (1000 classes, learned sigma, d_state 16, latent 32):
-# one bias more or less moves them.
-EXACT_PARAMS = {"S": 35_357_984, "B": 136_391_480, "L": 478_117_304, "XL": 659_782_568}
+# Exact counts of this implementation (1000 classes, learned sigma, d_state 16, latent 32, no
+# SS2D conv bias): one bias more or less moves them.
+EXACT_PARAMS = {"S": 35_348_912, "B": 136_373_336, "L": 478_083_032, "XL": 659_742_248}
+
+
+def test_ss2d_conv_has_no_bias_as_in_the_released_config():
+    """SSM_CONV_BIAS: false (configs/LaMamba-DIff-XL.yaml); ss2d's conv_bias keeps VMamba's bias.
+
+    The bias is d_inner = 2C per SS2D; XL's 22 blocks by width: 320 five (2 encoder + 3
+    decoder), 640 five, 1280 twelve (2 + 2 encoder, 2 bottleneck, 3 + 3 decoder)."""
+    m = _meta(size="XL")
+    assert all(b.mixers[0].conv2d.bias is None for s in [*m.encoder, m.mid, *m.decoder] for b in s.blocks)
+    with_bias = _params(_meta(size="XL", ssm={"name": "ss2d", "conv_bias": True}))
+    assert with_bias - EXACT_PARAMS["XL"] == 5 * 640 + 5 * 1280 + 12 * 2560 == 40_320
 
 
 def test_xl_parameters_are_comparable_to_dit_xl():

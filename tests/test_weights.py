@@ -178,3 +178,24 @@ def test_lamamba_takes_the_same_checkpoint_key(tmp_path):
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
     got = tiny(pretrained=str(path)).state_dict()
     assert all(torch.equal(got[k], v) for k, v in ema.state_dict().items())
+
+
+def test_a_yacs_config_is_read_as_plain_dicts_without_importing_yacs(tmp_path, monkeypatch):
+    """VMamba-family train.py (LaMamba-Diff's too) saves its yacs CfgNode under "config"."""
+    import sys
+
+    from yacs.config import CfgNode
+
+    from harness.weights import read_tensors
+
+    cfg = CfgNode({"MODEL": {"VSSM": {"SSM_D_STATE": 1, "DEPTHS": [2, 2, 2, 2]}}, "BETAS": (0.9, 0.999)})
+    cfg.freeze()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"ema": {"w": torch.ones(2)}, "config": cfg}, path)
+    for name in [m for m in sys.modules if m == "yacs" or m.startswith("yacs.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "yacs", None)  # any import of yacs would now fail
+    got = read_tensors(path)["config"]
+    assert type(got).__name__ == "OrderedDict" and type(got["MODEL"]["VSSM"]).__name__ == "OrderedDict"
+    assert got == {"MODEL": {"VSSM": {"SSM_D_STATE": 1, "DEPTHS": [2, 2, 2, 2]}}, "BETAS": (0.9, 0.999)}
+    assert torch.equal(load_state_dict(path, key_option="checkpoint_key")["w"], torch.ones(2))

@@ -35,8 +35,7 @@ from torch import nn
 
 from harness.errors import UserError, suggest
 from harness.mixers import build_mixer
-from harness_dit import (LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, load_checkpoint,
-                         modulate)
+from harness_dit import LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,8 @@ class Stage(nn.Module):
     """Blocks at one resolution; shifted windows in every other block."""
 
     def __init__(self, dim: int, depth: int, res: int, cond_dim: int, branches: list[Any], num_heads: int,
-                 window_size: int, d_state: int, mlp_ratio: float, project_condition: bool, first_index: int):
+                 window_size: int, d_state: int, mlp_ratio: float, project_condition: bool, first_index: int,
+                 scan_d_term: bool = False):
         super().__init__()
         blocks = []
         for d in range(depth):
@@ -132,6 +132,8 @@ class Stage(nn.Module):
                 window, shift = window_size, (window_size // 2 if d % 2 else 0)
             hints = dict(num_heads=num_heads, window_size=window, shift_size=shift, d_state=d_state,
                          block_index=first_index + d)
+            if scan_d_term:  # only then: a mixer that takes no such option still builds
+                hints["scan_d_term"] = True
             blocks.append(LaMambaBlock(dim, cond_dim, branches, hints, mlp_ratio, project_condition))
         self.blocks = nn.ModuleList(blocks)
 
@@ -145,7 +147,7 @@ class LaMambaDiff(nn.Module):
     def __init__(self, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
                  config: LaMambaConfig = LAMAMBA_SIZES["XL"], branches: list[Any] = ("ss2d", "window-attention"),
                  d_state: int = 16, window_size: int = 8, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 learn_sigma: bool = True):
+                 learn_sigma: bool = True, scan_d_term: bool = False):
         super().__init__()
         widths, depths = config.widths, config.depths
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
@@ -157,7 +159,7 @@ class LaMambaDiff(nn.Module):
         self.res = res
         branches = list(branches)
         stage = dict(cond_dim=cond, branches=branches, num_heads=config.num_heads, window_size=window_size,
-                     d_state=d_state, mlp_ratio=mlp_ratio)
+                     d_state=d_state, mlp_ratio=mlp_ratio, scan_d_term=scan_d_term)
 
         self.x_embedder = nn.Conv2d(in_channels, widths[0], kernel_size=1)
         self.x_norm = nn.LayerNorm(widths[0], eps=1e-5)
@@ -260,11 +262,16 @@ def lamamba(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 10
             d_state: int = 16, window_size: int = 8, mlp_ratio: float = 4.0, learn_sigma: bool = True,
             class_dropout_prob: float = 0.1, widths: list[int] | None = None, depths: list[int] | None = None,
             bottleneck_depth: int | None = None, num_heads: int | None = None,
-            pretrained: str | None = None, checkpoint_key: str | None = None) -> LaMambaDiff:
+            pretrained: str | None = None, checkpoint_key: str | None = None, scan_d_term: bool = False) -> LaMambaDiff:
     """LaMamba-Diff U-Net (SS2D + window attention): XL is the paper's; tiny/S/B/L are our scaling.
 
     ``pretrained``/``checkpoint_key`` as for DiT: a state dict, or a checkpoint's ``ema`` (default)
-    or ``model`` entry."""
+    or ``model`` entry; ours, or one the official code's ``train.py`` wrote (its names are mapped,
+    see official.py).
+
+    ``scan_d_term``: count FLOPs as the official ``flops()`` does, which adds B·D·L per selective
+    scan for its skip term D·u (ours leaves it out, as fvcore counts no elementwise product);
+    the model computes the same either way."""
     if size not in LAMAMBA_SIZES:
         raise UserError(f"unknown LaMamba-Diff size {size!r}{suggest(size, LAMAMBA_SIZES)}")
     if context_dim:
@@ -294,10 +301,23 @@ def lamamba(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 10
         raise UserError(f"lamamba widths {bad} must be divisible by num_heads={config.num_heads} and by 4")
     model = LaMambaDiff(input_size=input_size, in_channels=in_channels, num_classes=num_classes, config=config,
                         branches=branches, d_state=d_state, window_size=window_size, mlp_ratio=mlp_ratio,
-                        class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma)
+                        class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma, scan_d_term=scan_d_term)
     if pretrained:
-        load_checkpoint(model, pretrained, checkpoint_key)
+        load_pretrained(model, pretrained, checkpoint_key)
     return model
+
+
+def load_pretrained(model: LaMambaDiff, source: str, key: str | None = None) -> None:
+    """A state dict or training checkpoint of ours or of the official code, read without running
+    pickled code (harness.weights), into ``model`` strictly."""
+    from harness.weights import load_state_dict, load_state_into
+
+    from .official import from_official, is_official
+
+    state = load_state_dict(source, key=key, what="pretrained", key_option="checkpoint_key")
+    if is_official(state):
+        state = from_official(state, model, str(source))
+    load_state_into(model, state, source, what="pretrained")
 
 
 __all__ = ["LAMAMBA_SIZES", "LaMambaConfig", "LaMambaDiff", "lamamba"]

@@ -16,7 +16,7 @@ import harness
 from .attention import attention
 from .lamamba import lamamba
 from .mamba import mamba
-from .scan import selective_scan_flop
+from .scan import selective_scan_d_term_flop, selective_scan_flop
 from .ss2d import ss2d
 from .window import window_attention
 
@@ -29,4 +29,5 @@ def harness_mixers():
 
 @harness.hookimpl
 def harness_flop_handles():
-    return {"prim::PythonOp.SelectiveScanFn": selective_scan_flop}
+    return {"prim::PythonOp.SelectiveScanFn": selective_scan_flop,
+            "prim::PythonOp.SelectiveScanDTermFn": selective_scan_d_term_flop}

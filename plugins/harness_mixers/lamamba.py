@@ -21,9 +21,10 @@ from .window import window_attention
 
 class LaMambaMixer(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, window_size: int = 8, shift="auto", shift_size: int | None = None,
-                 d_state: int = 16, expand: int = 2, snake: bool = True, block_index: int = 0):
+                 d_state: int = 16, expand: int = 2, snake: bool = True, block_index: int = 0, conv_bias: bool = False,
+                 scan_d_term: bool = False):
         super().__init__()
-        self.ssm = SS2D(dim, d_state=d_state, expand=expand, snake=snake)
+        self.ssm = SS2D(dim, d_state=d_state, expand=expand, snake=snake, conv_bias=conv_bias, scan_d_term=scan_d_term)
         self.norm = nn.LayerNorm(dim, eps=1e-5)
         self.attn = window_attention(dim, num_heads=num_heads, window_size=window_size, shift=shift,
                                      shift_size=shift_size, block_index=block_index)
@@ -37,7 +38,9 @@ class LaMambaMixer(nn.Module):
 
 
 def lamamba(dim: int, num_heads: int = 8, window_size: int = 8, shift="auto", shift_size: int | None = None,
-            d_state: int = 16, expand: int = 2, snake: bool = True, block_index: int = 0) -> LaMambaMixer:
+            d_state: int = 16, expand: int = 2, snake: bool = True, block_index: int = 0,
+            conv_bias: bool = False, scan_d_term: bool = False) -> LaMambaMixer:
     """LaMamba-Diff's SS2D then window attention, as one mixer (see the module docstring)."""
     return LaMambaMixer(dim, num_heads=num_heads, window_size=window_size, shift=shift, shift_size=shift_size,
-                        d_state=d_state, expand=expand, snake=snake, block_index=block_index)
+                        d_state=d_state, expand=expand, snake=snake, block_index=block_index, conv_bias=conv_bias,
+                        scan_d_term=scan_d_term)

@@ -33,7 +33,8 @@ from harness import kernels
 
 from . import _native
 
-__all__ = ["selective_scan", "selective_scan_ref", "SelectiveScanFn", "selective_scan_flop", "native_available"]
+__all__ = ["selective_scan", "selective_scan_ref", "SelectiveScanFn", "SelectiveScanDTermFn", "selective_scan_flop",
+           "selective_scan_d_term_flop", "native_available"]
 
 KERNEL = "selective_scan"  # the name under env.kernels
 
@@ -243,6 +244,11 @@ class SelectiveScanFn(torch.autograd.Function):
                 None, None)
 
 
+class SelectiveScanDTermFn(SelectiveScanFn):
+    """The same scan under another name, so that fvcore's trace (``prim::PythonOp.
+    SelectiveScanDTermFn``) counts it with :func:`selective_scan_d_term_flop`."""
+
+
 @lru_cache(maxsize=1)
 def _mamba_ssm():
     """mamba-ssm's fused CUDA scan where it imports (it needs its compiled extension)."""
@@ -256,8 +262,11 @@ def _mamba_ssm():
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False):
-    """mamba-ssm's ``selective_scan_fn``: out (B, D, L), and the last state (B, D, N) if asked."""
+                   return_last_state=False, *, count_d_term=False):
+    """mamba-ssm's ``selective_scan_fn``: out (B, D, L), and the last state (B, D, N) if asked.
+
+    ``count_d_term``: the same result, but a FLOP count adds B·D·L for the skip term D·u, as
+    VMamba's and LaMamba-Diff's ``flops()`` do (``flops_selective_scan_fn(with_D=True)``)."""
     B4, C4 = _check(u, delta, A, B, C, D, z, delta_bias)
     if u.is_cuda and _mamba_ssm() is not None:
         kernels.note(KERNEL, "mamba-ssm")
@@ -266,7 +275,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if dtype in (torch.float16, torch.bfloat16):  # the state recurrence needs float32
         u, delta, A, B4, C4, D, z, delta_bias = (None if t is None else t.float()
                                                  for t in (u, delta, A, B4, C4, D, z, delta_bias))
-    out, last = SelectiveScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state)
+    fn = SelectiveScanDTermFn if count_d_term and D is not None else SelectiveScanFn
+    out, last = fn.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state)
     out = out.to(dtype)
     return (out, last) if return_last_state else out
 
@@ -282,3 +292,12 @@ def selective_scan_flop(inputs, outputs) -> int:
     batch, width, length = get_shape(inputs[0])
     nstate = get_shape(inputs[2])[1]
     return 9 * batch * length * width * nstate
+
+
+def selective_scan_d_term_flop(inputs, outputs) -> int:
+    """fvcore handle for ``prim::PythonOp.SelectiveScanDTermFn``: 9 * B * L * D * N + B * D * L,
+    the official LaMamba-Diff/VMamba count (``selective_scan_flop_jit``, ``with_D=True``)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    batch, width, length = get_shape(inputs[0])
+    return selective_scan_flop(inputs, outputs) + batch * width * length

@@ -1,7 +1,8 @@
 """SS2D: the four-direction 2-D selective scan of VMamba, as LaMamba-Diff's SSM branch.
 
     x, z = in_proj(tokens)                      Linear C -> 4C, no bias; d_inner = expand * C each
-    x    = SiLU(depthwise conv d_conv x d_conv)
+    x    = SiLU(depthwise conv d_conv x d_conv)   no bias, as LaMamba-Diff's released config
+                                                (SSM_CONV_BIAS: false); conv_bias=True adds it (VMamba)
     four scans over the map (``snake``, the default: LaMamba-Diff's continuous paths, two by
     rows and two by columns, every other row/column walked backwards so consecutive tokens stay
     neighbours; see scan_orders), each with its own x_proj, dt_proj, A, D; outputs put back in
@@ -57,13 +58,14 @@ def scan_orders(h: int, w: int, snake: bool) -> tuple[torch.Tensor, torch.Tensor
 
 class SS2D(nn.Module):
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, dt_rank="auto", d_conv: int = 3,
-                 snake: bool = True):
+                 snake: bool = True, conv_bias: bool = False, scan_d_term: bool = False):
         super().__init__()
         d_inner = expand * dim
         self.d_inner, self.d_state, self.snake = d_inner, d_state, bool(snake)
+        self.scan_d_term = bool(scan_d_term)  # FLOP counts only: add B·D·L for D·u, as the official flops()
         self.dt_rank = resolve_dt_rank(dt_rank, dim, "ss2d")
         self.in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
-        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner)
+        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=conv_bias)
         # Per-direction parameters, stacked on a leading axis of K (VMamba's layout).
         self.x_proj_weight = nn.Parameter(torch.empty(K, self.dt_rank + 2 * d_state, d_inner))
         self.dt_projs_weight = nn.Parameter(torch.empty(K, d_inner, self.dt_rank))
@@ -95,7 +97,7 @@ class SS2D(nn.Module):
         y = selective_scan(xs.reshape(b, -1, n), delta.reshape(b, -1, n), -torch.exp(self.A_logs.float()),
                            B.transpose(2, 3), C.transpose(2, 3), self.Ds.float(),
                            delta_bias=self.dt_projs_bias.flatten().float(),
-                           delta_softplus=True).view(b, K, self.d_inner, n)
+                           delta_softplus=True, count_d_term=self.scan_d_term).view(b, K, self.d_inner, n)
         # Back to raster order (position p of direction k was visited at step argsort(order)[k, p]).
         y = y.transpose(2, 3).reshape(b, K * n, self.d_inner)[:, back.to(x.device)]
         y = y.view(b, K, n, self.d_inner).sum(1)
@@ -103,6 +105,12 @@ class SS2D(nn.Module):
         return self.out_proj(y)
 
 
-def ss2d(dim: int, d_state: int = 16, expand: int = 2, dt_rank="auto", d_conv: int = 3, snake: bool = True) -> SS2D:
-    """VMamba/LaMamba-Diff four-direction 2-D selective scan (the SSM branch)."""
-    return SS2D(dim, d_state=d_state, expand=expand, dt_rank=dt_rank, d_conv=d_conv, snake=snake)
+def ss2d(dim: int, d_state: int = 16, expand: int = 2, dt_rank="auto", d_conv: int = 3, snake: bool = True,
+         conv_bias: bool = False, scan_d_term: bool = False) -> SS2D:
+    """VMamba/LaMamba-Diff four-direction 2-D selective scan (the SSM branch).
+
+    ``conv_bias``: a bias on the depthwise conv (VMamba's default; LaMamba-Diff's released
+    config has none). ``scan_d_term``: FLOP counts add B·D·L per scan for the skip term D·u,
+    as the official ``flops()`` does (the output is the same)."""
+    return SS2D(dim, d_state=d_state, expand=expand, dt_rank=dt_rank, d_conv=d_conv, snake=snake,
+                conv_bias=conv_bias, scan_d_term=scan_d_term)
