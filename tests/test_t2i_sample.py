@@ -256,3 +256,43 @@ def test_a_reference_of_another_size_stops_the_cell_before_sampling(sd_pipeline,
     assert "metrics.3 (fid): reference" in record["error"] and "24x24 images; the samples are scored at 16x16" in \
         record["error"]
     assert not list(job.workdir.rglob("*.png"))  # nothing was sampled
+
+
+# -- the shipped suites -------------------------------------------------------------------------
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["sd15-laptop", "sdxl-laptop"])
+def test_shipped_suites_declare_the_protocol_and_their_coco_recipe_validates(name, tmp_path, monkeypatch):
+    """Each cell validates as shipped; the COCO lines its comments give (prompts and fid against
+    val2014 at 256) validate too once those files exist (stand-ins here)."""
+    from harness.suite import load_suite, validate_cell
+
+    monkeypatch.chdir(REPO)
+    path = REPO / "suites" / f"{name}.yaml"
+    suite = load_suite(path)
+    for cell in suite.cells():
+        validate_cell(suite, cell)
+    base = yaml.safe_load(path.read_text())["base"]
+    assert {"prompts", "pipeline", "steps", "guidance_scale", "resolution"} <= set(base["sample"])
+    names = [m if isinstance(m, str) else m["name"] for m in base["metrics"]]
+    assert {"pickscore", "clip_score", "isc"} <= set(names)
+    if name == "sd15-laptop":  # BK-SDM's settings
+        assert base["sample"] | {"scheduler": "pndm", "steps": 25, "guidance_scale": 7.5, "resolution": 512} == \
+            base["sample"]
+    # the recipe in the comments, with its data paths pointed at stand-ins
+    text = path.read_text()
+    recipe = [line.strip()[1:].strip() for line in text.splitlines() if line.strip().startswith("#   ")]
+    prompts = [yaml.safe_load(line)["prompts"] for line in recipe if line.startswith("prompts:")]
+    fids = [yaml.safe_load(line)[0] for line in recipe if line.startswith("- {name:")]
+    assert fids and all(f["resize"] == 256 for f in fids)
+    coco = _coco(tmp_path / "captions_val2014.json", [{"image_id": i, "caption": f"caption {i}"} for i in range(3)])
+    (tmp_path / "val2014-256").mkdir()
+    doc = yaml.safe_load(text)
+    if prompts:
+        assert prompts[0]["one_per_image"] and prompts[0]["subset"] == 30000
+        doc["base"]["sample"]["prompts"] = {**prompts[0], "path": str(coco), "subset": 2}
+    doc["base"]["metrics"] += [{**f, "reference": str(tmp_path / "val2014-256")} for f in fids]
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(doc))
+    suite = load_suite(tmp_path / "s.yaml")
+    validate_cell(suite, suite.cells()[0])
