@@ -378,8 +378,9 @@ def cmd_flops(args, extra: list[str]) -> int:
     import torch
 
     from .commands import backbone_context, parse_options
-    from .flops import AbstractCountError, count_flops
+    from .flops import CONVENTIONS, AbstractCountError, check_convention, count_flops
 
+    convention = check_convention(args.convention)
     options = parse_options(extra)
     ctx = backbone_context(args.backbone, options)
     reg = ctx.registry
@@ -402,18 +403,18 @@ def cmd_flops(args, extra: list[str]) -> int:
         try:
             model, unpruned = build("meta")
             inputs = ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0))
-            fc = count_flops(model, inputs, reg.flop_handles())
+            fc = count_flops(model, inputs, reg.flop_handles(), convention=convention)
         except UserError:
             raise
         except Exception as exc:  # a factory that loads weights, or data-dependent shapes: count it for real
             reason = str(exc) if isinstance(exc, AbstractCountError) else f"{type(exc).__name__}: {exc}"
             model, unpruned = build("cpu")
             fc = count_flops(model, ctx.example_inputs(1, model=model, generator=torch.Generator().manual_seed(0)),
-                             reg.flop_handles(), abstract=False)
+                             reg.flop_handles(), abstract=False, convention=convention)
             fc.fallback_reason = reason.strip().splitlines()[0] if reason.strip() else reason
         params = sum(p.numel() for p in model.parameters())
     result = {"backbone": args.backbone, "options": options, "input": ctx.input_spec, "params": params,
-              "gflops": fc.total / 1e9, "batch_size": 1, "convention": "1 multiply-add = 1 FLOP (fvcore)",
+              "gflops": fc.total / 1e9, "batch_size": 1, "convention": CONVENTIONS[convention],
               **fc.record()}
     result.update(getattr(model, "flops_extra", {}) or {})
     if args.prune:
@@ -429,7 +430,12 @@ def cmd_flops(args, extra: list[str]) -> int:
     console = _console()
     console.print(f"{args.backbone} {options or ''} input {ctx.input_spec}")
     console.print(f"params  {params:,} ({params / 1e6:.2f}M)")
-    console.print(f"GFLOPs  {fc.total / 1e9:.2f}  (batch 1, 1 multiply-add = 1 FLOP)")
+    if convention == "fvcore":
+        console.print(f"GFLOPs  {fc.total / 1e9:.2f}  (batch 1, 1 multiply-add = 1 FLOP)")
+    else:  # what thop counts is multiply-adds, and papers that use it say MACs
+        console.print(f"GMACs   {fc.total / 1e9:.2f}  (batch 1, {CONVENTIONS[convention]})")
+        if fc.no_rule_modules:
+            console.print(f"counted zero (thop has no rule for them): {', '.join(fc.no_rule_modules)}")
     if args.prune:
         prune = result["prune"]
         console.print(f"pruned  {args.prune}: {prune['removed_ratio']:.1%} of {unpruned:,} parameters removed")
@@ -521,6 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--by-module", action="store_true")
     f.add_argument("--json", action="store_true")
     f.add_argument("--prune", metavar="PRESET|PLAN", help="measure pruned: bk-sdm-base/small/tiny or a plan.json")
+    # not argparse choices: a wrong name gets the one-line error with a suggestion
+    f.add_argument("--convention", default="fvcore", metavar="fvcore|thop",
+                   help="fvcore (default): every multiply-add of the graph, attention products included (DiT, "
+                        "LaMamba-Diff); thop: thop's module rules, conv/linear/norm layers only (BK-SDM's MACs)")
     f.set_defaults(func=cmd_flops, takes_extra=True)
 
     return p

@@ -1,4 +1,10 @@
-"""FLOP counting with fvcore: one multiply-add is one FLOP (the DiT/LaMamba-Diff convention).
+"""FLOP counting in two conventions, both on the meta device.
+
+``fvcore`` (the default): one multiply-add is one FLOP, every op of the traced graph that
+fvcore has a handle for (the DiT/LaMamba-Diff convention; attention products included).
+``thop``: the multiply-adds thop's module rules count, the way BK-SDM reports its MACs (see
+:func:`count_thop`): convolutions, linear layers and the batch/layer/instance norms; no
+attention products, no GroupNorm.
 
 fvcore traces the model with TorchScript and counts the ops it has handles for. The trace
 runs on the meta device: the model is copied (or built) with meta parameters, so only shapes
@@ -24,6 +30,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+
+from .errors import UserError, suggest
+
+# The conventions a count can follow, and the one line a record or the CLI says about each.
+CONVENTIONS = {
+    "fvcore": "1 multiply-add = 1 FLOP (fvcore)",
+    "thop": "multiply-adds of conv, linear and batch/layer/instance-norm modules (thop 0.1.1's rules; BK-SDM's MACs)",
+}
+DEFAULT_CONVENTION = "fvcore"
+
+
+def check_convention(name) -> str:
+    if name not in CONVENTIONS:
+        raise UserError(f"FLOP convention {name!r} is not known{suggest(str(name), CONVENTIONS)}")
+    return name
 
 # Ops that do no multiply-adds worth counting (fvcore's own ignore list covers most). They
 # are counted as zero, and reported in ``zero_ops``.
@@ -57,9 +78,20 @@ class FlopCount:
     modules: dict[str, int] = field(default_factory=dict)  # every submodule by dotted path ("" = all)
     method: str = METHOD_META
     fallback_reason: str | None = None
+    convention: str = DEFAULT_CONVENTION
+    # thop: module classes counted by a rule, and leaf classes that ran without one (counted
+    # zero, as thop does): class name -> calls
+    rule_modules: dict[str, int] = field(default_factory=dict)
+    no_rule_modules: dict[str, int] = field(default_factory=dict)
 
     def record(self) -> dict:
         """The fields a record or ``harness flops --json`` keeps besides the total."""
+        if self.convention == "thop":
+            out = {"counted_modules": self.rule_modules, "no_rule_modules": self.no_rule_modules,
+                   "flops_method": self.method}
+            if self.fallback_reason:
+                out["flops_fallback_reason"] = self.fallback_reason
+            return out
         out = {"uncounted_ops": self.uncounted_ops, "zero_ops": self.zero_ops, "zero_flop_modules": self.zero_modules,
                "flops_method": self.method}
         if self.fallback_reason:
@@ -114,25 +146,28 @@ def is_small(model: torch.nn.Module) -> bool:
 
 
 def count_flops(model: torch.nn.Module, inputs: dict, handles: dict | None = None,
-                abstract: bool = True) -> FlopCount:
-    """Multiply-adds of one forward of ``model(**inputs)``.
+                abstract: bool = True, convention: str = DEFAULT_CONVENTION) -> FlopCount:
+    """Multiply-adds of one forward of ``model(**inputs)``, in ``convention`` (:data:`CONVENTIONS`).
 
-    ``abstract``: trace a meta copy (no weights, no activations); if the model cannot run on
-    meta tensors, trace the real model and inputs and say so in ``method``. A model already on
-    the meta device has nothing real to fall back to: :class:`AbstractCountError` then."""
+    ``abstract``: count on a meta copy (no weights, no activations); if the model cannot run on
+    meta tensors, count the real model and inputs and say so in ``method``. A model already on
+    the meta device has nothing real to fall back to: :class:`AbstractCountError` then.
+    ``handles`` are fvcore op handles; thop's convention counts modules and takes none."""
+    check_convention(convention)
+    count = _count if convention == "fvcore" else (lambda m, i, _, method: count_thop(m, i, method))
     on_meta = any(p.is_meta for p in model.parameters()) or any(
         isinstance(v, torch.Tensor) and v.is_meta for v in inputs.values())
     if not abstract and not on_meta:
-        return _count(model, inputs, handles, METHOD_REAL)
+        return count(model, inputs, handles, METHOD_REAL)
     try:
         if on_meta:
-            return _count(model, _to_meta(inputs), handles, METHOD_META)
-        return _count(meta_copy(model), _to_meta(inputs), handles, METHOD_META)
+            return count(model, _to_meta(inputs), handles, METHOD_META)
+        return count(meta_copy(model), _to_meta(inputs), handles, METHOD_META)
     except Exception as exc:  # an op without a meta kernel, or one that reads data (.item())
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         if on_meta:
             raise AbstractCountError(reason) from exc
-    fc = _count(model, inputs, handles, METHOD_REAL)
+    fc = count(model, inputs, handles, METHOD_REAL)
     fc.fallback_reason = reason
     return fc
 
@@ -320,3 +355,144 @@ def baddbmm_flop(inputs, outputs) -> int:
 
     a, b = get_shape(inputs[1]), get_shape(inputs[2])
     return a[0] * a[1] * a[2] * b[2]
+
+
+# -- thop's convention ---------------------------------------------------------------------------
+# BK-SDM counts its MACs with ``thop.profile`` (Nota-NetsPresso/BK-SDM, src/count_macs_params.py),
+# and thop counts modules, not ops: a forward hook per module class it has a rule for
+# (thop/profile.py ``register_hooks``, thop/vision/basic_hooks.py and calc_func.py of the PyPI
+# release thop 0.1.1, Lyken17/pytorch-OpCounter). Everything else counts zero: attention's
+# products (a function call, not a module), GroupNorm, activations. The rules below are those
+# of thop 0.1.1, formula for formula. Two deliberate differences: a subclass counts as its base
+# (thop matches the exact class, so under thop diffusers' LoRACompatibleConv, a Conv2d
+# subclass, would count zero), and the RNN family, which no backbone here has, is left
+# without a rule (it shows as such).
+# ultralytics-thop 2.x, thop's successor on PyPI, also counts GroupNorm and attention products
+# (its 2.2.3 gives 402 G for SD-1.5, near fvcore's figure): this convention is the one BK-SDM's
+# figures were counted in.
+def _prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def _thop_conv(m, x, y) -> int:  # calculate_conv2d_flops: output volume x (C_in / groups) x kernel; no bias
+    return y.numel() * (x[0].shape[1] // m.groups) * _prod(m.weight.shape[2:])
+
+
+def _thop_norm(m, x, y) -> int:  # calculate_norm: 2 per element, twice that with an affine transform
+    affine = getattr(m, "affine", False) or getattr(m, "elementwise_affine", False)
+    return 2 * x[0].numel() * (2 if affine else 1)
+
+
+def _thop_linear(m, x, y) -> int:
+    return m.in_features * y.numel()
+
+
+def _thop_softmax(m, x, y) -> int:  # exp, add and divide per feature
+    n = x[0].shape[m.dim]
+    return (x[0].numel() // n) * (3 * n - 1)
+
+
+def _thop_adaptive_avgpool(m, x, y) -> int:
+    window = 1.0
+    for i, o in zip(x[0].shape[2:], y.shape[2:]):
+        window *= i / o
+    return int((window + 1) * y.numel())
+
+
+_UPSAMPLE_OPS = {"nearest": 1, "linear": 5, "bilinear": 11, "bicubic": 224 + 35}  # per output element
+
+
+def _thop_upsample(m, x, y) -> int:
+    return _UPSAMPLE_OPS.get(m.mode, 0) * y.numel()  # thop 0.1.1 counts trilinear zero
+
+
+def _zero(m, x, y) -> int:
+    return 0
+
+
+_nn = torch.nn
+THOP_RULES = {
+    **dict.fromkeys((_nn.Conv1d, _nn.Conv2d, _nn.Conv3d, _nn.ConvTranspose1d, _nn.ConvTranspose2d,
+                     _nn.ConvTranspose3d), _thop_conv),
+    **dict.fromkeys((_nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d, _nn.SyncBatchNorm, _nn.LayerNorm,
+                     _nn.InstanceNorm1d, _nn.InstanceNorm2d, _nn.InstanceNorm3d), _thop_norm),
+    _nn.Linear: _thop_linear,
+    _nn.PReLU: lambda m, x, y: x[0].numel(),  # counted in eval mode, which a count runs in
+    _nn.Softmax: _thop_softmax,
+    **dict.fromkeys((_nn.AvgPool1d, _nn.AvgPool2d, _nn.AvgPool3d), lambda m, x, y: y.numel()),
+    **dict.fromkeys((_nn.AdaptiveAvgPool1d, _nn.AdaptiveAvgPool2d, _nn.AdaptiveAvgPool3d), _thop_adaptive_avgpool),
+    **dict.fromkeys((_nn.Upsample, _nn.UpsamplingBilinear2d, _nn.UpsamplingNearest2d), _thop_upsample),
+    # rules that count zero: the module is accounted for, not forgotten
+    **dict.fromkeys((_nn.ZeroPad2d, _nn.ReLU, _nn.ReLU6, _nn.LeakyReLU, _nn.Dropout, _nn.PixelShuffle,
+                     _nn.MaxPool1d, _nn.MaxPool2d, _nn.MaxPool3d, _nn.AdaptiveMaxPool1d, _nn.AdaptiveMaxPool2d,
+                     _nn.AdaptiveMaxPool3d), _zero),
+}
+del _nn
+
+
+def _thop_rule(module: torch.nn.Module):
+    for cls in type(module).__mro__:
+        if cls in THOP_RULES:
+            return THOP_RULES[cls]
+    return None
+
+
+def count_thop(model: torch.nn.Module, inputs: dict, method: str = METHOD_META) -> FlopCount:
+    """Multiply-adds of one forward of ``model(**inputs)`` by thop's module rules (:data:`THOP_RULES`).
+
+    As ``thop.profile`` sums them: a module with a rule counts every call with that rule and
+    its submodules are not visited; containers are summed over their children. Only shapes
+    are read, so the forward runs on meta tensors as well as real ones."""
+    counts: dict[str, int] = {}
+    rule_calls: Counter = Counter()
+    no_rule_calls: Counter = Counter()
+    hooks = []
+
+    def hook(name, rule):
+        def fn(m, x, y):
+            counts[name] = counts.get(name, 0) + int(rule(m, x, y))
+            rule_calls[type(m).__name__] += 1
+        return fn
+
+    def unruled(m, x, y):
+        no_rule_calls[type(m).__name__] += 1
+
+    under_rule: list[str] = []
+    was_training = model.training
+    model.eval()  # as thop.profile does (its PReLU rule counts in eval mode only)
+    try:
+        for name, module in model.named_modules():
+            if any(name.startswith(r + ".") for r in under_rule):
+                continue  # thop does not visit what a rule module holds
+            rule = _thop_rule(module)
+            if rule is not None:
+                under_rule.append(name)
+                hooks.append(module.register_forward_hook(hook(name, rule)))
+            elif not any(True for _ in module.children()):
+                hooks.append(module.register_forward_hook(unruled))
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    modules: dict[str, int] = {"": 0}
+    for name, n in counts.items():  # every ancestor holds its descendants' share
+        parts = name.split(".") if name else []
+        for k in range(len(parts) + 1):
+            key = ".".join(parts[:k])
+            modules[key] = modules.get(key, 0) + n
+    total = modules[""]
+    by_module, params = {}, {}
+    for name, child in model.named_children():
+        by_module[name] = modules.get(name, 0)
+        params[name] = sum(p.numel() for p in child.parameters())
+    rest = total - sum(by_module.values())
+    if rest:  # the model itself has a rule (a bare nn.Linear)
+        by_module["(top level)"] = rest
+        params["(top level)"] = sum(p.numel() for p in model.parameters(recurse=False))
+    return FlopCount(total, by_module, params, modules=modules, method=method, convention="thop",
+                     rule_modules=dict(sorted(rule_calls.items())), no_rule_modules=dict(sorted(no_rule_calls.items())))

@@ -91,6 +91,9 @@ def harness_metrics():
     ``path_options`` (a class attribute, ``{option name: what it is}``) names the options
     that are paths to files the metric reads (``{"prompts": "prompt file"}``): a suite whose
     path does not exist is refused when it is validated, not after hours of work.
+    Likewise ``validate_options(options: dict)`` (a static method of the factory, any
+    component kind) may check option values and raise :class:`harness.UserError`; it runs
+    when the suite is validated (``gflops`` refuses an unknown ``convention`` this way).
 
     A metric whose figure depends on having the machine to itself (latency) sets the class
     attribute ``timing_sensitive = True``. The runner then measures it inside the executor's
@@ -177,7 +180,13 @@ def harness_stages():
     quality metrics score (a text-to-image ``sample`` stage) sets ``ctx.samples`` to an object
     with ``folder`` (PNGs ``{i:06d}.png``), ``teacher`` (the teacher's folder or None) and
     ``prompts`` (the text of image i, or None). Draws are seeded through
-    ``ctx.seed(purpose)`` so that a rerun repeats them.
+    ``ctx.seed(purpose)`` (or ``ctx.generator(purpose)``) so that a rerun repeats them.
+
+    What else the context offers a stage: ``ctx.dataset`` (the cell's training data),
+    ``ctx.device``, ``ctx.workdir`` (a folder of the cell's own for checkpoints, which a
+    resumed cell finds again; None outside a suite), ``ctx.train`` (the cell's ``train:`` block, defaults filled
+    in, for stages that train as well) and ``ctx.specs`` (every validated block of the cell,
+    by stage name). ``harness.training.train_model`` is the training loop stages share.
 
     Example, a post-training quantisation::
 

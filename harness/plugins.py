@@ -56,19 +56,21 @@ class Component:
         return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
 
     def check_options(self, options: dict[str, Any]) -> None:
-        """Reject options the factory does not take, naming the closest ones it does."""
+        """Reject options the factory does not take, naming the closest ones it does, then let
+        the factory check their values if it can (``validate_options(options)``, raising
+        UserError): a suite's mistake shows when it is loaded, not after a cell's training."""
         sig = self.signature()
-        if sig is None:
-            return
-        params = sig.parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return
-        accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        for key in options:
-            if key not in accepted:
-                raise UserError(
-                    f"{self.kind} {self.name!r} has no option {key!r}{suggest(key, accepted)}"
-                )
+        params = sig.parameters if sig is not None else {}
+        if sig is not None and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+            for key in options:
+                if key not in accepted:
+                    raise UserError(
+                        f"{self.kind} {self.name!r} has no option {key!r}{suggest(key, accepted)}"
+                    )
+        validate = getattr(self.factory, "validate_options", None)
+        if callable(validate):
+            validate(options)
 
     def __call__(self, **options):
         self.check_options(options)

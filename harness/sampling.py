@@ -36,16 +36,17 @@ def make_sampler(name: str, schedule: str = "linear", timesteps: int = 1000, lea
     return DDIMScheduler.from_config(ddpm.config, set_alpha_to_one=False)
 
 
-def guided_eps(model, x, t, y, cfg_scale: float, guided_channels: Optional[int] = 3) -> torch.Tensor:
+def guided_eps(model, x, t, y, cfg_scale: float, guided_channels: Optional[int] = 3, null=None) -> torch.Tensor:
     """Model output with classifier-free guidance on the noise channels.
 
     ``guided_channels``: DiT guides only the first 3 of the 4 latent channels (its reference
     sampler's choice); None guides them all. The learned-variance half comes from the
-    conditional pass."""
+    conditional pass. ``null``: the unconditional input (None: the model's null class; a
+    text U-Net's is the empty prompt's context)."""
     out = model(x, t, y)
     if cfg_scale == 1.0 or y is None:
         return out
-    uncond = model(x, t, None)
+    uncond = model(x, t, null)
     c = x.shape[1]
     n = c if guided_channels is None else min(guided_channels, c)
     guided = uncond[:, :n] + cfg_scale * (out[:, :n] - uncond[:, :n])
@@ -56,34 +57,38 @@ def guided_eps(model, x, t, y, cfg_scale: float, guided_channels: Optional[int] 
 def sample_batch(model, indices: list[int], *, shape: tuple[int, int, int], num_classes: int = 0, seed: int = 0,
                  sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, guided_channels: Optional[int] = 3,
                  schedule: str = "linear", timesteps: int = 1000, labels: Optional[list[int]] = None,
-                 learn_sigma: Optional[bool] = None,
+                 learn_sigma: Optional[bool] = None, cond=None, null_cond=None,
                  device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Samples (B, C, H, W) and their labels for global ``indices``; deterministic per index.
 
     ``learn_sigma``: whether DDPM uses the model's variance channels. Give False for a
     model whose variance half was never trained (train.learn_sigma off); None trusts the
-    model's own ``learn_sigma`` attribute."""
+    model's own ``learn_sigma`` attribute. ``cond`` replaces the class labels with a
+    conditioning of the model's own (a text context (B, S, D), or a dict for SDXL-style
+    U-Nets), and ``null_cond`` is its unconditional twin for guidance; the labels returned
+    are then zeros."""
     device = torch.device(device)
     learn_sigma = model_learns_sigma(model) if learn_sigma is None else learn_sigma and model_learns_sigma(model)
     sched = make_sampler(sampler, schedule, timesteps, learn_sigma)
     sched.set_timesteps(steps)
     gens = [torch.Generator().manual_seed(derive_seed(seed, "sample", i)) for i in indices]
     x = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device)
-    y = None
-    if num_classes:
+    y = cond
+    if cond is None and num_classes:
         y = torch.tensor(labels if labels is not None else
                          [int(torch.randint(0, num_classes, (), generator=g)) for g in gens], device=device)
     c = shape[0]
     for t in sched.timesteps:
         tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
-        out = guided_eps(model, x, tt, y, cfg_scale, guided_channels)
+        out = guided_eps(model, x, tt, y, cfg_scale, guided_channels, null=null_cond)
         if sampler == "ddim":
             out = out[:, :c]  # DDIM's variance is fixed by eta; drop a learned one
         elif out.shape[1] == 2 * c and not learn_sigma:
             out = out[:, :c]
         kwargs = {"generator": gens} if sampler == "ddpm" else {}
         x = sched.step(out, t, x, **kwargs).prev_sample
-    return x, (y if y is not None else torch.zeros(len(x), dtype=torch.long))
+    labelled = cond is None and y is not None
+    return x, (y if labelled else torch.zeros(len(x), dtype=torch.long))
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

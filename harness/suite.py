@@ -65,8 +65,9 @@ class CellConfig(BaseModel):
 
     @property
     def blocks(self) -> dict[str, Any]:
-        """The stage blocks as written, by name."""
-        return dict(self.model_extra or {})
+        """The stage blocks as written, by name; a block given as null is absent, so a matrix
+        can put a cell with a stage beside one without (``prune: [null, {ratio: 0.3}]``)."""
+        return {k: v for k, v in (self.model_extra or {}).items() if v is not None}
 
 
 CORE_KEYS = tuple(CellConfig.model_fields)

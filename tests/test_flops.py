@@ -215,3 +215,178 @@ def test_meta_kernels_are_pytorchs_own_outside_a_count():
     assert torch.conv2d(x, w, padding=1).shape == (1, 4, 8, 8)
     graph, _ = torch.jit._get_trace_graph(lambda a, b: torch.conv2d(a, b), (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)))
     assert "aten::_convolution" in str(graph)
+
+
+# -- thop's convention (BK-SDM's MACs) -----------------------------------------------------------
+class _Sub(torch.nn.Linear):
+    """A subclass counts as its base (thop itself matches the exact class)."""
+
+
+class _Wrapped(torch.nn.Linear):
+    def __init__(self):
+        super().__init__(6, 6)
+        self.inner = torch.nn.Linear(6, 6)  # under a rule module: not visited, as thop does
+
+    def forward(self, x):
+        return super().forward(self.inner(x))
+
+
+class _ThopNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=True)
+        self.dw = torch.nn.Conv2d(6, 6, 3, padding=1, groups=3)
+        self.gn = torch.nn.GroupNorm(2, 6)
+        self.pool = torch.nn.AvgPool2d(2)
+        self.up = torch.nn.Upsample(scale_factor=2, mode="nearest")
+        self.ln = torch.nn.LayerNorm(6)
+        self.ln_plain = torch.nn.LayerNorm(6, elementwise_affine=False)
+        self.lin = _Sub(6, 5)
+        self.wrapped = _Wrapped()
+        self.soft = torch.nn.Softmax(dim=-1)
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x):
+        x = self.up(self.pool(self.gn(self.act(self.dw(self.conv(x))))))  # (1, 6, 8, 8)
+        t = self.ln_plain(self.ln(x.flatten(2).transpose(1, 2)))  # (1, 64, 6)
+        a = torch.nn.functional.scaled_dot_product_attention(t, t, t)  # a function: thop sees nothing
+        return self.soft(self.lin(a)) + self.wrapped(t).sum()
+
+
+def test_thop_rules_by_hand():
+    fc = count_flops(_ThopNet(), {"x": torch.randn(1, 4, 8, 8)}, convention="thop")
+    by_hand = {
+        "conv": 6 * 8 * 8 * 4 * 9,  # output elements x C_in x kernel; the bias is not counted
+        "dw": 6 * 8 * 8 * 2 * 9,  # groups: C_in / 3 per output
+        "pool": 6 * 4 * 4,  # one per output element
+        "up": 6 * 8 * 8,  # nearest: one per output element
+        "ln": 4 * 64 * 6,  # 2 per element, doubled by the affine transform
+        "ln_plain": 2 * 64 * 6,
+        "lin": 64 * 5 * 6,
+        "soft": 64 * (3 * 5 - 1),  # exp, add, divide
+        "wrapped": 64 * 6 * 6,  # its own product only: the Linear inside is not visited
+    }
+    assert fc.method == "meta" and fc.convention == "thop"
+    assert {k: v for k, v in fc.by_module.items() if v} == by_hand
+    assert fc.total == sum(by_hand.values())
+    assert fc.no_rule_modules == {"GroupNorm": 1, "SiLU": 1}  # counted zero, and said so
+    assert fc.rule_modules["_Sub"] == 1 and "Linear" not in fc.rule_modules  # inner Linear not visited
+    assert fc.record()["no_rule_modules"] == {"GroupNorm": 1, "SiLU": 1}
+
+
+@pytest.mark.parametrize("name,options", TINY, ids=[f"{n}-{o.get('preset', o.get('mixer', ''))}" for n, o in TINY])
+def test_thop_meta_count_equals_real_count(name, options):
+    torch.manual_seed(0)
+    model = harness.create("backbone", name, **options).eval()
+    inputs = _inputs(model)
+    real = count_flops(model, inputs, abstract=False, convention="thop")
+    meta = count_flops(model, inputs, convention="thop")
+    assert (real.method, meta.method) == ("traced on cpu tensors", "meta")
+    assert meta.total == real.total > 0 and meta.modules == real.modules
+    fv = count_flops(model, inputs, registry().flop_handles())
+    assert meta.total < fv.total  # no attention products, no GroupNorm, no scan
+
+
+# BK-SDM's Table (U-Net MACs at 512x512, batch 1, one forward, counted with thop): about 339 G for
+# SD-1.4/1.5, 224 / 218 / 206 G for BK-SDM-Base / Small / Tiny. The exact integers are what
+# `thop.profile` itself (PyPI thop 0.1.1.post2209072238, the `thop` BK-SDM's count_macs_params.py
+# imports) returns for the same meta U-Nets, checked on this machine.
+BKSDM_MACS = {None: (339, 338_749_194_240), "bk-sdm-base": (224, 223_755_632_640),
+              "bk-sdm-small": (218, 217_727_959_040), "bk-sdm-tiny": (206, 205_035_274_240)}
+
+
+@pytest.mark.parametrize("preset", list(BKSDM_MACS), ids=lambda p: p or "sd15")
+def test_thop_convention_gives_bk_sdm_published_macs(preset):
+    from harness_compress.units import apply_plan, bksdm_plan
+
+    with torch.device("meta"):
+        model = harness.create("backbone", "unet", preset="sd15").eval()
+    if preset:
+        apply_plan(model, bksdm_plan(model, preset))
+    fc = count_flops(model, model.example_inputs(1, device="meta"), convention="thop")
+    published, exact = BKSDM_MACS[preset]
+    assert fc.method == "meta" and fc.total == exact
+    assert abs(fc.total / 1e9 / published - 1) < 0.005
+
+
+def test_thop_matches_thop_itself_where_installed():
+    """The same integers as thop.profile on small models of every block type (skipped where
+    thop, not a dependency, is absent)."""
+    thop = pytest.importorskip("thop")
+    for name, options in TINY:
+        torch.manual_seed(0)
+        model = harness.create("backbone", name, **options).eval()
+        inputs = _inputs(model)
+        ours = count_flops(model, inputs, abstract=False, convention="thop").total
+        keys = [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+
+        class Positional(torch.nn.Module):  # thop passes inputs positionally
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, *args):
+                return self.model(**dict(zip(keys, args)))
+
+        macs, _ = thop.profile(Positional(), inputs=tuple(inputs[k] for k in keys), verbose=False)
+        assert ours == int(macs), (name, options)
+
+
+def test_cli_convention_flag(capsys):
+    import json
+
+    from harness.cli import main
+
+    unet = ["flops", "unet", "--preset", "adm-tiny", "--input-size", "8"]
+    assert main([*unet, "--convention", "thop", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    with torch.device("meta"):
+        model = harness.create("backbone", "unet", preset="adm-tiny", input_size=8).eval()
+    thop = count_flops(model, model.example_inputs(1, device="meta"), convention="thop")
+    assert data["gflops"] == thop.total / 1e9 and "thop" in data["convention"]
+    assert data["no_rule_modules"]["GroupNorm"] > 0 and data["flops_method"] == "meta"
+    assert main([*unet, "--json"]) == 0  # the default is unchanged
+    fv = json.loads(capsys.readouterr().out)
+    assert fv["convention"] == "1 multiply-add = 1 FLOP (fvcore)" and fv["gflops"] > data["gflops"]
+    assert main([*unet, "--convention", "thop"]) == 0
+    assert "GMACs" in capsys.readouterr().out
+
+
+def test_cli_bad_convention_is_one_line_with_a_suggestion(capsys):
+    from harness.cli import main
+
+    assert main(["flops", "dit", "--size", "tiny", "--patch", "4", "--input-size", "8", "--convention", "tohp"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "convention 'tohp'" in err and "did you mean 'thop'" in err
+
+
+def _metric_ctx(metrics):
+    from harness.context import CellContext
+    from harness.suite import CellConfig
+
+    config = CellConfig.model_validate({"backbone": {"name": "dit", "size": "tiny", "patch": 4, "input_size": 8},
+                                        "metrics": metrics, "device": "cpu"})
+    return CellContext("s", "c", 0, config)
+
+
+def test_gflops_metric_convention_option():
+    ctx = _metric_ctx(["gflops"])
+    thop = harness.create("metric", "gflops", convention="thop")(ctx)
+    fvcore = harness.create("metric", "gflops")(ctx)
+    model = ctx.abstract_model().eval()
+    expected = count_flops(model, ctx.example_inputs(1, model=model), convention="thop").total / 1e9
+    assert thop["value"] == expected and "thop" in thop["convention"] and thop["no_rule_modules"]["GELU"] > 0
+    assert fvcore["convention"] == "1 multiply-add = 1 FLOP (fvcore)" and fvcore["value"] > thop["value"]
+    with pytest.raises(harness.UserError, match="did you mean 'thop'"):
+        harness.create("metric", "gflops", convention="thopp")
+
+
+def test_suite_with_a_bad_convention_is_refused_when_validated(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "suite.yaml"
+    path.write_text("suite: demo\nbase:\n  backbone: {name: dit, size: tiny, patch: 4, input_size: 8}\n"
+                    "  metrics: [params, {name: gflops, convention: fvcor}]\n  device: cpu\n")
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "suite.yaml:4" in err and "did you mean 'fvcore'" in err, err

@@ -31,7 +31,7 @@ class OutputLoss:
     def __call__(self, ctx) -> dict:
         teacher = getattr(ctx, "teacher", None)
         if teacher is None:
-            raise MetricUnavailable("no teacher: output_loss needs a prune or distill block")
+            raise MetricUnavailable("no teacher: output_loss needs a stage that keeps one (prune, distill, quantize...)")
         student = ctx.model
         where = dict(split="val", purpose="output-loss") if self.held_out else {}
         if self.prompts:

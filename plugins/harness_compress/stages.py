@@ -75,13 +75,18 @@ class PruneSpec(BaseModel):
                 raise ValueError(str(exc)) from None
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paired(cls, v):  # before the fields: a lone prompt file is this mistake, whether or not it exists
+        if isinstance(v, dict) and (v.get("calibration_prompts") is None) != (v.get("calibration_pipeline") is None):
+            raise ValueError("calibration_prompts and calibration_pipeline go together (prompts, and the "
+                             "pipeline whose text encoder encodes them)")
+        return v
+
     @model_validator(mode="after")
     def _one_way(self):
         if (self.criterion is None) == (self.preset is None):
             raise ValueError("give either criterion (with ratio) or preset")
-        if (self.calibration_prompts is None) != (self.calibration_pipeline is None):
-            raise ValueError("calibration_prompts and calibration_pipeline go together (prompts, and the "
-                             "pipeline whose text encoder encodes them)")
         if self.criterion is not None and self.ratio is None:
             raise ValueError("a criterion needs ratio (the fraction of the budget to remove, 0 < ratio < 1)")
         return self

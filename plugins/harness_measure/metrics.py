@@ -9,7 +9,8 @@ import torch
 
 from harness import kernels
 from harness.context import DTYPES, CellContext
-from harness.flops import AbstractCountError, count_flops, is_small
+from harness.flops import (CONVENTIONS, DEFAULT_CONVENTION, AbstractCountError, check_convention, count_flops,
+                           is_small)
 
 
 class Params:
@@ -26,14 +27,21 @@ class Params:
 
 
 class GFlops:
-    """GFLOPs of one forward at batch 1 (fvcore; one multiply-add = one FLOP), traced on the
-    meta device (harness.flops), or on real tensors where the model cannot run on meta."""
+    """GFLOPs of one forward at batch 1 (fvcore: one multiply-add = one FLOP; or thop's MACs with
+    ``convention: thop``), counted on the meta device (harness.flops), or on real tensors where
+    the model cannot run on meta."""
 
     name, direction, unit = "gflops", "lower", "G"
     role = "cost"
 
-    def __init__(self, by_module: bool = False):
+    def __init__(self, by_module: bool = False, convention: str = DEFAULT_CONVENTION):
         self.by_module = by_module
+        self.convention = check_convention(convention)
+
+    @staticmethod
+    def validate_options(options: dict) -> None:
+        """Checked when the suite is loaded, not after the cell's training."""
+        check_convention(options.get("convention", DEFAULT_CONVENTION))
 
     def __call__(self, ctx: CellContext) -> dict:
         model = ctx.abstract_model()
@@ -44,18 +52,18 @@ class GFlops:
             fc = self._count(ctx, ctx.model, abstract=False)
             fc.fallback_reason = str(exc)
         out = {"value": fc.total / 1e9, "batch_size": 1, "resolution": ctx.input_spec["input_size"],
-               "convention": "1 multiply-add = 1 FLOP (fvcore)", **fc.record()}
+               "convention": CONVENTIONS[self.convention], **fc.record()}
         if self.by_module:
             out["by_module"] = {k: v / 1e9 for k, v in fc.by_module.items()}
         return out
 
-    @staticmethod
-    def _count(ctx: CellContext, model: torch.nn.Module, abstract: bool = True):
+    def _count(self, ctx: CellContext, model: torch.nn.Module, abstract: bool = True):
         was_training = model.training
         model.eval()
         try:
             inputs = ctx.example_inputs(1, model=model, generator=ctx.generator("flops-inputs"))
-            return count_flops(model, inputs, ctx.registry.flop_handles(), abstract=abstract)
+            return count_flops(model, inputs, ctx.registry.flop_handles(), abstract=abstract,
+                               convention=self.convention)
         finally:
             model.train(was_training)
 
