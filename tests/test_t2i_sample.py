@@ -241,20 +241,28 @@ def test_a_pruned_cell_samples_once_and_every_metric_scores_its_images_beside_th
     assert main(["run", str(path), "--results", str(tmp_path / "results")]) == 0
 
 
-def test_a_reference_of_another_size_stops_the_cell_before_sampling(sd_pipeline, tiny_clip, inception_file,
-                                                                    tmp_path):
+def test_a_reference_of_another_size_is_refused_before_sampling(sd_pipeline, tiny_clip, inception_file,
+                                                               tmp_path, capsys):
+    """With resize, validation refuses it (one line, exit 2); without, the sample stage refuses
+    it once the pipeline says what size it makes, before it samples anything."""
+    from harness.cli import main
     from harness.runner import execute_cell, plan
     from harness.suite import load_suite
 
     reference = _reference(tmp_path / "ref", 4, 24)
     cell = _cell(tmp_path, sd_pipeline, tiny_clip, inception_file, reference)
-    cell["prune"] = None
     del cell["prune"]
+    assert main(["validate", str(_suite(tmp_path, cell))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "t2i.yaml:" in err and "metrics.3" in err, err
+    assert "24x24 images; the samples are scored at resize 16x16" in err, err
+    for m in cell["metrics"][3:]:
+        del m["resize"]
     (job,) = plan(load_suite(_suite(tmp_path, cell)), tmp_path / "results")
     record = execute_cell(job)
     assert record["status"] == "failed"
-    assert "metrics.3 (fid): reference" in record["error"] and "24x24 images; the samples are scored at 16x16" in \
-        record["error"]
+    assert "metrics.3 (fid): reference" in record["error"], record["error"]
+    assert "24x24 images; the samples are scored at 32x32 (set resize:" in record["error"], record["error"]
     assert not list(job.workdir.rglob("*.png"))  # nothing was sampled
 
 
@@ -287,7 +295,7 @@ def test_shipped_suites_declare_the_protocol_and_their_coco_recipe_validates(nam
     fids = [yaml.safe_load(line)[0] for line in recipe if line.startswith("- {name:")]
     assert fids and all(f["resize"] == 256 for f in fids)
     coco = _coco(tmp_path / "captions_val2014.json", [{"image_id": i, "caption": f"caption {i}"} for i in range(3)])
-    (tmp_path / "val2014-256").mkdir()
+    _reference(tmp_path / "val2014-256", 2, 256)  # val2014 as BK-SDM prepares it: 256x256
     doc = yaml.safe_load(text)
     if prompts:
         assert prompts[0]["one_per_image"] and prompts[0]["subset"] == 30000

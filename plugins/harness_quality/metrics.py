@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -97,6 +98,17 @@ class _SampleMetric:
         if self.adm and (extractor != "inception-v3-compat" or feature_layer):
             raise ValueError(f"{self.name} follows the ADM evaluator: TF Inception features only (no extractor or "
                              f"feature_layer option)")
+
+    @staticmethod
+    def validate_options(options: dict) -> None:
+        """At validation: with ``resize``, the reference's images must be that size (BK-SDM:
+        256), else the figure compares images of two sizes; refused before any sampling."""
+        ref, resize = options.get("reference"), options.get("resize")
+        if isinstance(ref, str) and isinstance(resize, int) and Path(ref).exists():
+            got = _image_size(ref, Path(ref).stat().st_mtime_ns)
+            if got != (resize, resize):
+                raise UserError(f"reference {ref!r} holds {got[0]}x{got[1]} images; the samples are scored at "
+                                f"resize {resize}x{resize}")
 
     @property
     def adm(self) -> bool:
@@ -226,6 +238,13 @@ class Recall(_SampleMetric):
     """Improved recall (ADM evaluator, k=3): reference images inside the sample manifold."""
 
     name, direction, unit, key = "recall", "higher", "", "recall"
+
+
+@lru_cache(maxsize=8)  # every cell of a suite names the same 30,000-image folder: its headers read once
+def _image_size(path: str, mtime_ns: int) -> tuple[int, int]:
+    from .evaluate import image_size
+
+    return image_size(path, "reference")
 
 
 def _dataset_npz(ds, limit: int | None, folder: Path) -> Path:
