@@ -94,7 +94,7 @@ def test_bad_coco_files_are_one_line_errors(tmp_path, doc, message):
     with pytest.raises(UserError, match="not valid JSON"):
         read_prompt_set(tmp_path / "junk.json")
     with pytest.raises(UserError, match="subset 9 is larger than its 2 prompts"):
-        read_prompt_set(_coco(tmp_path / "two.json", [{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "b"}]),
+        read_prompt_set(_coco(tmp_path / "two.json", [{"image_id": i, "caption": c} for i, c in ((1, "a"), (2, "b"))]),
                         subset=9)
 
 

@@ -24,7 +24,8 @@ class _T2IScore:
     default_model: str = ""
     default_processor: str | None = None
 
-    def __init__(self, prompts: str | None = None, pipeline: str | None = None, model: str | None = None, processor: str | None = None,
+    def __init__(self, prompts: str | None = None, pipeline: str | None = None, model: str | None = None,
+                 processor: str | None = None,
                  steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 4, max_prompts: int | None = None,
                  resolution: int | None = None, use_cell_model: bool = True, teacher: bool = True, seed: int = 0):
         if steps < 1 or batch_size < 1 or (max_prompts is not None and max_prompts < 1):

@@ -203,7 +203,9 @@ def sample_cell(ctx, spec: SampleSpec) -> None:
         if student is None:
             raise UserError(f"sample: the cell's {type(ctx.model).__name__} holds no diffusers conditional U-Net to "
                             f"put in the pipeline; use a unet backbone, or use_cell_model: false")
-    teacher = scoring.find_unet(ctx.teacher) if spec.teacher and spec.use_cell_model and ctx.teacher is not None else None
+    teacher = None
+    if spec.teacher and spec.use_cell_model and ctx.teacher is not None:
+        teacher = scoring.find_unet(ctx.teacher)
     dtypes = {m: next(m.parameters()).dtype for m in (student, teacher) if m is not None}
     pipe = load_pipeline(spec.pipeline, student.to(ctx.device, ctx.dtype) if student is not None else None,
                          ctx.device, ctx.dtype, spec.scheduler)
