@@ -26,7 +26,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -96,7 +96,6 @@ class GeneratedImages:
     prompts: list[str]
     teacher: Optional[Path] = None
     size: tuple[int, int] = (0, 0)  # width, height
-    info: dict = field(default_factory=dict)
 
     def files(self, folder: Optional[Path] = None) -> list[Path]:
         folder = self.folder if folder is None else folder
