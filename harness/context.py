@@ -53,6 +53,10 @@ class CellContext:
         self.dtype = DTYPES[config.dtype]
         self.extra: dict[str, Any] = {}  # extra record fields (loss curve, pruning plan...)
         self.teacher: torch.nn.Module | None = None  # a stage's reference model (the unpruned one)
+        # a stage's generated images, which the quality metrics score instead of sampling their own:
+        # an object with ``folder`` (one PNG per sample, {i:06d}.png), ``teacher`` (the teacher's
+        # folder, or None) and ``prompts`` (the text of each, or None); see harness.hookspecs.harness_stages
+        self.samples: Any = None
         self._model: torch.nn.Module | None = None
         self._meta_model: torch.nn.Module | None = None
 

@@ -176,7 +176,10 @@ def harness_stages():
     after those it names in ``after``; one named in another's ``replaces`` is skipped), then
     the metrics. ``run(ctx, spec)`` leaves its model in ``ctx.model`` and what the record
     should keep under ``ctx.extra[<block name>]``; a stage that keeps a reference model for
-    the metrics (the unpruned teacher) sets ``ctx.teacher``. Draws are seeded through
+    the metrics (the unpruned teacher) sets ``ctx.teacher``; one that generates the images the
+    quality metrics score (a text-to-image ``sample`` stage) sets ``ctx.samples`` to an object
+    with ``folder`` (PNGs ``{i:06d}.png``), ``teacher`` (the teacher's folder or None) and
+    ``prompts`` (the text of image i, or None). Draws are seeded through
     ``ctx.seed(purpose)`` (or ``ctx.generator(purpose)``) so that a rerun repeats them.
 
     What else the context offers a stage: ``ctx.dataset`` (the cell's training data),

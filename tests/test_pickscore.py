@@ -312,7 +312,7 @@ def test_a_text_unet_trains_prunes_and_distils_on_captioned_data(tiny_pipeline, 
     class Ctx:
         dataset = type("Captioned", (), {"null_context": torch.zeros(77, 32)})()
 
-    with pytest.raises(harness.MetricUnavailable, match="sampling a text U-Net from captions is not implemented"):
+    with pytest.raises(harness.MetricUnavailable, match="a text U-Net is sampled from a prompt set by the sample stage"):
         FID(weights=None)(Ctx())
     # backbones that take no text say so before any training
     for n, backbone in enumerate(({"name": "unet", "preset": "adm-tiny"}, {"name": "dit", "size": "tiny"})):

@@ -1,11 +1,20 @@
 """Sample-quality metrics (validation loss, FID, KID, IS, and the ADM evaluator's sFID, precision,
-recall) and the ``harness fid`` command."""
+recall) and the ``harness fid`` command.
+
+Public API for other plugins: ``evaluate_images`` (:func:`harness_quality.evaluate.evaluate`:
+the ADM metrics of an image folder or npz against a reference), :func:`image_size` and
+:func:`resized_folder`. A stage that generates images (``ctx.samples``, see
+:func:`harness.hookspecs.harness_stages`) has them scored by fid/kid/isc/sfid/precision/recall."""
 from __future__ import annotations
 
 import harness
 
 from .commands import COMMANDS
+# not bound as ``evaluate``: that name is the submodule's, which tests and users patch
+from .evaluate import evaluate as evaluate_images, image_size, resized_folder
 from .metrics import FID, ISC, KID, SFID, Precision, Recall, ValLoss
+
+__all__ = ["evaluate_images", "image_size", "resized_folder"]
 
 
 @harness.hookimpl

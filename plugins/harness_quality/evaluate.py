@@ -211,3 +211,39 @@ def _kid(samples: np.ndarray, reference: np.ndarray) -> float:
     return float(out[KEY_METRIC_KID_MEAN])
 
 
+
+
+def image_size(path: str | Path, arg: str = "reference") -> tuple[int, int]:
+    """(width, height) of the images of a folder (one size throughout) or an ADM ``.npz``'s
+    ``arr_0``; a UserError naming ``arg`` when there are none or they differ."""
+    src = Source(path, arg)
+    if src.npz is not None:
+        if src.npz.images is None:
+            raise UserError(f"{arg} {str(src.path)!r} holds no images ('arr_0'), only statistics")
+        return int(src.npz.images.shape[2]), int(src.npz.images.shape[1])
+    from PIL import Image
+
+    with Image.open(src.files[0]) as im:  # _check_folder saw every header agree
+        return im.size
+
+
+def resized_folder(folder: str | Path, size: int) -> Path:
+    """``folder``'s PNGs scaled to ``size`` x ``size`` (PIL bicubic, as BK-SDM's evaluation
+    resizes its 512 px samples to 256) into ``<folder>-r<size>/``, once: existing files are kept."""
+    from PIL import Image
+
+    from .fidelity import image_files
+
+    folder = Path(folder)
+    out = folder.with_name(f"{folder.name}-r{size}")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in image_files(folder):
+        target = out / (Path(f).stem + ".png")
+        if target.is_file():
+            continue
+        with Image.open(f) as im:
+            small = im.convert("RGB").resize((size, size), Image.BICUBIC)
+        tmp = target.with_name(target.name + ".tmp")
+        small.save(tmp, format="PNG")
+        os.replace(tmp, target)
+    return out

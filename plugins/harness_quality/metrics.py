@@ -3,19 +3,23 @@
 ``val_loss`` is the offline figure: the denoising loss on the held-out split at fixed
 timesteps with fixed noise, drawn from shared seeds so every candidate faces the same test.
 ``fid``, ``kid`` and ``isc`` generate samples (harness.sampling) and hand them to
-torch-fidelity with the data set's images as reference.
+torch-fidelity with the data set's images as reference. When a stage has generated the
+cell's images already (``ctx.samples``: the text-to-image ``sample`` stage), they score those
+against ``reference`` instead, optionally resized first (``resize: 256``, BK-SDM's protocol),
+and with the teacher's images beside them (``teacher`` and ``change`` in the entry).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from harness.context import CellContext
-from harness.errors import MetricUnavailable
+from harness.errors import MetricUnavailable, UserError
 from harness.sampling import sample_to_folder
 
 from .fidelity import fidelity_metrics, resolve_extractor
@@ -80,9 +84,12 @@ class _SampleMetric:
                  guided_channels: int | None = 3, batch_size: int = 50, reference_split: str = "train",
                  reference_size: int | None = None, weights: str | None = None,
                  extractor: str = "inception-v3-compat", feature_layer: str | None = None,
-                 reference: str | None = None):
+                 reference: str | None = None, resize: int | None = None):
         if num_samples < 2 or steps < 1 or batch_size < 1:
             raise ValueError(f"{self.name} needs num_samples >= 2, steps >= 1, batch_size >= 1")
+        if resize is not None and resize < 1:
+            raise ValueError(f"{self.name}: resize must be a positive image side, got {resize}")
+        self.resize = resize
         self.sample_opts = {"num_samples": num_samples, "sampler": sampler, "steps": steps,
                             "cfg_scale": cfg_scale, "guided_channels": guided_channels}
         self.batch_size, self.reference_split, self.reference_size = batch_size, reference_split, reference_size
@@ -92,16 +99,31 @@ class _SampleMetric:
             raise ValueError(f"{self.name} follows the ADM evaluator: TF Inception features only (no extractor or "
                              f"feature_layer option)")
 
+    @staticmethod
+    def validate_options(options: dict) -> None:
+        """At validation: with ``resize``, the reference's images must be that size (BK-SDM:
+        256), else the figure compares images of two sizes; refused before any sampling."""
+        ref, resize = options.get("reference"), options.get("resize")
+        if isinstance(ref, str) and isinstance(resize, int) and Path(ref).exists():
+            got = _image_size(ref, Path(ref).stat().st_mtime_ns)
+            if got != (resize, resize):
+                raise UserError(f"reference {ref!r} holds {got[0]}x{got[1]} images; the samples are scored at "
+                                f"resize {resize}x{resize}")
+
     @property
     def adm(self) -> bool:
         """The ADM evaluator's protocol: a reference folder/npz, or a metric only it defines."""
         return self.reference is not None or self.key in ("sfid", "precision", "recall")
 
     def __call__(self, ctx: CellContext) -> dict:
+        if getattr(ctx, "samples", None) is not None:
+            return self._generated(ctx, ctx.samples)
+        if self.resize is not None:
+            raise ValueError(f"{self.name}: resize applies to a stage's generated images (a sample block); "
+                             "this cell has none")
         if getattr(ctx.dataset, "null_context", None) is not None:
-            raise MetricUnavailable(f"{self.name} samples class-conditional or unconditional models; sampling a "
-                                    "text U-Net from captions is not implemented (pickscore/clip_score sample "
-                                    "through a text-to-image pipeline)")
+            raise MetricUnavailable(f"{self.name} samples class-conditional or unconditional models; a text U-Net "
+                                    "is sampled from a prompt set by the sample stage (add a sample block)")
         # Weights first: offline without them there is nothing to compute, so do not sample.
         extractor = resolve_extractor(self.extractor, self.weights)
         ds = ctx.dataset
@@ -120,6 +142,39 @@ class _SampleMetric:
                                cache_root=str(cache))
         value = out.pop("value")
         return {"value": value, **out, **self.sample_opts, "reference": f"{getattr(ds, 'name', '?')}"}
+
+    def _generated(self, ctx: CellContext, images) -> dict:
+        """The ADM metric of a stage's images (and its teacher's) against ``reference``."""
+        from harness_data import cache_root
+
+        from .evaluate import evaluate, image_size, resized_folder
+
+        if self.reference is None and self.key != "isc":
+            raise ValueError(f"{self.name} of generated images needs reference: a folder or .npz of real images")
+        resolve_extractor(weights=self.weights)  # offline without weights: unavailable, before any resizing
+        if self.reference is not None:
+            want = image_size(self.reference, f"{self.name} reference")
+            got = image_size(images.folder, f"{self.name} samples")
+            got = (self.resize, self.resize) if self.resize else got
+            if want != got:
+                raise UserError(f"{self.name}: reference {self.reference!r} holds {want[0]}x{want[1]} images; the "
+                                f"samples are scored at {got[0]}x{got[1]}")
+
+        def score(folder) -> dict:
+            folder = resized_folder(folder, self.resize) if self.resize else folder
+            return evaluate(folder, self.reference or folder, [self.key], weights=self.weights,
+                            cuda=ctx.device.type == "cuda", batch_size=self.batch_size,
+                            cache_root=cache_root() / "adm", samples_arg=f"{self.name} samples",
+                            reference_arg=f"{self.name} reference")
+
+        out = score(images.folder)
+        entry = {"value": out.pop(self.key), **out, "protocol": "ADM evaluator", "reference": self.reference,
+                 "resize": self.resize, "images": str(images.folder)}
+        if getattr(images, "teacher", None) is not None:
+            teacher = score(images.teacher)[self.key]
+            entry["teacher"] = teacher
+            entry["change"] = (entry["value"] - teacher) / teacher if teacher else None  # relative: -0.04 is 4% lower
+        return entry
 
     def _adm(self, ctx: CellContext, folder: Path, ds, root: Path) -> dict:
         """The ADM metrics against ``reference`` (a folder or npz), else the data set's images
@@ -183,6 +238,13 @@ class Recall(_SampleMetric):
     """Improved recall (ADM evaluator, k=3): reference images inside the sample manifold."""
 
     name, direction, unit, key = "recall", "higher", "", "recall"
+
+
+@lru_cache(maxsize=8)  # every cell of a suite names the same 30,000-image folder: its headers read once
+def _image_size(path: str, mtime_ns: int) -> tuple[int, int]:
+    from .evaluate import image_size
+
+    return image_size(path, "reference")
 
 
 def _dataset_npz(ds, limit: int | None, folder: Path) -> Path:

@@ -20,7 +20,13 @@ CLIP_MODEL = "openai/clip-vit-large-patch14"
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    """One prompt per line; blank lines and lines starting with '#' are skipped. A ``.json``
+    file is an MS-COCO captions file (every caption, :func:`harness_t2i.read_prompt_set`)."""
+    if str(path).endswith(".json"):
+        from .prompts import read_prompt_set
+
+        prompts = read_prompt_set(path)
+        return prompts[:limit] if limit else prompts
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file {str(path)!r} not found")
