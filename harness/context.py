@@ -1,6 +1,8 @@
 """What a metric (or the trainer) sees of the cell it measures."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 from functools import cached_property
 from pathlib import Path
@@ -151,7 +153,13 @@ class CellContext:
         device = torch.device(device) if device is not None else self.device
         torch.manual_seed(self.seed("init"))
         options = self.backbone_options  # outside the device context: it may build the data set
-        with torch.device(device):
+        if device.type == "meta":
+            placement = _meta_building()
+        elif device == torch.get_default_device():  # the context would only add a hook to every torch call
+            placement = contextlib.nullcontext()
+        else:
+            placement = torch.device(device)
+        with placement:
             model = self.registry.create("backbone", self.config.backbone.name, **options)
         return model
 
@@ -206,3 +214,32 @@ def example_inputs(model: torch.nn.Module, spec: dict, batch_size: int, device, 
     else:
         y = None
     return {"x": x, "t": t, "y": y}
+
+
+def _skip_on_meta(init):
+    @functools.wraps(init)
+    def maybe(tensor, *args, **kwargs):
+        return tensor if isinstance(tensor, torch.Tensor) and tensor.is_meta else init(tensor, *args, **kwargs)
+
+    maybe.__wrapped_init__ = init
+    return maybe
+
+
+@contextlib.contextmanager
+def _meta_building():
+    """The meta device, with ``torch.nn.init``'s fills skipped for meta tensors: a meta tensor
+    holds no values, yet PyTorch runs each fill through its Python reference kernels, which made
+    a tiny DiT slower to build on meta (4.6 ms) than for real (3.5 ms). Real tensors, in any
+    thread, are filled as usual: only meta ones are passed over."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n, fn in saved.items():
+            if not hasattr(fn, "__wrapped_init__"):  # already wrapped by an enclosing build
+                setattr(init, n, _skip_on_meta(fn))
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(init, n, fn)

@@ -419,3 +419,36 @@ def test_suite_with_a_bad_convention_is_refused_when_validated(tmp_path, capsys)
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "suite.yaml:4" in err and "did you mean 'fvcore'" in err, err
+
+
+def test_meta_build_skips_init_fills_of_meta_tensors_only():
+    """Building on meta passes torch.nn.init over (a meta tensor has no values to fill), but a
+    real tensor made meanwhile is filled as ever, and torch.nn.init is itself again afterwards."""
+    from harness.context import _meta_building
+
+    before = {n: getattr(torch.nn.init, n) for n in ("normal_", "xavier_uniform_", "kaiming_uniform_")}
+    real = torch.zeros(3, 3)
+    with _meta_building():
+        lin = torch.nn.Linear(4, 4)  # its reset_parameters calls kaiming_uniform_ and uniform_
+        assert lin.weight.is_meta
+        with _meta_building():  # nested builds wrap nothing twice
+            assert not hasattr(torch.nn.init.normal_.__wrapped_init__, "__wrapped_init__")
+        torch.nn.init.normal_(real)
+    assert real.abs().sum() > 0
+    assert {n: getattr(torch.nn.init, n) for n in before} == before
+
+
+def test_meta_build_gives_the_real_build_its_shapes_and_rng():
+    """Skipping the fills changes nothing a count reads (names, shapes, ties), nor the real
+    model's weights, which the same seed makes bit for bit whether a meta build came first."""
+    from harness.context import CellContext
+    from harness.suite import CellConfig
+
+    config = CellConfig.model_validate({"backbone": {"name": "dit", "size": "tiny", "patch": 2, "depth": 2},
+                                        "metrics": ["params"], "device": "cpu"})
+    ctx = CellContext("s", "c", 0, config)
+    meta = ctx.build_backbone(device="meta")
+    first = ctx.build_backbone()
+    again = CellContext("s", "c", 0, config).build_backbone()
+    assert [(n, p.shape) for n, p in meta.named_parameters()] == [(n, p.shape) for n, p in first.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
