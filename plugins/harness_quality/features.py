@@ -13,7 +13,7 @@
 Images go in as uint8 at their own size; the extractor resizes them to 299 the way TF did.
 
 ``fd_dinov2`` reads another network: torch-fidelity's DINOv2 wrapper (``dinov2-vit-l-14``),
-whose one feature ``dinov2`` is ViT-L/14's class token (1024 values), the input resized to
+whose one feature ``dinov2`` is ViT-L/14's output (1024 values), the input resized to
 224 with its TF1-style bilinear interpolation and normalised with ImageNet's mean and std.
 """
 from __future__ import annotations
