@@ -120,7 +120,7 @@ def resolve_extractor(name: str = INCEPTION, weights: Optional[str] = None,
         return Extractor(name, None, f"{name}-{fname}")
     # Short: the table prints it in the cell. The file's full path is in the docs.
     raise WeightsUnavailable(f"no Inception weights offline; set HARNESS_FID_WEIGHTS or the weights option "
-                            f"(torch-fidelity's {fname})")
+                             f"(torch-fidelity's {fname})")
 
 
 def resolve_dinov2() -> Extractor:
