@@ -1,10 +1,10 @@
-"""Sample-quality metrics (validation loss, FID, KID, IS, and the ADM evaluator's sFID, precision,
-recall) and the ``harness fid`` command.
+"""Sample-quality metrics (validation loss, FID, KID, IS, the ADM evaluator's sFID, precision,
+recall, and EDM2's FD_DINOv2) and the ``harness fid`` command.
 
 Public API for other plugins: ``evaluate_images`` (:func:`harness_quality.evaluate.evaluate`:
 the ADM metrics of an image folder or npz against a reference), :func:`image_size` and
 :func:`resized_folder`. A stage that generates images (``ctx.samples``, see
-:func:`harness.hookspecs.harness_stages`) has them scored by fid/kid/isc/sfid/precision/recall."""
+:func:`harness.hookspecs.harness_stages`) has them scored by fid/kid/isc/sfid/precision/recall/fd_dinov2."""
 from __future__ import annotations
 
 import harness
@@ -12,7 +12,7 @@ import harness
 from .commands import COMMANDS
 # not bound as ``evaluate``: that name is the submodule's, which tests and users patch
 from .evaluate import evaluate as evaluate_images, image_size, resized_folder
-from .metrics import FID, ISC, KID, SFID, Precision, Recall, ValLoss
+from .metrics import FDDinoV2, FID, ISC, KID, SFID, Precision, Recall, ValLoss
 
 __all__ = ["evaluate_images", "image_size", "resized_folder"]
 
@@ -20,7 +20,7 @@ __all__ = ["evaluate_images", "image_size", "resized_folder"]
 @harness.hookimpl
 def harness_metrics():
     return {"val_loss": ValLoss, "fid": FID, "kid": KID, "isc": ISC, "sfid": SFID, "precision": Precision,
-            "recall": Recall}
+            "recall": Recall, "fd_dinov2": FDDinoV2}
 
 
 @harness.hookimpl

@@ -1,7 +1,8 @@
 """``harness fid SAMPLES REFERENCE --metrics ...``: quality figures of two image sets.
 
 Plain FID of two folders stays torch-fidelity's own figure; any other metric, or an ``.npz``
-input, goes through the ADM evaluator's protocol (:mod:`harness_quality.evaluate`)."""
+input, goes through the ADM evaluator's protocol (:mod:`harness_quality.evaluate`), as does
+fd_dinov2 (EDM2's Fréchet distance of DINOv2 ViT-L/14 features)."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,17 @@ from pathlib import Path
 from harness.commands import Command
 from harness.errors import MetricUnavailable, UserError
 
+from .fidelity import WeightsUnavailable
+
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir1", metavar="SAMPLES", help="image folder or ADM .npz (arr_0: N x H x W x 3 uint8)")
     p.add_argument("dir2", metavar="REFERENCE", help="image folder or .npz; its mu/sigma (mu_s/sigma_s) are "
                                                      "used for fid (sfid) when present")
-    p.add_argument("--metrics", default="fid", help="comma-separated: fid, sfid, isc, precision, recall, kid "
-                                                    "(default: fid)")
-    p.add_argument("--weights", help="local Inception weights (default: $HARNESS_FID_WEIGHTS, else download)")
+    p.add_argument("--metrics", default="fid", help="comma-separated: fid, sfid, isc, precision, recall, kid, "
+                                                    "fd_dinov2 (DINOv2 ViT-L/14 via torch.hub; default: fid)")
+    p.add_argument("--weights", help="local Inception weights (default: $HARNESS_FID_WEIGHTS, else download); "
+                                     "not for fd_dinov2")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cpu", action="store_true", help="do not use CUDA even when present")
     p.add_argument("--json", action="store_true")
@@ -39,8 +43,10 @@ def _run(args) -> int:
             with _feature_progress() as progress:
                 result = evaluate(args.dir1, args.dir2, metrics, weights=args.weights, batch_size=args.batch_size,
                                   cuda=False if args.cpu else None, progress=progress)
-    except MetricUnavailable as exc:  # on the command line, missing weights is the user's to fix
+    except WeightsUnavailable as exc:  # on the command line, missing weights is the user's to fix
         raise UserError(f"fid: {exc} (or pass --weights PATH)") from None
+    except MetricUnavailable as exc:  # DINOv2: torch.hub's cache or a network, no file of the user's
+        raise UserError(f"fid: {exc}") from None
     if args.json:
         print(json.dumps(result))
     elif "samples" not in result:  # torch-fidelity's FID of two folders
@@ -48,14 +54,15 @@ def _run(args) -> int:
     else:
         for m in metrics:
             print(f"{m:<10} {result[m]:.6g}")
+        used = ", ".join(result[k] for k in ("extractor", "dinov2_extractor") if k in result)
         print(f"({result.get('samples', '?')} samples, {result.get('reference_images', '?')} reference images; "
-              f"{result['extractor']})")
+              f"{used})")
     return 0
 
 
 @contextmanager
 def _feature_progress():
-    """A progress bar on stderr for feature extraction: which input, how far, how long."""
+    """A progress bar on stderr for feature extraction: which network and input, how far, how long."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -63,15 +70,15 @@ def _feature_progress():
     console = Console(stderr=True, highlight=False, markup=False)  # paths are printed verbatim
     with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
-        def update(arg: str, done: int, total: int) -> None:
-            if arg not in tasks:
-                tasks[arg] = bar.add_task(f"Inception features of {arg}", total=total)
-            bar.update(tasks[arg], completed=done)
+        def update(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done)
 
         yield update
 
 
 COMMANDS = {
-    "fid": Command(help="FID, sFID, IS, precision, recall (the ADM evaluator's protocol) of image folders or "
-                        ".npz batches", arguments=_arguments, run=_run),
+    "fid": Command(help="FID, sFID, IS, precision, recall (the ADM evaluator's protocol), FD_DINOv2 of image "
+                        "folders or .npz batches", arguments=_arguments, run=_run),
 }

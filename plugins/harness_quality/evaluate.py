@@ -1,10 +1,11 @@
-"""The ADM evaluation protocol on image folders and ``.npz`` batches.
+"""The ADM evaluation protocol on image folders and ``.npz`` batches, and EDM2's FD_DINOv2.
 
-``harness fid SAMPLES REFERENCE --metrics fid,sfid,isc,precision,recall`` and the suite
-metrics of the same names land here. Images stream in batches (a 50,000-image npz is never
-read whole), Inception features are extracted once per input and cached by content under
-``$HARNESS_CACHE/adm/`` in chunks, so an interrupted extraction resumes at the chunk it
-reached, and the figures come from :mod:`harness_quality.adm`.
+``harness fid SAMPLES REFERENCE --metrics fid,sfid,isc,precision,recall,fd_dinov2`` and the
+suite metrics of the same names land here. Images stream in batches (a 50,000-image npz is
+never read whole), features (Inception's, and DINOv2's for fd_dinov2) are extracted once per
+input and network and cached by content under ``$HARNESS_CACHE/adm/`` in chunks, so an
+interrupted extraction resumes at the chunk it reached, and the figures come from
+:mod:`harness_quality.adm`.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import hashlib
 import os
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,9 +23,10 @@ import torch
 from harness.errors import UserError
 
 from . import adm
-from .features import FEATURES_LIST, Features, extract, probabilities
+from .features import FEATURES_LIST, DinoFeatures, Features, extract, extract_dinov2, probabilities
 
-METRICS = ("fid", "sfid", "isc", "precision", "recall", "kid")
+INCEPTION_METRICS = ("fid", "sfid", "isc", "precision", "recall", "kid")
+METRICS = INCEPTION_METRICS + ("fd_dinov2",)
 CHUNK = 2048          # images per cached feature chunk: the unit an interrupted run resumes at
 ADM_VERSION = 1       # in every cache key: bump when what a chunk holds changes
 
@@ -95,39 +98,77 @@ def _save_npz(path: Path, **arrays) -> None:
         raise
 
 
-def _load_chunk(path: Path) -> Optional[Features]:
-    """A cached chunk, or None when missing or unreadable (ours to recompute; never unpickled)."""
+def _load_chunk(path: Path, kind: type = Features):
+    """A cached chunk of ``kind`` (a NamedTuple of arrays), or None when missing or unreadable
+    (ours to recompute; never unpickled)."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return Features(z["pool"], z["spatial"], z["logits"])
+            return kind(*(z[f] for f in kind._fields))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
 
-def features_of(source: Source, model, identity: str, *, device, batch_size: int, cache: Path,
-                progress: Optional[Callable[[str, int, int], None]] = None) -> Features:
-    """Every image's features, chunk by chunk from the cache or the network."""
-    folder = cache / f"{source.content_key()}-{identity}-v{ADM_VERSION}"
+@dataclass
+class Network:
+    """One feature extractor, built on first use, so a rerun whose chunks are all cached never
+    loads it (DINOv2 ViT-L/14 alone is 1.2 GB)."""
+
+    identity: str                 # in the cache key: Inception and DINOv2 chunks never share a folder
+    label: str                    # for progress: "Inception features of SAMPLES"
+    build: Callable[[], Any]
+    run: Callable[..., Any]       # (model, batches, device=, progress=) -> a chunk of ``kind``
+    kind: type = Features
+    _model: Any = field(default=None, repr=False)
+
+    def model(self):
+        if self._model is None:
+            self._model = self.build()
+        return self._model
+
+
+def features_of(source: Source, net: Network, *, device, batch_size: int, cache: Path,
+                progress: Optional[Callable[[str, int, int], None]] = None):
+    """Every image's features from ``net``, chunk by chunk from the cache or the network;
+    ``progress(description, done, total)`` after each batch."""
+    folder = cache / f"{source.content_key()}-{net.identity}-v{ADM_VERSION}"
+    what = f"{net.label} features of {source.arg}"
     parts, done = [], 0
     for start in range(0, source.count, CHUNK):
         stop = min(start + CHUNK, source.count)
         path = folder / f"{start:08d}-{stop:08d}.npz"
-        chunk = _load_chunk(path)
+        chunk = _load_chunk(path, net.kind)
         if chunk is None:
             def tick(n):
                 nonlocal done
                 done += n
                 if progress:
-                    progress(source.arg, done, source.count)
+                    progress(what, done, source.count)
 
-            chunk = extract(model, source.batches(start, stop, batch_size), device=device, progress=tick)
-            _save_npz(path, pool=chunk.pool, spatial=chunk.spatial, logits=chunk.logits)
+            chunk = net.run(net.model(), source.batches(start, stop, batch_size), device=device, progress=tick)
+            _save_npz(path, **chunk._asdict())
         else:
             done += stop - start
             if progress:
-                progress(source.arg, done, source.count)
+                progress(what, done, source.count)
         parts.append(chunk)
-    return Features(*(np.concatenate([getattr(p, f) for p in parts]) for f in Features._fields))
+    return net.kind(*(np.concatenate([getattr(p, f) for p in parts]) for f in net.kind._fields))
+
+
+def resolve_extractors(metrics, weights: Optional[str] = None, option: str = "--weights") -> dict:
+    """The extractors ``metrics`` need ({"inception": ..., "dinov2": ...}), only those, so a
+    missing DINOv2 never blocks fid nor missing Inception weights fd_dinov2; resolved before
+    any sampling or extraction (MetricUnavailable when one cannot be had)."""
+    from .fidelity import INCEPTION, resolve_dinov2, resolve_extractor
+
+    out = {}
+    if any(m in INCEPTION_METRICS for m in metrics):
+        out["inception"] = resolve_extractor(INCEPTION, weights, option=option)
+    elif weights:  # refused, not ignored: whoever gave it may believe it weighs in on the figure
+        raise UserError(f"{option} {weights!r} holds Inception weights, which {', '.join(metrics)} does not use "
+                        f"(DINOv2 ViT-L/14 comes from torch.hub)")
+    if "fd_dinov2" in metrics:
+        out["dinov2"] = resolve_dinov2()
+    return out
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -145,9 +186,10 @@ def parse_metrics(text: str) -> list[str]:
 def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, weights: Optional[str] = None,
              cuda: Optional[bool] = None, batch_size: int = 64, cache_root: Optional[str | Path] = None,
              progress: Optional[Callable[[str, int, int], None]] = None, split_size: int = 5000,
-             samples_arg: str = "SAMPLES", reference_arg: str = "REFERENCE") -> dict:
-    """The ADM metrics of ``samples`` against ``reference``; every input checked before work."""
-    from .fidelity import INCEPTION, build_extractor, resolve_extractor
+             samples_arg: str = "SAMPLES", reference_arg: str = "REFERENCE", option: str = "--weights") -> dict:
+    """The ADM metrics (and fd_dinov2) of ``samples`` against ``reference``; every input checked
+    and every extractor resolved before work."""
+    from .fidelity import build_dinov2, build_extractor
 
     metrics = list(metrics)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -157,28 +199,41 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, we
     if smp.count < 2:
         raise UserError(f"{samples_arg} {str(smp.path)!r} holds {smp.count} image(s); at least 2 are needed")
     pool_stats, spatial_stats = ref.stats
-    need_ref_images = [m for m in metrics if m in ("precision", "recall", "kid")
+    need_ref_images = [m for m in metrics if m in ("precision", "recall", "kid", "fd_dinov2")
                        or (m == "fid" and pool_stats is None) or (m == "sfid" and spatial_stats is None)]
     if need_ref_images and ref.count < 2:
+        # its mu/sigma are Inception's: nothing fd_dinov2 could use
         raise UserError(f"{reference_arg} {str(ref.path)!r} has no images ('arr_0') for "
-                        f"{', '.join(need_ref_images)}; only its precomputed statistics")
+                        f"{', '.join(need_ref_images)}; only its precomputed statistics"
+                        + (" (Inception's)" if "fd_dinov2" in need_ref_images else ""))
     for m in ("precision", "recall"):
         if m in metrics and min(smp.count, ref.count) <= 3:
             raise UserError(f"{m} needs more than 3 images in each of {samples_arg} and {reference_arg} "
                             f"(k = 3 nearest neighbours)")
+    exts = resolve_extractors(metrics, weights, option=option)
     cuda = torch.cuda.is_available() if cuda is None else cuda
     device = torch.device("cuda" if cuda else "cpu")
-    ext = resolve_extractor(INCEPTION, weights, option="--weights")
-    model = build_extractor(ext, list(FEATURES_LIST), cuda)
     if cache_root is None:
         from harness_data import cache_root as harness_cache
 
         cache_root = harness_cache() / "adm"
     cache = Path(cache_root)
-    fs = features_of(smp, model, ext.identity, device=device, batch_size=batch_size, cache=cache, progress=progress)
-    fr = (features_of(ref, model, ext.identity, device=device, batch_size=batch_size, cache=cache,
-                      progress=progress) if need_ref_images else None)
+
+    def features(source: Source, net: Network):
+        return features_of(source, net, device=device, batch_size=batch_size, cache=cache, progress=progress)
+
     out: dict = {}
+    if "inception" in exts:
+        ext = exts["inception"]
+        net = Network(ext.identity, "Inception", lambda: build_extractor(ext, list(FEATURES_LIST), cuda), extract)
+        fs = features(smp, net)
+        fr = features(ref, net) if any(m in INCEPTION_METRICS for m in need_ref_images) else None
+    if "dinov2" in exts:
+        dino = exts["dinov2"]
+        net = Network(dino.identity, "DINOv2 ViT-L/14", lambda: build_dinov2(dino, cuda), extract_dinov2,
+                      DinoFeatures)
+        out["fd_dinov2"] = adm.frechet_distance(adm.statistics(features(smp, net).dinov2),
+                                                adm.statistics(features(ref, net).dinov2))
     for m in metrics:
         if m == "fid":
             out[m] = adm.frechet_distance(adm.statistics(fs.pool), pool_stats or adm.statistics(fr.pool))
@@ -190,15 +245,17 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, we
             out["precision"], out["recall"] = adm.precision_recall(fr.pool, fs.pool)
         elif m == "kid":
             out[m] = _kid(fs.pool, fr.pool)
-    return {
-        **{m: out[m] for m in metrics},
-        "samples": smp.count,
-        "reference_images": ref.count,
-        "reference_statistics": ("from the reference npz (mu/sigma" + ("/mu_s/sigma_s" if spatial_stats else "")
-                                 + ")") if pool_stats is not None else "computed from the reference images",
-        "extractor": ext.identity,
-        "weights": ext.weights or "torch-fidelity's download",
-    }
+    result = {**{m: out[m] for m in metrics}, "samples": smp.count, "reference_images": ref.count}
+    if "inception" in exts:
+        result.update({
+            "reference_statistics": ("from the reference npz (mu/sigma" + ("/mu_s/sigma_s" if spatial_stats else "")
+                                     + ")") if pool_stats is not None else "computed from the reference images",
+            "extractor": exts["inception"].identity,
+            "weights": exts["inception"].weights or "torch-fidelity's download",
+        })
+    if "dinov2" in exts:
+        result["dinov2_extractor"] = exts["dinov2"].identity
+    return result
 
 
 def _kid(samples: np.ndarray, reference: np.ndarray) -> float:

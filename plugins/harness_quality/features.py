@@ -11,6 +11,10 @@
   ``logits_unbiased``), whose softmax the evaluator scores for IS.
 
 Images go in as uint8 at their own size; the extractor resizes them to 299 the way TF did.
+
+``fd_dinov2`` reads another network: torch-fidelity's DINOv2 wrapper (``dinov2-vit-l-14``),
+whose one feature ``dinov2`` is ViT-L/14's output (1024 values), the input resized to
+224 with its TF1-style bilinear interpolation and normalised with ImageNet's mean and std.
 """
 from __future__ import annotations
 
@@ -27,6 +31,18 @@ class Features(NamedTuple):
     pool: np.ndarray      # (N, 2048)
     spatial: np.ndarray   # (N, 2023)
     logits: np.ndarray    # (N, 1008)
+
+
+class DinoFeatures(NamedTuple):
+    dinov2: np.ndarray    # (N, 1024) for ViT-L/14
+
+
+DINOV2_FEATURES = ("dinov2",)
+
+
+def _nchw(batch: np.ndarray, device) -> torch.Tensor:
+    # a copy: batches may be read-only maps
+    return torch.from_numpy(np.array(batch, dtype=np.uint8)).permute(0, 3, 1, 2).to(device)
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -54,9 +70,8 @@ def extract(model: torch.nn.Module, batches: Iterable[np.ndarray], *, device: to
     pools, spatials, logits = [], [], []
     try:
         for batch in batches:
-            x = torch.from_numpy(np.array(batch, dtype=np.uint8)).permute(0, 3, 1, 2).to(device)  # a copy: batches may be read-only maps
             captured.clear()
-            pool, logit = model(x)
+            pool, logit = model(_nchw(batch, device))
             pools.append(pool.float().cpu().numpy())
             logits.append(logit.float().cpu().numpy())
             spatials.append(captured[0].numpy())
@@ -67,3 +82,22 @@ def extract(model: torch.nn.Module, batches: Iterable[np.ndarray], *, device: to
     if not pools:
         raise ValueError("no images to extract features from")
     return Features(np.concatenate(pools), np.concatenate(spatials), np.concatenate(logits))
+
+
+@torch.inference_mode()
+def extract_dinov2(model: torch.nn.Module, batches: Iterable[np.ndarray], *, device: torch.device | str = "cpu",
+                   progress: Optional[callable] = None) -> DinoFeatures:
+    """DINOv2 features of every image in ``batches`` (each (B, H, W, 3) uint8); ``model`` is
+    torch-fidelity's ``FeatureExtractorDinoV2`` built with ``DINOV2_FEATURES``."""
+    if tuple(getattr(model, "features_list", ())) != DINOV2_FEATURES:
+        raise ValueError(f"the extractor must produce {DINOV2_FEATURES}, got {getattr(model, 'features_list', None)}")
+    model = model.to(device).eval()
+    out = []
+    for batch in batches:
+        (feats,) = model(_nchw(batch, device))
+        out.append(feats.float().cpu().numpy())
+        if progress is not None:
+            progress(len(batch))
+    if not out:
+        raise ValueError("no images to extract features from")
+    return DinoFeatures(np.concatenate(out))

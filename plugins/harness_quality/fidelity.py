@@ -25,9 +25,15 @@ import torch
 from harness.errors import MetricUnavailable, UserError
 
 INCEPTION = "inception-v3-compat"
+DINOV2 = "dinov2-vit-l-14"                     # torch-fidelity's name for torch.hub's dinov2_vitl14
+DINOV2_CHECKPOINT = "dinov2_vitl14_pretrain.pth"
 KEYS = {"fid": "frechet_inception_distance", "kid": "kernel_inception_distance_mean",
         "isc": "inception_score_mean"}
 SPREAD = {"kid": "kernel_inception_distance_std", "isc": "inception_score_std"}
+
+
+class WeightsUnavailable(MetricUnavailable):
+    """No Inception weights: unlike DINOv2's, a local file (the weights option) can stand in."""
 
 
 @dataclass(frozen=True)
@@ -113,8 +119,35 @@ def resolve_extractor(name: str = INCEPTION, weights: Optional[str] = None,
     if cached.is_file() or _online():
         return Extractor(name, None, f"{name}-{fname}")
     # Short: the table prints it in the cell. The file's full path is in the docs.
-    raise MetricUnavailable(f"no Inception weights offline; set HARNESS_FID_WEIGHTS or the weights option "
-                            f"(torch-fidelity's {fname})")
+    raise WeightsUnavailable(f"no Inception weights offline; set HARNESS_FID_WEIGHTS or the weights option "
+                             f"(torch-fidelity's {fname})")
+
+
+def resolve_dinov2() -> Extractor:
+    """torch-fidelity's DINOv2 ViT-L/14 when torch.hub can load it: its cached copy of
+    facebookresearch/dinov2 (hub code) and of the checkpoint, else a download when online;
+    otherwise MetricUnavailable. Only these names reach torch.hub, never a path the user gave:
+    the hub code is Python that torch.hub runs, so it must be facebookresearch's."""
+    hub = Path(torch.hub.get_dir())
+    # torch.hub's own offline fallback: the repo under <owner>_<name>_<branch>, main before master
+    repo = any((hub / f"facebookresearch_dinov2_{ref}").is_dir() for ref in ("main", "master"))
+    if (repo and (hub / "checkpoints" / DINOV2_CHECKPOINT).is_file()) or _online():
+        return Extractor(DINOV2, None, f"{DINOV2}-{DINOV2_CHECKPOINT.removesuffix('.pth')}", "DINOv2")
+    raise MetricUnavailable(f"no DINOv2 ViT-L/14 offline: torch.hub needs facebookresearch/dinov2 and "
+                            f"{DINOV2_CHECKPOINT} under {hub}")
+
+
+def build_dinov2(ext: Extractor, cuda: bool):
+    """torch-fidelity's DINOv2 extractor; torch.hub failing to fetch or import it (network,
+    a partial cache) makes the metric unavailable rather than the run crash."""
+    from .features import DINOV2_FEATURES
+
+    try:
+        return build_extractor(ext, list(DINOV2_FEATURES), cuda)
+    except (OSError, RuntimeError, ImportError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise MetricUnavailable(f"cannot load DINOv2 ViT-L/14 through torch.hub ({torch.hub.get_dir()}): "
+                                f"{first}") from None
 
 
 class ReferenceImages(torch.utils.data.Dataset):

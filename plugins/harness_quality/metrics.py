@@ -7,6 +7,8 @@ torch-fidelity with the data set's images as reference. When a stage has generat
 cell's images already (``ctx.samples``: the text-to-image ``sample`` stage), they score those
 against ``reference`` instead, optionally resized first (``resize: 256``, BK-SDM's protocol),
 and with the teacher's images beside them (``teacher`` and ``change`` in the entry).
+``fd_dinov2`` is EDM2's Fréchet distance of DINOv2 ViT-L/14 features, through the same
+ADM-protocol path (:func:`harness_quality.evaluate.evaluate`) as sfid, precision and recall.
 """
 from __future__ import annotations
 
@@ -95,6 +97,9 @@ class _SampleMetric:
         self.batch_size, self.reference_split, self.reference_size = batch_size, reference_split, reference_size
         self.weights, self.extractor, self.feature_layer = weights, extractor, feature_layer
         self.reference = reference
+        if self.key == "fd_dinov2" and (weights or extractor != "inception-v3-compat" or feature_layer):
+            raise ValueError(f"{self.name} reads torch-fidelity's DINOv2 ViT-L/14 from torch.hub (no weights, "
+                             f"extractor or feature_layer option)")
         if self.adm and (extractor != "inception-v3-compat" or feature_layer):
             raise ValueError(f"{self.name} follows the ADM evaluator: TF Inception features only (no extractor or "
                              f"feature_layer option)")
@@ -113,7 +118,7 @@ class _SampleMetric:
     @property
     def adm(self) -> bool:
         """The ADM evaluator's protocol: a reference folder/npz, or a metric only it defines."""
-        return self.reference is not None or self.key in ("sfid", "precision", "recall")
+        return self.reference is not None or self.key in ("sfid", "precision", "recall", "fd_dinov2")
 
     def __call__(self, ctx: CellContext) -> dict:
         if getattr(ctx, "samples", None) is not None:
@@ -125,7 +130,10 @@ class _SampleMetric:
             raise MetricUnavailable(f"{self.name} samples class-conditional or unconditional models; a text U-Net "
                                     "is sampled from a prompt set by the sample stage (add a sample block)")
         # Weights first: offline without them there is nothing to compute, so do not sample.
-        extractor = resolve_extractor(self.extractor, self.weights)
+        if self.adm:
+            self._resolve()
+        else:
+            extractor = resolve_extractor(self.extractor, self.weights)
         ds = ctx.dataset
         if ds is None:
             raise ValueError(f"{self.name} needs a data block to sample and to compare against")
@@ -151,7 +159,7 @@ class _SampleMetric:
 
         if self.reference is None and self.key != "isc":
             raise ValueError(f"{self.name} of generated images needs reference: a folder or .npz of real images")
-        resolve_extractor(weights=self.weights)  # offline without weights: unavailable, before any resizing
+        self._resolve()  # offline without weights: unavailable, before any resizing
         if self.reference is not None:
             want = image_size(self.reference, f"{self.name} reference")
             got = image_size(images.folder, f"{self.name} samples")
@@ -165,7 +173,7 @@ class _SampleMetric:
             return evaluate(folder, self.reference or folder, [self.key], weights=self.weights,
                             cuda=ctx.device.type == "cuda", batch_size=self.batch_size,
                             cache_root=cache_root() / "adm", samples_arg=f"{self.name} samples",
-                            reference_arg=f"{self.name} reference")
+                            reference_arg=f"{self.name} reference", option="weights option")
 
         out = score(images.folder)
         entry = {"value": out.pop(self.key), **out, "protocol": "ADM evaluator", "reference": self.reference,
@@ -176,6 +184,12 @@ class _SampleMetric:
             entry["change"] = (entry["value"] - teacher) / teacher if teacher else None  # relative: -0.04 is 4% lower
         return entry
 
+    def _resolve(self) -> None:
+        """The extractors this metric's ADM path needs (Inception's, or DINOv2 for fd_dinov2)."""
+        from .evaluate import resolve_extractors
+
+        resolve_extractors([self.key], self.weights, option="weights option")
+
     def _adm(self, ctx: CellContext, folder: Path, ds, root: Path) -> dict:
         """The ADM metrics against ``reference`` (a folder or npz), else the data set's images
         written once as an npz; features are cached by content, so the cell's other ADM
@@ -185,7 +199,8 @@ class _SampleMetric:
         reference = self.reference or str(_dataset_npz(ds, self.reference_size, root / "adm-reference"))
         out = evaluate(folder, reference, [self.key], weights=self.weights, cuda=ctx.device.type == "cuda",
                        batch_size=self.batch_size, cache_root=root / "adm",
-                       samples_arg=f"{self.name} samples", reference_arg=f"{self.name} reference")
+                       samples_arg=f"{self.name} samples", reference_arg=f"{self.name} reference",
+                       option="weights option")
         return {"value": out.pop(self.key), **out, **self.sample_opts, "protocol": "ADM evaluator",
                 "reference": self.reference or f"{getattr(ds, 'name', '?')} images"}
 
@@ -238,6 +253,20 @@ class Recall(_SampleMetric):
     """Improved recall (ADM evaluator, k=3): reference images inside the sample manifold."""
 
     name, direction, unit, key = "recall", "higher", "", "recall"
+
+
+class FDDinoV2(_SampleMetric):
+    """FD_DINOv2 (EDM2): Frechet distance of DINOv2 ViT-L/14 features (torch-fidelity's extractor)."""
+
+    name, direction, unit, key = "fd_dinov2", "lower", "", "fd_dinov2"
+
+    @staticmethod
+    def validate_options(options: dict) -> None:
+        _SampleMetric.validate_options(options)
+        for key in ("weights", "extractor", "feature_layer"):
+            if options.get(key) is not None:
+                raise UserError(f"fd_dinov2 has no option {key!r}: it reads torch-fidelity's DINOv2 ViT-L/14, "
+                                f"which torch.hub loads by name")
 
 
 @lru_cache(maxsize=8)  # every cell of a suite names the same 30,000-image folder: its headers read once
