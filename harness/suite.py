@@ -396,7 +396,13 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
     checks = [(("backbone",), "backbone", parsed.backbone)]
     if parsed.data is not None:
         checks.append((("data",), "dataset", parsed.data))
+    first: dict[str, int] = {}
     for i, m in enumerate(parsed.metric_specs()):
+        if m.name in first:  # a record keeps one entry per metric name: the second would replace the first
+            raise UserError(f"{suite.locate(cell, ('metrics', i))}: metrics[{i}]: metric {m.name!r} is already "
+                            f"metrics[{first[m.name]}]; a cell measures each metric once (one convention, one "
+                            f"set of options), so put the other variant in a matrix axis")
+        first[m.name] = i
         checks.append((("metrics", i), "metric", m))
     for loc, kind, spec in checks:
         try:

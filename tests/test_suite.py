@@ -72,6 +72,9 @@ BAD = {
                       r"suite\.yaml:9: backbone: unknown mixer 'atention'; did you mean 'attention'"),
     "unknown metric": (GOOD.replace("[params]", "[params, gflop]"),
                        r"suite\.yaml:5: metrics\.1: unknown metric 'gflop'; did you mean 'gflops'"),
+    # a record keeps one entry per metric: a second gflops (thop beside fvcore) would replace the first
+    "metric twice": (GOOD.replace("[params]", "[params, gflops, {name: gflops, convention: thop}]"),
+                     r"suite\.yaml:5: metrics\[2\]: metric 'gflops' is already metrics\[1\]"),
     "unknown option": (GOOD.replace("size: tiny", "sise: tiny"), r"has no option 'sise'; did you mean 'size'"),
     "yaml tag": (GOOD.replace("seed: 3", "seed: !!python/object/apply:os.system ['true']"),
                  r"suite\.yaml:2: invalid YAML: YAML tag not allowed"),
