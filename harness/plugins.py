@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import inspect
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,8 +41,13 @@ class Component:
 
     @property
     def description(self) -> str:
+        """The docstring's first paragraph on one line (its first sentence when long): a first
+        line alone can stop mid-sentence."""
         doc = inspect.getdoc(self.factory) or ""
-        return doc.strip().splitlines()[0] if doc.strip() else ""
+        paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+        if len(paragraph) > 160:
+            paragraph = re.split(r"(?<=\.)\s+(?=[A-Z`])", paragraph, maxsplit=1)[0]
+        return paragraph
 
     def signature(self) -> inspect.Signature | None:
         try:

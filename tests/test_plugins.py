@@ -86,3 +86,24 @@ def test_unknown_names_and_options_suggest():
 def test_flop_handles_hook_collects_sdpa():
     handles = Registry().flop_handles()
     assert "aten::scaled_dot_product_attention" in handles
+
+
+def test_component_description_is_the_first_paragraph_not_a_cut_line():
+    from harness.plugins import Component
+
+    def wrapped():
+        """Peak memory of one generation: CUDA max allocated; on the CPU the
+        growth of the resident set.
+
+        Details that `harness ls` leaves out."""
+
+    def long():
+        """A first sentence that says what the component is, kept alone when the paragraph runs long. Then
+        a second sentence, with details, ``options`` and more words than a table cell wants to show to a
+        reader scanning a list of installed components."""
+
+    assert Component("metric", "w", wrapped, "p").description == ("Peak memory of one generation: CUDA max "
+                                                                  "allocated; on the CPU the growth of the "
+                                                                  "resident set.")
+    assert Component("metric", "l", long, "p").description.endswith("when the paragraph runs long.")
+    assert Component("metric", "n", lambda: None, "p").description == ""
