@@ -333,3 +333,35 @@ def test_torchrun_two_ranks_write_the_images_one_process_writes(sd_pipeline, tmp
     one, two = (list((tmp_path / r / "t2i").glob("*/t2i-*")) for r in ("one", "two"))
     assert len(one) == len(two) == 1 and one[0].name == two[0].name
     assert _files(one[0]) == _files(two[0]) and len(_files(one[0])) == 5
+
+
+def _broadcast_worker(rank, world, init, out):
+    import torch.distributed as dist
+
+    from harness_t2i.sample import same_weights_on_every_rank
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # as if each rank's training had ended a few bits apart
+        module = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+        module[1].running_mean.fill_(float(rank))
+        same_weights_on_every_rank(module)
+        torch.save({k: v.clone() for k, v in module.state_dict().items()}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_samples_rank_zeros_weights(tmp_path):
+    """Two gloo ranks whose modules differ end up with rank 0's parameters and buffers."""
+    import torch.multiprocessing as mp
+
+    from harness_t2i.sample import same_weights_on_every_rank
+
+    same_weights_on_every_rank(torch.nn.Linear(2, 2))  # no process group: nothing to do, no error
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_broadcast_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    zero, one = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1))
+    torch.manual_seed(0)
+    expected = torch.nn.Linear(3, 3).weight
+    assert torch.equal(zero["0.weight"], expected) and torch.equal(one["0.weight"], expected)
+    assert all(torch.equal(zero[k], one[k]) for k in zero) and one["1.running_mean"].abs().sum() == 0

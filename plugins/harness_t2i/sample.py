@@ -181,6 +181,23 @@ def sample_images(pipe, prompts: list[str], folder: str | Path, *, steps: int = 
     return made
 
 
+def same_weights_on_every_rank(module: Optional[torch.nn.Module], device=None) -> None:
+    """Rank 0's parameters and buffers, copied onto ``module`` (moved to ``device``, where the
+    process group's backend wants its tensors) on every other rank; nothing without a group.
+
+    Each rank ran the stages before ``sample`` itself (training, pruning, distillation): seeded
+    alike, yet GPU kernels (atomic adds in backward passes) need not give the same bits, and a
+    set sampled by several slightly different U-Nets is not one model's images."""
+    if module is None or _rank_world()[1] < 2:
+        return
+    import torch.distributed as dist
+
+    if device is not None:
+        module.to(device)
+    for tensor in [*module.parameters(), *module.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
 # -- the stage ----------------------------------------------------------------------------------
 def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -206,6 +223,8 @@ def sample_cell(ctx, spec: SampleSpec) -> None:
     if spec.teacher and spec.use_cell_model and ctx.teacher is not None:
         teacher = scoring.find_unet(ctx.teacher)
     dtypes = {m: next(m.parameters()).dtype for m in (student, teacher) if m is not None}
+    for module in dtypes:
+        same_weights_on_every_rank(module, ctx.device)
     pipe = load_pipeline(spec.pipeline, student.to(ctx.device, ctx.dtype) if student is not None else None,
                          ctx.device, ctx.dtype, spec.scheduler)
     size = image_size(pipe, spec.resolution)
@@ -269,8 +288,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     Every rank runs each selected cell's stages (train/prune/distill as the cell says, then
     ``sample``), the sample stage splitting its batches over the ranks. Then ``harness run
     SUITE`` measures the cells in one process and finds every image in place (nothing is
-    sampled twice). The stages before ``sample`` run on every rank (they are seeded, so each
-    rank holds the same model)."""
+    sampled twice). The stages before ``sample`` run on every rank; the sample stage then
+    gives every rank rank 0's weights (:func:`same_weights_on_every_rank`)."""
     import argparse
 
     import torch.distributed as dist
