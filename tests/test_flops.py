@@ -452,3 +452,33 @@ def test_meta_build_gives_the_real_build_its_shapes_and_rng():
     again = CellContext("s", "c", 0, config).build_backbone()
     assert [(n, p.shape) for n, p in meta.named_parameters()] == [(n, p.shape) for n, p in first.named_parameters()]
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+
+
+def test_gflops_budget_in_thops_convention():
+    """`budget: gflops, convention: thop` weighs units by thop's MACs (BK-SDM's count), each
+    unit its modules' share of one thop count; a convention without a GFLOPs budget is refused."""
+    from pydantic import ValidationError
+
+    from harness.context import CellContext
+    from harness.flops import count_thop
+    from harness.suite import CellConfig
+    from harness_compress.stages import PruneSpec, unit_flops
+    from harness_compress.units import discover
+
+    config = CellConfig.model_validate({"backbone": {"name": "unet", "preset": "sd-tiny"}, "metrics": ["params"],
+                                        "device": "cpu"})
+    ctx = CellContext("s", "c", 0, config)
+    model = ctx.model.eval()
+    units = [u for u in discover(model) if u.removable]
+    weights, total = unit_flops(ctx, model, units, "thop")
+    thop = count_thop(model, ctx.example_inputs(1, model=model), method="traced on cpu tensors")
+    assert total == thop.total and weights == {u.name: float(sum(thop.modules.get(m, 0) for m in u.covers))
+                                                 for u in units}
+    fvcore, _ = unit_flops(ctx, model, units)
+    assert any(weights[u.name] != fvcore[u.name] for u in units)  # GroupNorm, attention: not thop's
+    assert PruneSpec(criterion="random", ratio=0.3, budget="gflops", convention="thop").convention == "thop"
+    for bad in ({"criterion": "random", "ratio": 0.3, "convention": "thop"},  # budget: params
+                {"preset": "bk-sdm-small", "budget": "gflops", "convention": "thop"},
+                {"criterion": "random", "ratio": 0.3, "budget": "gflops", "convention": "flops"}):
+        with pytest.raises(ValidationError):
+            PruneSpec(**bad)

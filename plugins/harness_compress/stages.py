@@ -28,6 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from harness.errors import UserError, suggest
+from harness.flops import DEFAULT_CONVENTION
 from harness.stages import Stage
 from harness.suite import ComponentSpec
 from harness.training import train_model, training_checkpoint
@@ -46,6 +47,8 @@ class PruneSpec(BaseModel):
     preset: Optional[Literal["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"]] = None
     ratio: Optional[float] = Field(None, gt=0, lt=1)
     budget: Literal["params", "gflops"] = "params"
+    # how budget: gflops counts (harness.flops.CONVENTIONS): BK-SDM-style papers weigh thop's MACs
+    convention: Optional[Literal["fvcore", "thop"]] = None
     selection: Literal["knapsack", "greedy"] = "knapsack"
     additivity: int = Field(0, ge=0)  # random subsets for the additivity check (0: skip)
     calibration_batch: int = Field(8, gt=0)
@@ -89,6 +92,8 @@ class PruneSpec(BaseModel):
             raise ValueError("give either criterion (with ratio) or preset")
         if self.criterion is not None and self.ratio is None:
             raise ValueError("a criterion needs ratio (the fraction of the budget to remove, 0 < ratio < 1)")
+        if self.convention is not None and (self.budget != "gflops" or self.preset is not None):
+            raise ValueError("convention says how budget: gflops counts; this block has no GFLOPs budget")
         return self
 
     def criterion_spec(self) -> Optional[ComponentSpec]:
@@ -274,11 +279,12 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
             weights = {u.name: float(u.params) for u in candidates}
             total = float(total_params)
         else:
-            weights, total = unit_flops(ctx, student, candidates)
+            weights, total = unit_flops(ctx, student, candidates, spec.convention or DEFAULT_CONVENTION)
         clashes = [(a.name, b.name) for i, a in enumerate(candidates) for b in candidates[i + 1:] if conflicts(a, b)]
         chosen = select_units(scores, weights, spec.ratio * total, spec.selection, clashes)
         plan = merge_plans([u for u in candidates if u.name in chosen])
         info.update(criterion=crit_spec.name, ratio=spec.ratio, budget=spec.budget, selection=spec.selection,
+                    **({"convention": spec.convention or DEFAULT_CONVENTION} if spec.budget == "gflops" else {}),
                     budget_total=total, budget_removed=sum(weights[n] for n in chosen), scores=scores)
         if spec.additivity:
             info["additivity"] = _additivity(ctx, student, candidates, scores if crit_spec.name == "laptop" else None,
@@ -316,16 +322,18 @@ def _additivity(ctx, model, candidates, laptop_scores, spec, removed) -> dict:
                       seed=ctx.seed("additivity", shared=True) % (2 ** 32))
 
 
-def unit_flops(ctx, model: torch.nn.Module, units: list) -> tuple[dict[str, float], float]:
-    """fvcore multiply-adds of each unit, and of the whole model, at batch 1: one count (on the
-    meta device) and its per-module breakdown, whatever the number of units. A skip pair
-    weighs what both its modules do (it was weighed 0 when looked up by its joined name)."""
+def unit_flops(ctx, model: torch.nn.Module, units: list,
+               convention: str = DEFAULT_CONVENTION) -> tuple[dict[str, float], float]:
+    """Multiply-adds of each unit, and of the whole model, at batch 1 in ``convention`` (fvcore's
+    or thop's): one count (on the meta device) and its per-module breakdown, whatever the number
+    of units. A skip pair weighs what both its modules do (it was weighed 0 when looked up by
+    its joined name)."""
     from harness.flops import count_flops
 
     inputs = ctx.example_inputs(1, model=model, generator=ctx.generator("flops-inputs", shared=True))
     was_training = model.training
     try:
-        fc = count_flops(model.eval(), inputs, ctx.registry.flop_handles())
+        fc = count_flops(model.eval(), inputs, ctx.registry.flop_handles(), convention=convention)
     finally:
         model.train(was_training)
     return {u.name: float(sum(fc.modules.get(m, 0) for m in u.covers)) for u in units}, float(fc.total)
