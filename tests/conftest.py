@@ -73,5 +73,8 @@ def with_site(monkeypatch):
 
     yield use
     harness.plugins.reset_registry()
-    for name in [m for m in sys.modules if m.startswith("harness_toy")]:
-        del sys.modules[name]
+    # forget what was imported from the sites, so the next test imports its own install afresh
+    for name, module in list(sys.modules.items()):
+        where = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or []), None)
+        if where and any(str(where).startswith(site + os.sep) for site in added):
+            del sys.modules[name]

@@ -2,8 +2,6 @@
 its stage owns a suite block and runs between the backbone and the metrics."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from harness.cli import main
@@ -21,10 +19,7 @@ def int8_site(tmp_path_factory):
 
 @pytest.fixture
 def registry(int8_site, with_site):
-    reg = with_site(int8_site)
-    yield reg
-    for name in [m for m in sys.modules if m.startswith("harness_int8")]:
-        del sys.modules[name]
+    return with_site(int8_site)
 
 
 def test_stage_and_metric_come_from_the_entry_point(registry):

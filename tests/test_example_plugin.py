@@ -1,8 +1,6 @@
 """examples/harness-example installed as a real distribution, then used from a suite."""
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -22,10 +20,7 @@ def example_site(tmp_path_factory):
 
 @pytest.fixture
 def registry(example_site, with_site):
-    reg = with_site(example_site)
-    yield reg
-    for name in [m for m in sys.modules if m.startswith("harness_example")]:
-        del sys.modules[name]
+    return with_site(example_site)
 
 
 def test_entry_point_registers_backbone_and_mixer(registry):
