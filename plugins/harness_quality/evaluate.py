@@ -268,8 +268,6 @@ def _kid(samples: np.ndarray, reference: np.ndarray) -> float:
     return float(out[KEY_METRIC_KID_MEAN])
 
 
-
-
 def image_size(path: str | Path, arg: str = "reference") -> tuple[int, int]:
     """(width, height) of the images of a folder (one size throughout) or an ADM ``.npz``'s
     ``arr_0``; a UserError naming ``arg`` when there are none or they differ."""
