@@ -97,9 +97,9 @@ class _SampleMetric:
         self.batch_size, self.reference_split, self.reference_size = batch_size, reference_split, reference_size
         self.weights, self.extractor, self.feature_layer = weights, extractor, feature_layer
         self.reference = reference
-        if self.key == "fd_dinov2" and (weights or extractor != "inception-v3-compat" or feature_layer):
-            raise ValueError(f"{self.name} reads torch-fidelity's DINOv2 ViT-L/14 from torch.hub (no weights, "
-                             f"extractor or feature_layer option)")
+        self._check_network(weights, extractor, feature_layer)
+
+    def _check_network(self, weights, extractor: str, feature_layer) -> None:
         if self.adm and (extractor != "inception-v3-compat" or feature_layer):
             raise ValueError(f"{self.name} follows the ADM evaluator: TF Inception features only (no extractor or "
                              f"feature_layer option)")
@@ -259,6 +259,11 @@ class FDDinoV2(_SampleMetric):
     """FD_DINOv2 (EDM2): Frechet distance of DINOv2 ViT-L/14 features (torch-fidelity's extractor)."""
 
     name, direction, unit, key = "fd_dinov2", "lower", "", "fd_dinov2"
+
+    def _check_network(self, weights, extractor: str, feature_layer) -> None:
+        if weights or extractor != "inception-v3-compat" or feature_layer:
+            raise ValueError(f"{self.name} reads torch-fidelity's DINOv2 ViT-L/14 from torch.hub (no weights, "
+                             f"extractor or feature_layer option)")
 
     @staticmethod
     def validate_options(options: dict) -> None:
