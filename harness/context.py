@@ -151,7 +151,10 @@ class CellContext:
 
     def build_backbone(self, device: str | torch.device | None = None) -> torch.nn.Module:
         device = torch.device(device) if device is not None else self.device
-        torch.manual_seed(self.seed("init"))
+        if device.type == "meta":  # no values drawn on any device: the CPU generator is enough
+            torch.default_generator.manual_seed(self.seed("init"))
+        else:
+            torch.manual_seed(self.seed("init"))
         options = self.backbone_options  # outside the device context: it may build the data set
         if device.type == "meta":
             placement = _meta_building()
@@ -174,10 +177,6 @@ class CellContext:
                     self._meta_model = self.build_backbone(device="meta")
             except Exception:  # a factory that needs real tensors (weights loaded as it builds)
                 return self.model
-        from .flops import is_small
-
-        if is_small(self._meta_model):  # cheaper built and traced for real (harness.flops.SMALL_MODEL_PARAMS)
-            return self.model
         return self._meta_model
 
     @property

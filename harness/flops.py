@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -135,10 +136,10 @@ def _to_meta(inputs: dict) -> dict:
     return {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
-# Below this many parameters the metrics build and trace a model for real rather than on
-# meta: its weights and activations are a few MB, and on two cores a real trace of
-# the ablation's tiny DiT took 32 ms of CPU against 44 ms on meta (PyTorch's meta kernels
-# are Python, about 1 ms an op). Above it the meta trace wins on time as well as memory.
+# A model already built for real (trained, pruned) with fewer parameters than this is traced
+# as it is, not copied to meta first: the ablation's tiny DiT (0.25M) took 18.6 ms of CPU
+# traced for real against 23.4 ms copied and traced on meta (2.8 ms of it the copy); DiT-S/2
+# (33M) 246 ms against 97 ms. A model not built yet is always counted on meta.
 SMALL_MODEL_PARAMS = 5_000_000
 
 
@@ -177,7 +178,7 @@ def _count(model: torch.nn.Module, inputs: dict, handles: dict | None, method: s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # fvcore scripts helpers at import
         from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-        from fvcore.nn.jit_analysis import _IGNORED_OPS, _get_scoped_trace_graph, _named_modules_with_dup
+        from fvcore.nn.jit_analysis import _IGNORED_OPS, _named_modules_with_dup
 
     wrapper = _Positional(model, inputs).eval()
     args = tuple(v for v in inputs.values() if isinstance(v, torch.Tensor))
@@ -188,7 +189,7 @@ def _count(model: torch.nn.Module, inputs: dict, handles: dict | None, method: s
     tracing = _meta_tracing() if method == METHOD_META else contextlib.nullcontext()
     with torch.no_grad(), warnings.catch_warnings(), tracing:
         warnings.simplefilter("ignore")  # TorchScript's deprecation notice, once per trace
-        graph = _get_scoped_trace_graph(wrapper, args, aliases)
+        graph = scoped_trace(wrapper, args, aliases)
     rules = {**_DEFAULT_SUPPORTED_OPS, **(handles or {})}
     ignored = set(_IGNORED_OPS) | _CONSTANTS | {op for op, h in rules.items() if h is None}
     walk = _walk(graph, rules, ignored, {op for op in _NO_MACS if op not in (handles or {})})
@@ -213,6 +214,47 @@ def _count(model: torch.nn.Module, inputs: dict, handles: dict | None, method: s
                      _zero_modules(model, modules, walk), modules, method)
 
 
+def scoped_trace(module: torch.nn.Module, args: tuple, names: dict):
+    """The TorchScript graph of ``module(*args)``, each node in the scope of the module that
+    ran it (``names[module]``): the graph fvcore's ``_get_scoped_trace_graph`` makes, node for
+    node (tests/test_flops.py compares them), at less cost. fvcore goes through
+    ``torch.jit._get_trace_graph``, which names every traced value by searching the calling
+    frame's locals for it; nothing here reads those names, and on the tiny DiT of
+    suites/ablation.yaml the search was a tenth of the trace."""
+    hooks = []
+
+    def enter(name):
+        def hook(mod, inputs):
+            state = torch._C._get_tracing_state()
+            if state:
+                state.push_scope(name)
+        return hook
+
+    def leave(mod, inputs, outputs):
+        state = torch._C._get_tracing_state()
+        if state:
+            state.pop_scope()
+
+    for mod in module.modules():  # each module once, as fvcore hooks them
+        hooks.append(mod.register_forward_pre_hook(enter(names[mod])))
+        hooks.append(mod.register_forward_hook(leave))
+    # as torch.jit._get_trace_graph: the state dict's tensors are the graph's inputs after the
+    # arguments (a buffer left out of the state dict is traced as a constant, as there)
+    state, seen = [], set()
+    for t in module.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            state.append(t)
+    n = len(args)
+    try:
+        graph, _ = torch._C._create_graph_by_tracing(lambda *flat: module(*flat[:n]), [*args, *state],
+                                                     lambda value: "", True, False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return graph
+
+
 @dataclass
 class _Walk:
     counts: dict[str, int]  # FLOPs by module scope, each op added to its module and every ancestor
@@ -229,8 +271,6 @@ def _walk(graph, rules: dict, ignored: set, zero: set) -> _Walk:
     module and op and answers per-module queries afterwards; on the tiny DiT of
     suites/ablation.yaml that, with a handle per zero-counted op, cost 7 ms over the trace,
     this pass 2 ms."""
-    from fvcore.nn.jit_handles import get_shape
-
     counts: dict[str, int] = {}
     uncounted: Counter = Counter()
     zero_calls: list[tuple[str, str, int]] = []
@@ -249,9 +289,9 @@ def _walk(graph, rules: dict, ignored: set, zero: set) -> _Walk:
             kind += "." + node.pyname()
         if kind in zero:
             elements = 0
-            for v in (*node.inputs(), *node.outputs()):
+            for v in (*_inputs(node), *_outputs(node)):
                 if v.isCompleteTensor():
-                    elements = max(elements, _prod(get_shape(v)))
+                    elements = max(elements, math.prod(v.type().sizes()))
             scope = _strip(node.scopeName().split("/")[-1])
             zero_calls.append((kind, scope, elements))
             for name in ancestors(scope)[1:]:
@@ -266,7 +306,7 @@ def _walk(graph, rules: dict, ignored: set, zero: set) -> _Walk:
             for name in ancestors(_strip(node.scopeName().split("/")[-1]))[1:]:
                 scope_ops.setdefault(name, set()).add(kind)
             continue
-        flops = handle(list(node.inputs()), list(node.outputs()))
+        flops = handle(_inputs(node), _outputs(node))
         scope = node.scopeName().split("/")[-1]
         if not isinstance(flops, Number):
             for v in flops.values():
@@ -276,6 +316,15 @@ def _walk(graph, rules: dict, ignored: set, zero: set) -> _Walk:
         for name in ancestors(scope):
             counts[name] = counts.get(name, 0) + flops
     return _Walk({k: int(v) for k, v in counts.items()}, dict(uncounted), zero_calls, scope_ops)
+
+
+# By index: a node's inputs() iterator took 12 us a node here, four times the indexed reads.
+def _inputs(node) -> list:
+    return [node.inputsAt(i) for i in range(node.inputsSize())]
+
+
+def _outputs(node) -> list:
+    return [node.outputsAt(i) for i in range(node.outputsSize())]
 
 
 def _strip(scope: str) -> str:
@@ -310,6 +359,8 @@ def _zero_modules(model: torch.nn.Module, modules: dict[str, int], walk: _Walk) 
 #    its own for ``aten::convolution`` that skips it, so the convolution would be missing.
 # The wrapping kernels are registered once per process (registering ~600 costs more than a
 # small model's whole count) and are inert outside a count: they call PyTorch's own kernel.
+# During a count, the most common ops take a shape-only kernel (harness.meta_kernels) in place
+# of PyTorch's Python reference kernels, which cost up to milliseconds a call.
 _ACTIVE = [False]
 _LIBRARY: list = []
 
@@ -325,9 +376,22 @@ def _meta_tracing():
         _ACTIVE[0] = False
 
 
+def _shape_only(lean, fn):
+    """During a count, ``lean`` (harness.meta_kernels) where it knows the case, else PyTorch's ``fn``."""
+    def kernel(*args, **kwargs):
+        if _ACTIVE[0]:
+            out = lean(*args, **kwargs)
+            if out is not None:
+                return out
+        return fn(*args, **kwargs)
+    return kernel
+
+
 def _register_meta_kernels():
     from torch._decomp import global_decomposition_table
     from torch._meta_registrations import _meta_lib_dont_use_me_use_register_meta as meta_lib
+
+    from .meta_kernels import KERNELS
 
     outside = torch._C._dispatch_tls_local_exclude_set()  # the Tracer key is not excluded here
 
@@ -360,7 +424,7 @@ def _register_meta_kernels():
                     continue
                 seen.add(op)
                 if f"{op.namespace}/{op.name().split('::')[-1]}/Meta" in meta_lib._op_impls:
-                    lib.impl(op, paused(fn), "Meta")
+                    lib.impl(op, paused(_shape_only(KERNELS[op], fn) if op in KERNELS else fn), "Meta")
                     if op is torch.ops.aten.convolution.default:
                         convolution_meta = fn
 

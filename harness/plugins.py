@@ -6,6 +6,7 @@ name. Every hook returns ``{name: factory}``; :class:`Registry` merges them per 
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata as md
 import inspect
 import os
@@ -50,10 +51,7 @@ class Component:
         return paragraph
 
     def signature(self) -> inspect.Signature | None:
-        try:
-            return inspect.signature(self.factory)
-        except (TypeError, ValueError):
-            return None
+        return _signature(self.factory)
 
     def defaults(self) -> dict[str, Any]:
         sig = self.signature()
@@ -81,6 +79,15 @@ class Component:
     def __call__(self, **options):
         self.check_options(options)
         return self.factory(**options)
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(factory) -> inspect.Signature | None:
+    """A factory's signature, read once: every cell checks its options against it."""
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,42 @@ def test_meta_trace_equals_real_trace(name, options):
     assert not any(p.is_meta for p in model.parameters())  # the model itself is left alone
 
 
+@pytest.mark.parametrize("name,options", TINY, ids=[f"{n}-{o.get('preset', o.get('mixer', ''))}" for n, o in TINY])
+def test_trace_and_count_are_fvcores_own(name, options):
+    """harness.flops traces and walks the graph itself (cheaper); fvcore's FlopCountAnalysis,
+    given the same handles, must see the same graph and give the same figures."""
+    from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_analysis import _IGNORED_OPS, _get_scoped_trace_graph
+
+    from harness.flops import _NO_MACS, _Positional, scoped_trace
+
+    torch.manual_seed(0)
+    model = harness.create("backbone", name, **options).eval()
+    inputs = _inputs(model)
+    handles = registry().flop_handles()
+    wrapper = _Positional(model, inputs).eval()
+    args = tuple(v for v in inputs.values() if isinstance(v, torch.Tensor))
+    names = {m: n for n, m in reversed(list(wrapper.named_modules()))}
+    with torch.no_grad():
+        scoped_trace(wrapper, args, names)  # a mixer's cached index is made once, recorded as it is made
+        ours = [(n.kind(), n.scopeName()) for n in scoped_trace(wrapper, args, names).nodes()]
+        theirs = [(n.kind(), n.scopeName()) for n in _get_scoped_trace_graph(wrapper, args, names).nodes()]
+    assert ours == theirs and len(ours) > 50
+
+    fc = count_flops(model, inputs, handles, abstract=False)
+    analysis = FlopCountAnalysis(wrapper, args).set_op_handle(**handles)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with torch.no_grad():
+        assert fc.total == analysis.total()
+        per_module = analysis.by_module()
+    assert fc.modules == {k[len("model."):] if k.startswith("model.") else "": v for k, v in per_module.items()
+                          if k != ""}
+    # what fvcore leaves uncounted is what the record lists as counted zero or not counted
+    # (less the ops fvcore ignores, some of which the record still lists as lookups)
+    assert set(analysis.unsupported_ops()) == (set(fc.zero_ops) | set(fc.uncounted_ops)) - _IGNORED_OPS
+    assert set(fc.zero_ops) <= _NO_MACS
+
+
 def test_meta_copy_keeps_ties_and_allocates_nothing():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
     model[1].weight = model[0].weight

@@ -46,7 +46,7 @@ class GFlops:
     def __call__(self, ctx: CellContext) -> dict:
         model = ctx.abstract_model()
         try:
-            # a small model is cheaper traced for real (harness.flops.SMALL_MODEL_PARAMS)
+            # one already built for real, and small, is cheaper traced as it is (harness.flops.SMALL_MODEL_PARAMS)
             fc = self._count(ctx, model, abstract=not is_small(model))
         except AbstractCountError as exc:  # built on meta but needs data: build it for real
             fc = self._count(ctx, ctx.model, abstract=False)

@@ -19,9 +19,12 @@ from harness.runner import CellJob, execute_cell
 MODELS = {
     "dit-S/2": ({"name": "dit", "size": "S", "patch": 2}, (32_865_056, 6_065_504_256)),  # tests/test_dit_table.py
     "ablation-tiny": ({"name": "dit", "size": "tiny", "patch": 2, "depth": 2, "hidden_size": 64,
-                       "mixer": "attention"}, None),
+                       "mixer": "attention"}, (245_536, 43_134_976)),  # `harness flops dit --size tiny ...`
 }
 MAX_OVERHEAD = 0.10
+# Interleaved rounds whose minima are compared: the tiny cell's minimum over 3 or 10 rounds
+# still moved by 20-30% between identical runs on this machine; DiT-S/2's margin is wide.
+ROUNDS = {"dit-S/2": 3, "ablation-tiny": 30}
 
 
 def bare_count(spec: dict) -> tuple[int, int]:
@@ -54,14 +57,7 @@ def _cpu_time(fn) -> float:
     return time.process_time() - t0
 
 
-@pytest.mark.parametrize("label", [
-    "dit-S/2",
-    # Not met yet (issue 14): the tiny cell costs +30% to +45% over the bare count on one thread
-    # (2026-12-04; +79% before meta builds skipped torch.nn.init). What is left: the meta build
-    # that learns the model is small (~1.5 ms), and the count's own reporting of zero-counted
-    # ops, per-module figures and uncounted ops (~5 ms over fvcore's bare total()).
-    pytest.param("ablation-tiny", marks=pytest.mark.xfail(strict=True, reason="fixed cost per cell above 10%")),
-])
+@pytest.mark.parametrize("label", list(MODELS))
 def test_runner_overhead_under_ten_percent(benchmark, tmp_path, label):
     spec, pinned = MODELS[label]
     job = _job(tmp_path, spec, label)
@@ -77,7 +73,7 @@ def test_runner_overhead_under_ten_percent(benchmark, tmp_path, label):
         assert record["metrics"]["gflops"]["value"] * 1e9 == flops
         assert pinned is None or (params, flops) == pinned
         bare, cell = float("inf"), float("inf")
-        for _ in range(3):  # interleaved minima: noise only ever adds time
+        for _ in range(ROUNDS[label]):  # interleaved minima: noise only ever adds time
             bare = min(bare, _cpu_time(lambda: bare_count(spec)))
             cell = min(cell, _cpu_time(lambda: execute_cell(job)))
         # the per-cell time, tracked by `make bench` like any other figure
