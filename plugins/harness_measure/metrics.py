@@ -29,7 +29,7 @@ class Params:
 class GFlops:
     """GFLOPs of one forward at batch 1 (fvcore: one multiply-add = one FLOP; or thop's MACs with
     ``convention: thop``), counted on the meta device (harness.flops), or on real tensors where
-    the model cannot run on meta."""
+    the model cannot run on meta or is small and already built for real (trained, pruned)."""
 
     name, direction, unit = "gflops", "lower", "G"
     role = "cost"
