@@ -100,6 +100,12 @@ def test_matrix_products():
     assert _check(aten.addmm.default, _r(7), a, b)
     assert _check(aten.addmm.default, _r(5, 7), a, b)
     assert KERNELS[aten.mm.default](_meta(a), _meta(_r(4, 7))) is None  # mismatch: PyTorch raises its error
+    assert KERNELS[aten.addmm.default](_meta(_r(6)), _meta(a), _meta(b)) is None
+
+
+def test_shapes_that_do_not_broadcast_are_left_to_pytorch():
+    assert KERNELS[aten.add.Tensor](_meta(_r(2, 3)), _meta(_r(4))) is None
+    assert _check(aten.mul.Tensor, _r(0, 3), _r(1, 3)) and _check(aten.mul.Tensor, _r(2, 1, 3), _r(4, 1))
 
 
 def test_norms():
