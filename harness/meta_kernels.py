@@ -93,8 +93,8 @@ def _binary(true_divide: bool = False):
         if not isinstance(a, torch.Tensor):
             return None
         tensors = [a] + ([b] if isinstance(b, torch.Tensor) and b.dim() else [])
-        if any(t.is_complex() for t in [a, b] if isinstance(t, torch.Tensor)):
-            return None
+        if any(t.is_complex() or t.dtype == torch.bool for t in [a, b] if isinstance(t, torch.Tensor)):
+            return None  # complex, or bool (PyTorch refuses some bool arithmetic): PyTorch decides
         dtype = torch.result_type(a, b)
         if true_divide and not dtype.is_floating_point:
             dtype = torch.get_default_dtype()
@@ -154,9 +154,11 @@ def _addmm(bias, a, b, beta=1, alpha=1):
 
 def _layer_norm(x, normalized_shape, weight, bias, eps):
     k = len(normalized_shape)
-    if _single_strides(x) is None or not _same_float(x, weight, bias) or tuple(x.shape[x.dim() - k:]) != tuple(
-            normalized_shape):
+    shape = tuple(normalized_shape)
+    if _single_strides(x) is None or not _same_float(x, weight, bias) or tuple(x.shape[x.dim() - k:]) != shape:
         return None
+    if any(p is not None and tuple(p.shape) != shape for p in (weight, bias)):
+        return None  # PyTorch raises its own error
     stats = (*x.shape[:x.dim() - k], *([1] * k))
     return _empty(x.shape, x.dtype), _empty(stats, x.dtype), _empty(stats, x.dtype)
 
@@ -164,6 +166,8 @@ def _layer_norm(x, normalized_shape, weight, bias, eps):
 def _group_norm(x, weight, bias, n, c, hxw, groups, eps):
     if not x.is_contiguous() or not _same_float(x, weight, bias) or x.shape[0] != n or x.shape[1] != c:
         return None
+    if c % groups or any(p is not None and tuple(p.shape) != (c,) for p in (weight, bias)):
+        return None  # PyTorch raises its own error
     return _empty(x.shape, x.dtype), _empty((n, groups), x.dtype), _empty((n, groups), x.dtype)
 
 

@@ -105,6 +105,8 @@ def test_matrix_products():
 
 def test_shapes_that_do_not_broadcast_are_left_to_pytorch():
     assert KERNELS[aten.add.Tensor](_meta(_r(2, 3)), _meta(_r(4))) is None
+    flags = torch.ones(2, 3, dtype=torch.bool)
+    assert KERNELS[aten.sub.Tensor](_meta(flags), _meta(flags)) is None  # PyTorch refuses bool subtraction
     assert _check(aten.mul.Tensor, _r(0, 3), _r(1, 3)) and _check(aten.mul.Tensor, _r(2, 1, 3), _r(4, 1))
 
 
@@ -113,9 +115,15 @@ def test_norms():
     assert _check(aten.native_layer_norm.default, x, [8], _r(8), _r(8), 1e-5)
     assert _check(aten.native_layer_norm.default, x, [6, 8], None, None, 1e-6)
     assert _check(aten.native_layer_norm.default, _r(2, 8, 6).transpose(1, 2), [8], None, None, 1e-6)
+    assert KERNELS[aten.native_layer_norm.default](_meta(x), [8], _meta(_r(6)), None, 1e-5) is None  # bad weight
     g = _r(2, 8, 4, 4)
     assert _check(aten.native_group_norm.default, g, _r(8), _r(8), 2, 8, 16, 4, 1e-5)
     assert _check(aten.native_group_norm.default, g, None, None, 2, 8, 16, 2, 1e-5)
+    for dtype in (torch.float16, torch.bfloat16):  # half precision keeps its dtype in the statistics too
+        w = _r(8, dtype=dtype)
+        assert _check(aten.native_layer_norm.default, x.to(dtype), [8], w, w, 1e-5)
+        assert _check(aten.native_group_norm.default, g.to(dtype), w, w, 2, 8, 16, 4, 1e-5)
+    assert KERNELS[aten.native_group_norm.default](_meta(g), None, None, 2, 8, 16, 3, 1e-5) is None  # 8 % 3
 
 
 def test_empty_like():
