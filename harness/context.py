@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,7 @@ class CellContext:
         return torch.Generator(device=device).manual_seed(self.seed(purpose, shared))
 
     # -- stages ------------------------------------------------------------------------------
-    @cached_property
+    @functools.cached_property
     def specs(self) -> dict[str, Any]:
         """The cell's stage blocks, validated by the schemas of the stages that own them."""
         from .suite import stage_specs
@@ -88,7 +87,7 @@ class CellContext:
         return spec if isinstance(spec, TrainSpec) else TrainSpec.model_validate(self.config.blocks.get("train", {}))
 
     # -- data and inputs ---------------------------------------------------------------------
-    @cached_property
+    @functools.cached_property
     def dataset(self):
         """The training split of the cell's data set, or None without a ``data`` block."""
         return self.make_dataset("train")
@@ -100,7 +99,7 @@ class CellContext:
         return self.registry.create("dataset", spec.name, split=split, seed=self.seed("data", shared=True),
                                     **spec.options)
 
-    @cached_property
+    @functools.cached_property
     def _given_inputs(self) -> dict[str, Any]:
         """Factory options from the suite, with the input shape the data set implies."""
         opts = self.config.backbone.options
@@ -113,7 +112,7 @@ class CellContext:
                 opts.setdefault(k, v)
         return opts
 
-    @cached_property
+    @functools.cached_property
     def backbone_options(self) -> dict[str, Any]:
         """What the factory is called with. The contract's inputs are always passed: the
         suite's option, else the data set's shape, else the factory's own default, else
@@ -126,7 +125,7 @@ class CellContext:
         comp.check_options(opts)
         return opts
 
-    @cached_property
+    @functools.cached_property
     def input_spec(self) -> dict[str, int]:
         spec = {k: self.backbone_options.get(k) for k in INPUT_KEYS}
         # A factory default of None means "the model decides" (e.g. a preset's native size):
@@ -153,15 +152,12 @@ class CellContext:
         device = torch.device(device) if device is not None else self.device
         if device.type == "meta":  # no values drawn on any device: the CPU generator is enough
             torch.default_generator.manual_seed(self.seed("init"))
+            placement = _meta_building()
         else:
             torch.manual_seed(self.seed("init"))
+            # on the default device the context would only add a hook to every torch call
+            placement = contextlib.nullcontext() if device == torch.get_default_device() else torch.device(device)
         options = self.backbone_options  # outside the device context: it may build the data set
-        if device.type == "meta":
-            placement = _meta_building()
-        elif device == torch.get_default_device():  # the context would only add a hook to every torch call
-            placement = contextlib.nullcontext()
-        else:
-            placement = torch.device(device)
         with placement:
             model = self.registry.create("backbone", self.config.backbone.name, **options)
         return model

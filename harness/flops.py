@@ -91,13 +91,11 @@ class FlopCount:
     def record(self) -> dict:
         """The fields a record or ``harness flops --json`` keeps besides the total."""
         if self.convention == "thop":
-            out = {"counted_modules": self.rule_modules, "no_rule_modules": self.no_rule_modules,
-                   "flops_method": self.method}
-            if self.fallback_reason:
-                out["flops_fallback_reason"] = self.fallback_reason
-            return out
-        out = {"uncounted_ops": self.uncounted_ops, "zero_ops": self.zero_ops, "zero_flop_modules": self.zero_modules,
-               "flops_method": self.method}
+            out = {"counted_modules": self.rule_modules, "no_rule_modules": self.no_rule_modules}
+        else:
+            out = {"uncounted_ops": self.uncounted_ops, "zero_ops": self.zero_ops,
+                   "zero_flop_modules": self.zero_modules}
+        out["flops_method"] = self.method
         if self.fallback_reason:
             out["flops_fallback_reason"] = self.fallback_reason
         return out
@@ -199,14 +197,7 @@ def _count(model: torch.nn.Module, inputs: dict, handles: dict | None, method: s
     counts.update(walk.counts)
     modules = {_strip(k): v for k, v in counts.items() if k == "" or k.startswith("model")}
     total = walk.counts.get("", 0)
-    by_module, params = {}, {}
-    for name, child in model.named_children():
-        by_module[name] = modules.get(name, 0)
-        params[name] = sum(p.numel() for p in child.parameters())
-    rest = total - sum(by_module.values())
-    if rest:  # work in the model's own forward, outside any child
-        by_module["(top level)"] = rest
-        params["(top level)"] = sum(p.numel() for p in model.parameters(recurse=False))
+    by_module, params = _by_child(model, modules, total)
     zero_ops: dict[str, dict] = {}
     for op, _, elements in walk.zero_calls:
         entry = zero_ops.setdefault(op, {"calls": 0, "elements": 0})
@@ -214,6 +205,20 @@ def _count(model: torch.nn.Module, inputs: dict, handles: dict | None, method: s
         entry["elements"] += elements
     return FlopCount(total, by_module, params, walk.uncounted, dict(sorted(zero_ops.items())),
                      _zero_modules(model, modules, walk), modules, method)
+
+
+def _by_child(model: torch.nn.Module, modules: dict[str, int], total: int) -> tuple[dict, dict]:
+    """FLOPs and parameters of each direct child; what no child holds (work in the model's own
+    forward, or a rule on the model itself under thop) as "(top level)"."""
+    by_module, params = {}, {}
+    for name, child in model.named_children():
+        by_module[name] = modules.get(name, 0)
+        params[name] = sum(p.numel() for p in child.parameters())
+    rest = total - sum(by_module.values())
+    if rest:
+        by_module["(top level)"] = rest
+        params["(top level)"] = sum(p.numel() for p in model.parameters(recurse=False))
+    return by_module, params
 
 
 def scoped_trace(module: torch.nn.Module, args: tuple, names: dict):
@@ -592,13 +597,6 @@ def count_thop(model: torch.nn.Module, inputs: dict, method: str = METHOD_META) 
             key = ".".join(parts[:k])
             modules[key] = modules.get(key, 0) + n
     total = modules[""]
-    by_module, params = {}, {}
-    for name, child in model.named_children():
-        by_module[name] = modules.get(name, 0)
-        params[name] = sum(p.numel() for p in child.parameters())
-    rest = total - sum(by_module.values())
-    if rest:  # the model itself has a rule (a bare nn.Linear)
-        by_module["(top level)"] = rest
-        params["(top level)"] = sum(p.numel() for p in model.parameters(recurse=False))
+    by_module, params = _by_child(model, modules, total)
     return FlopCount(total, by_module, params, modules=modules, method=method, convention="thop",
                      rule_modules=dict(sorted(rule_calls.items())), no_rule_modules=dict(sorted(no_rule_calls.items())))

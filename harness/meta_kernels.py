@@ -6,7 +6,7 @@ in place of their C++ ones: on the meta device an ``add`` then took about 1 ms a
 below compute the same outputs (shape, dtype, strides) directly, for the common cases only:
 dense inputs in one layout, one dtype. Anything else returns ``None`` and PyTorch's own kernel
 runs. They are used only while a count traces (harness.flops); tests/test_meta_kernels.py
-compares each with PyTorch's over a grid of shapes, layouts and dtypes.
+compares each with the real CPU kernel over a grid of shapes, layouts and dtypes.
 """
 from __future__ import annotations
 
@@ -55,11 +55,11 @@ def _pointwise_layout(shape: torch.Size, tensors: list[torch.Tensor]):
     return layout
 
 
-def _single_strides(t: torch.Tensor):
-    """Strides of a pointwise op's output when ``t`` is its only tensor input, as TensorIterator
-    lays it out: contiguous where ``t``'s dims are in row-major order (gaps allowed, as in a
-    chunk), ``t``'s own strides where ``t`` is dense in another order; None otherwise. Strides
-    of size-1 dimensions, which address nothing, are not matched."""
+def _like_strides(t: torch.Tensor):
+    """Strides ``empty_like(t)`` gives: contiguous where ``t``'s dims are in row-major order
+    (gaps allowed, as in a chunk), ``t``'s own strides where ``t`` is dense in another order;
+    None otherwise (left to PyTorch). Strides of size-1 dimensions, which address nothing, are
+    not matched."""
     dims = [d for d in range(t.dim()) if t.shape[d] > 1]
     strides = [t.stride(d) for d in dims]
     if all(a > b for a, b in zip(strides, strides[1:])):
@@ -155,7 +155,7 @@ def _addmm(bias, a, b, beta=1, alpha=1):
 def _layer_norm(x, normalized_shape, weight, bias, eps):
     k = len(normalized_shape)
     shape = tuple(normalized_shape)
-    if _single_strides(x) is None or not _same_float(x, weight, bias) or tuple(x.shape[x.dim() - k:]) != shape:
+    if _like_strides(x) is None or not _same_float(x, weight, bias) or tuple(x.shape[x.dim() - k:]) != shape:
         return None
     if any(p is not None and tuple(p.shape) != shape for p in (weight, bias)):
         return None  # PyTorch raises its own error
@@ -176,7 +176,7 @@ def _empty_like(t, dtype=None, layout=None, device=None, pin_memory=None, memory
         return None
     if memory_format not in (None, torch.preserve_format):
         return _empty(t.shape, dtype or t.dtype, memory_format)
-    strides = _single_strides(t)
+    strides = _like_strides(t)
     return None if strides is None else torch.empty_strided(t.shape, strides, dtype=dtype or t.dtype, device="meta")
 
 
