@@ -98,3 +98,9 @@ def test_readme_links_resolve(site):
         if anchor:
             page = site / Path(path).relative_to("docs").with_suffix("") / "index.html"
             assert f'id="{anchor}"' in page.read_text(encoding="utf-8"), f"README.md links to missing anchor {link}"
+
+
+def test_readme_suite_is_the_default_suite():
+    """The suite the README walks through is what `make run` runs."""
+    block = re.search(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    assert yaml.safe_load(block) == yaml.safe_load((REPO / "suites" / "ablation.yaml").read_text(encoding="utf-8"))
