@@ -70,7 +70,7 @@ def open_regular(path: str | Path, what: str) -> BinaryIO:
     except IsADirectoryError:
         raise FileRefused(what, path, " is a directory; expected a regular file") from None
     except OSError as exc:
-        raise FileRefused(what, path, f": cannot open ({exc.strerror or exc})") from None
+        raise FileRefused(what, path, f": cannot read ({exc.strerror or exc})") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

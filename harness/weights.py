@@ -106,6 +106,10 @@ def download(url: str, *, what: str = "weights") -> Path:
         raise UserError(f"{what} URL {url!r} does not end in a file name")
     dest = Path(torch.hub.get_dir()) / "checkpoints" / name
     if not dest.is_file():
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{what}: cannot create {dest.parent} for {url} ({exc.strerror or exc})") from None
         fetch(url, dest, what=what)
     return dest
 
@@ -187,6 +191,8 @@ def read_tensors(path: str | Path, *, what: str = "weights"):
 
     ``path`` must be a regular file: a FIFO would block the read forever, a device never end."""
     path = Path(path)
+    if not os.path.exists(path):
+        raise UserError(f"{what} {str(path)!r} is not a file: nothing is there")
     with open_regular(path, what) as fh:
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError
