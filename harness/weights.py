@@ -332,7 +332,7 @@ def load_cache(path: str | Path, *, device: str = "cpu") -> Optional[dict]:
         _cache_warning(path, f"unreadable ({type(exc).__name__})")
         return None
     if stored != _digest(tensors):
-        _cache_warning(path, "its content does not match its digest" if stored else "it carries no digest")
+        _cache_warning(path, "does not match its digest" if stored else "carries no digest")
         return None
     return {k: v.to(device) for k, v in tensors.items()} if device != "cpu" else tensors
 
@@ -340,4 +340,4 @@ def load_cache(path: str | Path, *, device: str = "cpu") -> Optional[dict]:
 def _cache_warning(path: Path, problem: str) -> None:
     import sys
 
-    print(f"harness: warning: {path}: cache entry {problem}; recomputing it", file=sys.stderr, flush=True)
+    print(f"harness: warning: {path}: cache entry {problem}; not used", file=sys.stderr, flush=True)

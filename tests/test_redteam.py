@@ -533,7 +533,7 @@ def test_reference_features_whose_bytes_changed_are_recomputed(tmp_path, capsys)
     _flip_last_byte(entry)  # a bit gone bad on disk: still a valid safetensors file
     fixed = _cached_features(tmp_path, "ref", ["2048"], compute)
     assert len(calls) == 2 and torch.equal(fixed["2048"], torch.arange(12.0).reshape(4, 3))
-    assert "ref-features-2048.safetensors: cache entry its content does not match its digest" in capsys.readouterr().err
+    assert "ref-features-2048.safetensors: cache entry does not match its digest" in capsys.readouterr().err
     entry.write_bytes(entry.read_bytes()[:40])  # truncated
     _cached_features(tmp_path, "ref", ["2048"], compute)
     assert len(calls) == 3
@@ -566,3 +566,49 @@ def test_a_feature_chunk_with_the_wrong_rows_is_recomputed(tmp_path):
     evaluate._save_npz(chunk, pool=np.ones((1, 2)), spatial=np.ones((1, 2)), logits=np.ones((1, 2)))
     got = evaluate.features_of(Images(), net, device="cpu", batch_size=2, cache=tmp_path)
     assert runs == [3, 3] and got.pool.shape == (3, 2)
+
+
+def _tiny_sampler_model():
+    torch.manual_seed(0)
+    return harness.create("backbone", "dit", size="tiny", depth=1, hidden_size=32, num_heads=2, input_size=8,
+                          in_channels=3, num_classes=3, patch=2)
+
+
+SAMPLE_KW = dict(shape=(3, 8, 8), num_classes=3, seed=7, steps=2, sampler="ddim")
+
+
+def test_a_torn_image_in_a_sample_folder_is_drawn_again(tmp_path, capsys):
+    """A resumed sampling (or a teacher folder shared by a suite's cells) never keeps a torn PNG."""
+    from harness import sampling
+
+    sampling.sample_to_folder(_tiny_sampler_model(), tmp_path, 4, batch_size=2, **SAMPLE_KW)
+    whole = {p.name: p.read_bytes() for p in tmp_path.glob("*.png")}
+    torn = tmp_path / "000003.png"
+    torn.write_bytes(whole["000003.png"][:-20])
+    sampling.sample_to_folder(_tiny_sampler_model(), tmp_path, 4, batch_size=2, **SAMPLE_KW)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.png")} == whole
+    assert "000003.png: not a whole image" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_writing_sample_images_is_one_line_and_resumes(tmp_path, monkeypatch):
+    from harness import sampling
+
+    with monkeypatch.context() as m:
+        _full_disk_after(m, 2)  # two images fit
+        with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path))}: no space left on device while writing "
+                                            r"the image 000002.png; it needs 192 bytes free"):
+            sampling.sample_to_folder(_tiny_sampler_model(), tmp_path, 4, batch_size=2, **SAMPLE_KW)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000000.png", "000001.png"]  # no temporary left
+    sampling.sample_to_folder(_tiny_sampler_model(), tmp_path, 4, batch_size=2, **SAMPLE_KW)
+    assert len(list(tmp_path.glob("*.png"))) == 4
+
+
+def test_a_teacher_cache_whose_bytes_changed_is_not_loaded(tmp_path, capsys):
+    from harness.weights import load_cache, save_cache
+
+    path = tmp_path / "teachers" / "abc.safetensors"
+    save_cache(path, {"w": torch.arange(6.0)}, what="the teacher cache abc.safetensors")
+    assert torch.equal(load_cache(path)["w"], torch.arange(6.0))
+    _flip_last_byte(path)
+    assert load_cache(path) is None
+    assert "abc.safetensors: cache entry does not match its digest" in capsys.readouterr().err
