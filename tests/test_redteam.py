@@ -172,6 +172,20 @@ def test_a_server_that_never_accepts_is_bounded_by_the_connect_timeout(monkeypat
     assert not list(tmp_path.iterdir())
 
 
+def test_a_stalled_data_set_download_is_bounded(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 download has no timeout of its own; the harness bounds it."""
+    from torchvision.datasets import CIFAR10
+
+    from harness_data import cifar10
+
+    monkeypatch.setenv("HARNESS_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("HARNESS_READ_TIMEOUT", "1")
+    with silent_server() as port:
+        monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+        with pytest.raises(UserError, match="cifar10: cannot download"):
+            within(BOUND_S, cifar10, root=str(tmp_path / "data"), download=True)
+
+
 @contextmanager
 def http_server(body: bytes, announced: int | None = None):
     """127.0.0.1 HTTP server answering every GET with ``body`` and a Content-Length of

@@ -204,9 +204,12 @@ def cifar10(*, resolution: int = 32, split: str = "train", seed: int = 0, root: 
         if not download:
             raise UserError(f"cifar10: no data under {where / 'cifar-10-batches-py'}; download {CIFAR_URL}, "
                             f"extract it in {where} (or set data.root / $HARNESS_DATA)") from None
+        from harness.weights import network_timeout
+
         try:
-            tv = CIFAR10(str(where), train=split == "train", download=True)
-        except Exception as exc:  # offline: urllib errors of several kinds
+            with network_timeout():  # torchvision's urlopen has no timeout: a stalled server must not hang the cell
+                tv = CIFAR10(str(where), train=split == "train", download=True)
+        except Exception as exc:  # offline, or timed out: urllib errors of several kinds
             raise UserError(f"cifar10: cannot download ({type(exc).__name__}) and no data under "
                             f"{where / 'cifar-10-batches-py'}; fetch {CIFAR_URL} and extract it in {where} "
                             "(or set data.root / $HARNESS_DATA)") from None
