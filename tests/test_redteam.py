@@ -30,7 +30,6 @@ import json
 import os
 import re
 import socket
-import textwrap
 import threading
 import time
 from contextlib import contextmanager
