@@ -625,3 +625,16 @@ def test_a_teacher_cache_whose_bytes_changed_is_not_loaded(tmp_path, capsys):
     _flip_last_byte(path)
     assert load_cache(path) is None
     assert "abc.safetensors: cache entry does not match its digest" in capsys.readouterr().err
+
+
+def test_a_fifo_in_an_image_folder_data_set_is_refused_not_waited_on(tmp_path):
+    from PIL import Image
+
+    from harness_data import image_folder
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+    os.mkfifo(tmp_path / "4.png")
+    with pytest.raises(UserError, match=r"4.png' is a FIFO \(named pipe\); expected a regular file"):
+        for split in ("train", "val"):  # the FIFO lands in one of them
+            within(BOUND_S, image_folder, root=str(tmp_path), resolution=8, split=split, val_fraction=0.5)

@@ -169,8 +169,11 @@ def image_folder(*, resolution: int = 32, split: str = "train", seed: int = 0, r
     n_val = max(1, round(len(files) * val_fraction))
     chosen = sorted(perm[:n_val] if split == "val" else perm[n_val:])
     images, labels = [], []
+    from harness.files import open_regular
+
     for i in chosen:
-        with Image.open(files[i]) as img:
+        # open_regular: a FIFO named like an image would block forever, a device never end
+        with open_regular(files[i], "image-folder: image") as fh, Image.open(fh) as img:
             arr = np.asarray(center_crop(img.convert("RGB"), resolution))
         images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
         labels.append(classes.index(files[i].relative_to(base).parts[0]) if labelled else 0)
