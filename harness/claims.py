@@ -7,6 +7,11 @@ written. A second run that finds the file skips the cell ("running elsewhere"). 
 left by a process that died (SIGKILL, a crashed node) is stale: on the same host a dead
 pid proves it and the claim is taken over; a claim from another host is never judged,
 since its pid means nothing here (delete the file by hand if that run is gone).
+
+A claim file no run could have written (junk, a pid that is not one) is taken over once it
+is older than :data:`EMPTY_GRACE_S`; a directory, FIFO or device in its place is never opened
+for reading nor removed: the cell is skipped with a line naming it. Nothing here raises for a
+claim file's content.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from .files import FileRefused, read_regular, space_error
 
 # A claim file with no JSON yet is one being written, unless it is older than this: its
 # writer died between creating and filling it.
@@ -52,22 +59,63 @@ def _alive(pid: int) -> bool:
 
 
 def _read(path: Path) -> dict | None:
-    """The claim's content; {} for one not (yet) JSON; None when there is no file."""
+    """The claim's content; None when there is no file.
+
+    What a run cannot have written is described under ``"problem"`` (with ``"kind"`` "junk"
+    for content that is not a claim, "not-a-file" for a directory, FIFO or device, which is
+    never waited on nor removed); ``{}`` is a claim being written (no JSON yet)."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
+        raw = read_regular(path, "claim file")
+    except FileRefused as exc:
+        if exc.reason == "file not found":
+            return None
+        kind = "unreadable" if exc.reason.startswith("cannot") else "not-a-file"
+        return {"problem": exc.reason, "kind": kind, "path": str(path)}
+    if not raw.strip():
         return {}
-    return data if isinstance(data, dict) else {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # UnicodeDecodeError included
+        return {"problem": f"cannot be parsed ({_short(exc)})", "kind": "junk", "path": str(path)}
+    bad = _malformed(data)
+    if bad:
+        return {"problem": bad, "kind": "junk", "path": str(path)}
+    return data
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 80 else text[:80] + "..."
+
+
+def _malformed(data) -> str | None:
+    """Why ``data`` is not a claim this module wrote, or None."""
+    if not isinstance(data, dict):
+        return f"holds JSON {type(data).__name__}, not a claim"
+    pid = data.get("pid")
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2 ** 31:
+        return f"has no valid pid ({pid!r})"
+    if not isinstance(data.get("host"), str):
+        return f"has no valid host ({data.get('host')!r})"
+    return None
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def is_stale(holder: dict, path: Path) -> bool:
-    if not holder:
-        try:
-            return time.time() - path.stat().st_mtime > EMPTY_GRACE_S
-        except FileNotFoundError:
-            return False
+    """Whether the claim's owner cannot be alive. An empty or unparsable claim is a writer's
+    unfinished first write for at most EMPTY_GRACE_S (a claim is written in one call right
+    after it is created); older, its writer died or no run wrote it, and it is taken over.
+    A directory, FIFO or device is never stale: it is not ours to remove."""
+    if not holder or holder.get("kind") in ("junk", "unreadable"):
+        return holder.get("kind") != "unreadable" and _age(path) > EMPTY_GRACE_S
+    if holder.get("kind") == "not-a-file":
+        return False
     pid = holder.get("pid")
     return holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
 
@@ -75,6 +123,10 @@ def is_stale(holder: dict, path: Path) -> bool:
 def describe(holder: dict) -> str:
     if not holder:
         return "claimed by a run that is starting"
+    if "problem" in holder:
+        what = ("remove it to run the cell" if holder.get("kind") != "junk"
+                else f"taken over once {EMPTY_GRACE_S:g} s old, or remove it")
+        return f"claim file {holder.get('path')} {holder['problem']}; {what}"
     return f"claimed by {holder.get('host')} pid {holder.get('pid')} since {holder.get('started')}"
 
 
@@ -89,7 +141,10 @@ def _bury(path: Path, holder: dict) -> None:
         os.rename(path, grave)
     except FileNotFoundError:
         return
-    if _read(grave) != holder:
+    moved = _read(grave)
+    if moved is not None and "problem" in moved:  # judged by content: where it lies does not matter
+        moved = {**moved, "path": holder.get("path")}
+    if moved != holder:
         try:
             os.link(grave, path)
         except FileExistsError:
@@ -115,12 +170,17 @@ def claim(record_path: Path) -> Claim | dict:
                 return holder
             _bury(path, holder)
             continue
+        text = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": token})
         try:
             with os.fdopen(fd, "w") as fh:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid(),
-                           "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "token": token}, fh)
-        except BaseException:  # interrupted half-way: leave no empty claim behind
+                fh.write(text)
+        except BaseException as exc:  # interrupted half-way, or a full disk: leave no empty claim behind
             path.unlink(missing_ok=True)
+            full = space_error(exc, path.parent, len(text), f"the claim {path.name}") \
+                if isinstance(exc, OSError) else None
+            if full is not None:
+                raise full from None
             raise
         return Claim(path, token)
     return holder or {}

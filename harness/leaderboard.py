@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError, suggest
-from .table import ARROW, SPREAD_NOTE, build_frame, metric_header
+from .table import ARROW, SPREAD_NOTE, build_frame, markdown_table, metric_header
 
 FORMATS = ("markdown", "latex", "csv", "html")
 
@@ -160,7 +160,7 @@ def _marked(board: Board, wrap, link) -> pd.DataFrame:
 # -- formats ------------------------------------------------------------------------------
 def to_markdown(board: Board) -> str:
     df = _marked(board, lambda v: f"**{v}**", lambda c, p: f"[{c}]({p.replace(' ', '%20')})")
-    return df.to_markdown(index=False) + "\n\n" + _legend(board, "**bold**")
+    return markdown_table(df) + "\n\n" + _legend(board, "**bold**")
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import secrets
 import socket
 import subprocess
 import sys
@@ -15,29 +14,20 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import UserError
+from .files import FileRefused, atomic_write, read_regular
 
 REQUIRED = ("suite", "cell", "config", "status", "error", "metrics", "env", "plugins")
 
 
 def write_record(path: Path, record: dict) -> None:
     """Write via a temporary file in the same folder and an atomic rename: a reader (or a
-    killed run) sees the old record or the new one, never half of one.
+    killed run) sees the old record or the new one, never half of one. A full disk is one
+    line naming the folder and the record's size (:func:`harness.files.space_error`).
 
     The file gets the permissions of any new file (0666 less the umask): mkstemp's 0600
     would hide the records of a shared results folder from everyone else on it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(record, fh, indent=2, sort_keys=False, default=_jsonable)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    text = json.dumps(record, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    atomic_write(path, text.encode(), what=f"the record {Path(path).name}")
 
 
 def _jsonable(obj: Any):
@@ -91,15 +81,17 @@ _MISSING = object()
 
 def _parse(path: Path) -> tuple[Any, str | None]:
     """The JSON in ``path``, or why there is none (``_MISSING`` when there is no file)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return _MISSING, None
+    try:  # a FIFO or device dropped in a shared results folder is refused, not waited on
+        text = read_regular(path, "record")
+    except FileRefused as exc:
+        return _MISSING, exc.reason
     except OSError as exc:
         return _MISSING, f"cannot read ({exc.strerror or exc})"
     try:
         return json.loads(text), None
-    except ValueError as exc:
+    except ValueError as exc:  # UnicodeDecodeError included
         return _MISSING, f"not valid JSON ({exc})"
 
 

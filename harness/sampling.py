@@ -126,15 +126,13 @@ def sample_to_folder(model, folder: str | Path, num_samples: int, *, batch_size:
         for b in range(rank, (num_samples + batch_size - 1) // batch_size, world):
             idx = list(range(b * batch_size, min((b + 1) * batch_size, num_samples)))
             paths = [folder / f"{i:06d}.png" for i in idx]
-            if all(p.is_file() for p in paths):
+            if all(image_intact(p) for p in paths):
                 continue
             x, _ = sample_batch(model, idx, **sample_kwargs)
             if decode is not None:
                 x = decode(x.to(device))
             for p, arr in zip(paths, to_uint8(x)):
-                tmp = p.with_name(p.stem + ".tmp.png")  # renamed: a kill never leaves half a PNG
-                Image.fromarray(arr).save(tmp)
-                os.replace(tmp, p)
+                save_png(Image.fromarray(arr), p)
     finally:
         model.train(was_training)
     if world > 1:
@@ -142,6 +140,35 @@ def sample_to_folder(model, folder: str | Path, num_samples: int, *, batch_size:
 
         dist.barrier()
     return folder
+
+
+def image_intact(path: Path) -> bool:
+    """Whether ``path`` is a whole image: a resumed sampling keeps it, else draws it again.
+
+    Our own writes are atomic, but a shared folder can still hold a torn copy or a changed
+    file; PIL's ``verify`` reads every chunk and checks its CRC, so one is never used silently."""
+    from PIL import Image
+
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # PIL raises many kinds for a torn file (SyntaxError, OSError, struct.error...)
+        import sys
+
+        print(f"harness: warning: {path}: not a whole image; drawing it again", file=sys.stderr, flush=True)
+        return False
+
+
+def save_png(image, path: Path) -> None:
+    """``image`` (PIL) as ``path``, atomically: a kill never leaves half a PNG behind, a full
+    disk is one line naming the folder (:func:`harness.files.atomic_path`)."""
+    from .files import atomic_path
+
+    with atomic_path(path, what=f"the image {path.name}", needed=len(image.tobytes())) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def export_npz(folder: str | Path, path: str | Path, num_samples: Optional[int] = None) -> Path:

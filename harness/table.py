@@ -15,6 +15,22 @@ ARROW = {"lower": "↓", "higher": "↑"}
 SPREAD_NOTE = "± is half the interquartile range"  # what format_metric's "median ± x" means
 
 
+def markdown_cell(value: Any) -> Any:
+    """``value`` as a markdown table cell can hold it: a ``|`` in a label or configuration value
+    would start a new column, a line break end the row. Non-text values pass unchanged (the
+    table aligns numbers)."""
+    if not isinstance(value, str):
+        return value
+    return value.replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>").replace("\r", "<br>")
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """``df`` as a GitHub markdown table, every header and cell escaped (:func:`markdown_cell`)."""
+    safe = df.map(markdown_cell)
+    safe.columns = [markdown_cell(str(c)) for c in df.columns]
+    return safe.to_markdown(index=False)
+
+
 def _component_label(spec: dict) -> str:
     """``{name: window-attention, window_size: 4}`` -> ``window-attention(window_size=4)``."""
     opts = ",".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "name")
@@ -152,7 +168,7 @@ def render(records: list[dict], fmt: str = "markdown", columns: Sequence[str] | 
     df = build_frame(records, columns, raw=raw)
     legend = " · ".join(notes(df)) if not raw else ""
     if fmt == "markdown":
-        return df.to_markdown(index=False) + (f"\n\n{legend}" if legend else "")
+        return markdown_table(df) + (f"\n\n{legend}" if legend else "")
     if fmt == "latex":  # the legend as a comment, as the leaderboard's: the caption is the author's
         return df.to_latex(index=False, escape=True) + (f"% {legend}\n" if legend else "")
     if fmt == "html":

@@ -193,14 +193,14 @@ def test_unreadable_record_is_named(results, monkeypatch, capsys):
     """A record another user cannot read (mode 0600 on a shared folder) is reported, not silently
     missing. The test runs as any user, root included: the read itself is made to fail."""
     victim = next((results / "scaling").glob("*.json"))
-    real = Path.read_text
+    real = os.open
 
-    def read_text(self, *args, **kwargs):
-        if self == victim:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
+    def refuse(path, *args, **kwargs):
+        if Path(path) == victim:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(os, "open", refuse)
     assert len(load_records(results)) == 4
     assert capsys.readouterr().err == f"harness: warning: {victim}: cannot read (Permission denied); skipped\n"
     assert main(["table", str(results / "scaling")]) == 2

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -129,11 +130,11 @@ def test_write_record_is_atomic(tmp_path, monkeypatch):
             "env": {}, "plugins": {}}
     write_record(path, good)
 
-    def broken_dump(obj, fh, **kw):
-        fh.write('{"suite": "s", "cel')
-        raise OSError("disk full")
+    def broken_fsync(fd):  # half a record written, then the device fails
+        os.write(fd, b'{"suite": "s", "cel')
+        raise OSError("I/O error")
 
-    monkeypatch.setattr(json, "dump", broken_dump)
+    monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError):
         write_record(path, dict(good, status="failed"))
     assert read_record(path)["status"] == "ok"

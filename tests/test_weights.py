@@ -136,7 +136,7 @@ def test_a_url_is_downloaded_once_then_read_safely(tmp_path, monkeypatch):
     torch.save({"ema": {"x": Evil(marker)}}, served / "evil.pt")
     fetched = []
 
-    def fake_download(url, dst, *args, **kwargs):
+    def fake_fetch(url, dst, *args, **kwargs):
         fetched.append(url)
         shutil.copy(served / url.rsplit("/", 1)[-1], dst)
 
@@ -144,7 +144,7 @@ def test_a_url_is_downloaded_once_then_read_safely(tmp_path, monkeypatch):
         raise AssertionError("load_state_dict_from_url unpickles: it must not be used")
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr("harness.weights.fetch", fake_fetch)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", never)
     url = "https://example.org/weights/DiT-tiny.pt"
     for _ in range(2):
@@ -155,12 +155,16 @@ def test_a_url_is_downloaded_once_then_read_safely(tmp_path, monkeypatch):
         _tiny_dit(pretrained="https://example.org/evil.pt")
     assert not marker.exists()
 
-    def offline(url, dst, *a, **k):
-        raise OSError("network is unreachable")
+    monkeypatch.undo()  # the real download, from a port nothing listens on (loopback only)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    import socket
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError, match=r"pretrained: cannot download https://example.org/gone.pt \(OSError"):
-        _tiny_dit(pretrained="https://example.org/gone.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match=rf"pretrained: cannot download http://127.0.0.1:{port}/gone.pt "
+                                        r"\(ConnectionError: .*\); or download it yourself"):
+        _tiny_dit(pretrained=f"http://127.0.0.1:{port}/gone.pt")
 
 
 def test_lamamba_takes_the_same_checkpoint_key(tmp_path):

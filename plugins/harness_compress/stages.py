@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -228,21 +227,22 @@ def build_teacher(ctx) -> torch.nn.Module:
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     cache = Path(ctx.workdir).parent / "teachers" / f"{key}.safetensors" if ctx.workdir else None
     if cache is not None and cache.is_file():
-        from safetensors.torch import load_file
+        from harness.weights import load_cache
 
-        model.load_state_dict(load_file(str(cache), device=str(ctx.device)))
-        ctx.extra["teacher"] = {"cache": str(cache), "trained_here": False}
-        return model
+        state = load_cache(cache, device=str(ctx.device))  # None when torn or changed: trained again
+        if state is not None and set(state) == set(model.state_dict()):
+            model.load_state_dict(state)
+            ctx.extra["teacher"] = {"cache": str(cache), "trained_here": False}
+            return model
     result = train_model(ctx, model, train, tag="teacher")
     model = result.pop("ema")
     ctx.extra["teacher"] = {"cache": str(cache) if cache else None, "trained_here": True, **result}
     if cache is not None:
-        from safetensors.torch import save_file
+        from harness.weights import save_cache
 
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")  # id() can repeat across processes
-        save_file(untie({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}), str(tmp))
-        tmp.replace(cache)  # atomic: a parallel cell never reads a torn file
+        # atomic, with a digest of its content: a parallel cell never reads a torn file, nor anyone a changed one
+        save_cache(cache, untie({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}),
+                   what=f"the teacher cache {cache.name}")
         training_checkpoint(ctx, "teacher").unlink(missing_ok=True)  # only a killed training needs it
     return model
 

@@ -54,10 +54,11 @@ class LatentDataset(torch.utils.data.Dataset):
         self.name = f"{source.name}-latent"
 
     def _load_or_encode(self, path: Path, batch_size: int) -> torch.Tensor:
-        from safetensors.torch import load_file, save_file
+        from harness.weights import load_cache, save_cache
 
-        if path.is_file():
-            return load_file(path)["latents"]
+        cached = load_cache(path)  # None when missing, torn or changed since written: encoded again
+        if cached is not None and "latents" in cached and len(cached["latents"]) == len(self.source):
+            return cached["latents"]
         out = []
         with torch.inference_mode():
             for i in range(0, len(self.source), batch_size):
@@ -65,10 +66,7 @@ class LatentDataset(torch.utils.data.Dataset):
                 # The mean, not a draw: the cache is then a pure function of images and VAE.
                 out.append(self.vae.encode(x).latent_dist.mean * self.scale)
         latents = torch.cat(out).contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({"latents": latents}, str(tmp))
-        tmp.replace(path)
+        save_cache(path, {"latents": latents}, what=f"the latent cache {path.name}")
         return latents
 
     def __len__(self) -> int:

@@ -143,53 +143,129 @@ class Batch(NamedTuple):
     spatial: Optional[Statistics]
 
 
-def _stored_array(path: Path, member: str) -> Optional[np.ndarray]:
-    """``member`` of an uncompressed zip (what ``np.savez`` writes) as a read-only memory map,
-    so a 50,000-image batch is read batch by batch instead of whole; None when compressed."""
+class Member(NamedTuple):
+    """One array of an ``.npz`` as its ``.npy`` header describes it (nothing of it read)."""
+
+    shape: tuple
+    dtype: np.dtype
+    fortran: bool
+    stored: bool          # uncompressed (np.savez), so it can be memory-mapped
+    offset: int           # where its data starts in the file, when stored
+
+
+def _npy_header(f, name: str) -> tuple[tuple, bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"member {name!r} is .npy format {version[0]}.{version[1]}, expected 1.0 or 2.0")
+    return shape, fortran, dtype
+
+
+def npz_members(path: str | Path, what: str = "npz") -> dict[str, Member]:
+    """Every array of the ``.npz`` at ``path`` by key, from the ``.npy`` headers inside the zip
+    (numpy.lib.format): shapes and dtypes known before a byte of data is read, so a wrong
+    input is refused before any work. Object arrays (pickles) are refused here."""
     import zipfile
 
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(member)
-        if info.compress_type != zipfile.ZIP_STORED:
-            return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
-        f.seek(start)
-        version = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read_header(f)
-        offset = f.tell()
-    if dtype.hasobject:
-        raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    from harness.files import open_regular
+
+    path = Path(path)
+    members = {}
+    try:
+        with open_regular(path, what) as fh, zipfile.ZipFile(fh) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                key = info.filename[:-4]
+                with zf.open(info) as f:
+                    shape, fortran, dtype = _npy_header(f, key)
+                    header_size = f.tell()
+                if dtype.hasobject:
+                    raise ValueError(f"{key!r} is an object array, which only unpickling could read")
+                stored = info.compress_type == zipfile.ZIP_STORED
+                offset = 0
+                if stored:  # the local header's own name and extra lengths place the data
+                    fh.seek(info.header_offset)
+                    local = fh.read(30)
+                    offset = (info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                              + int.from_bytes(local[28:30], "little") + header_size)
+                    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                    if offset + need > path.stat().st_size:
+                        raise ValueError(f"{key!r} is truncated ({tuple(shape)} {dtype} needs {need} bytes)")
+                members[key] = Member(tuple(shape), dtype, fortran, stored, offset)
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise UserError(f"{what} {path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+    except ValueError as exc:
+        raise UserError(f"{what} {path}: not a plain .npz of arrays ({exc})") from None
+    return members
+
+
+def _check_members(members: dict[str, Member], path: Path, what: str) -> None:
+    """The shapes ADM's evaluator gives its batches, checked on the headers alone."""
+    keys = set(members)
+    for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
+        if (mu in keys) != (sigma in keys):
+            raise UserError(f"{what} {path}: has {mu if mu in keys else sigma!r} without "
+                            f"{sigma if mu in keys else mu!r}; expected both or neither")
+        if mu not in keys:
+            continue
+        m, s = members[mu], members[sigma]
+        for key, member in ((mu, m), (sigma, s)):
+            if member.dtype.kind not in "fiu":
+                raise UserError(f"{what} {path}: {key!r} is {member.dtype}, expected numbers")
+        if len(m.shape) != 1 or s.shape != (m.shape[0], m.shape[0]):
+            raise UserError(f"{what} {path}: {mu!r} {m.shape} and {sigma!r} {s.shape} are not a mean (D,) and "
+                            f"its covariance (D, D)")
+    if "arr_0" not in keys and not {"mu", "sigma"} <= keys:
+        raise UserError(f"{what} {path}: no 'arr_0' images and no 'mu'/'sigma' statistics "
+                        f"(keys: {', '.join(sorted(keys)) or 'none'})")
+    images = members.get("arr_0")
+    if images is not None and (len(images.shape) != 4 or images.shape[-1] != 3 or images.dtype != np.uint8):
+        raise UserError(f"{what} {path}: 'arr_0' must be (N, H, W, 3) uint8 images, got "
+                        f"{images.dtype} {images.shape}")
+
+
+def check_statistics(batch: "Batch", dims: dict[str, int], path: str | Path, what: str = "npz") -> None:
+    """Precomputed statistics of ``batch`` against the feature widths they will be compared
+    with (``{"pool": 2048, "spatial": 2023}`` for the evaluator's Inception): one line naming
+    the key and both widths, before any feature is extracted."""
+    for name, stats, keys in (("pool", batch.pool, "'mu'/'sigma'"), ("spatial", batch.spatial, "'mu_s'/'sigma_s'")):
+        if stats is not None and name in dims and stats.mu.shape[0] != dims[name]:
+            raise UserError(f"{what} {path}: {keys} have dimension {stats.mu.shape[0]}, but the {name} features "
+                            f"they are compared with have {dims[name]}; expected statistics of the same "
+                            f"extractor (ADM's Inception: {dims[name]})")
 
 
 def read_npz(path: str | Path, what: str = "npz") -> Batch:
-    """Read an ADM batch without unpickling anything (``allow_pickle=False``); images stay on
-    disk (memory-mapped) when the file is uncompressed."""
+    """Read an ADM batch without unpickling anything: every member's header is checked first
+    (:func:`npz_members`), then the statistics are read and the images memory-mapped when the
+    file is uncompressed (a 50,000-image batch is read batch by batch, not whole)."""
+    import zipfile
+    import zlib
+
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path}: file not found")
+    members = npz_members(path, what)
+    _check_members(members, path, what)
     try:
         with np.load(path, allow_pickle=False) as data:
-            keys = set(data.files)
             images = None
-            if "arr_0" in keys:
-                images = _stored_array(path, "arr_0.npy")
-                if images is None:  # np.savez_compressed: no way around reading it whole
-                    images = data["arr_0"]
-            pool = Statistics(data["mu"], data["sigma"]) if {"mu", "sigma"} <= keys else None
-            spatial = Statistics(data["mu_s"], data["sigma_s"]) if {"mu_s", "sigma_s"} <= keys else None
-    except FileNotFoundError:
-        raise UserError(f"{what} {path}: file not found") from None
-    except ValueError as exc:  # object arrays need pickle: refused
+            if "arr_0" in members:
+                m = members["arr_0"]
+                images = (np.memmap(path, dtype=m.dtype, mode="r", offset=m.offset, shape=m.shape,
+                                    order="F" if m.fortran else "C") if m.stored
+                          else data["arr_0"])  # np.savez_compressed: no way around reading it whole
+            pool = Statistics(data["mu"], data["sigma"]) if "mu" in members else None
+            spatial = Statistics(data["mu_s"], data["sigma_s"]) if "mu_s" in members else None
+    except ValueError as exc:
         raise UserError(f"{what} {path}: not a plain .npz of arrays ({exc})") from None
-    except (OSError, EOFError, KeyError) as exc:
-        raise UserError(f"{what} {path}: not a readable .npz ({exc})") from None
-    if images is None and pool is None:
-        raise UserError(f"{what} {path}: no 'arr_0' images and no 'mu'/'sigma' statistics "
-                        f"(keys: {', '.join(sorted(keys)) or 'none'})")
-    if images is not None and (images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8):
-        raise UserError(f"{what} {path}: 'arr_0' must be (N, H, W, 3) uint8 images, got "
-                        f"{images.dtype} {tuple(images.shape)}")
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:  # a corrupt or truncated member
+        raise UserError(f"{what} {path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+    for name, stats in (("mu/sigma", pool), ("mu_s/sigma_s", spatial)):
+        if stats is not None and not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+            raise UserError(f"{what} {path}: {name} hold NaN or infinite values")
     return Batch(images, pool, spatial)

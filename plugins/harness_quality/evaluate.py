@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ INCEPTION_METRICS = ("fid", "sfid", "isc", "precision", "recall", "kid")
 METRICS = INCEPTION_METRICS + ("fd_dinov2",)
 CHUNK = 2048          # images per cached feature chunk: the unit an interrupted run resumes at
 ADM_VERSION = 1       # in every cache key: bump when what a chunk holds changes
+INCEPTION_DIMS = {"pool": 2048, "spatial": 2023}  # pool_3; 7 channels of mixed_6/conv's 17x17 map
 
 
 class Source:
@@ -87,15 +87,11 @@ def _read_image(path: str) -> np.ndarray:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically; a full disk is one line naming the cache folder (harness.files)."""
+    from harness.files import atomic_write
+
+    atomic_write(path, lambda fh: np.savez(fh, **arrays), what=f"the feature cache {path.name}",
+                 needed=sum(np.asarray(a).nbytes for a in arrays.values()))
 
 
 def _load_chunk(path: Path, kind: type = Features):
@@ -137,6 +133,8 @@ def features_of(source: Source, net: Network, *, device, batch_size: int, cache:
         stop = min(start + CHUNK, source.count)
         path = folder / f"{start:08d}-{stop:08d}.npz"
         chunk = _load_chunk(path, net.kind)
+        if chunk is not None and any(len(a) != stop - start for a in chunk):
+            chunk = None  # not this chunk's rows: a stale or foreign file, recomputed
         if chunk is None:
             def tick(n):
                 nonlocal done
@@ -199,6 +197,10 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, we
     if smp.count < 2:
         raise UserError(f"{samples_arg} {str(smp.path)!r} holds {smp.count} image(s); at least 2 are needed")
     pool_stats, spatial_stats = ref.stats
+    if ref.npz is not None:  # mu/sigma of another extractor: refused now, not after every sample's features
+        used = {"pool": "fid", "spatial": "sfid"}
+        adm.check_statistics(ref.npz, {k: d for k, d in INCEPTION_DIMS.items() if used[k] in metrics}, ref.path,
+                             reference_arg)
     need_ref_images = [m for m in metrics if m in ("precision", "recall", "kid", "fd_dinov2")
                        or (m == "fid" and pool_stats is None) or (m == "sfid" and spatial_stats is None)]
     if need_ref_images and ref.count < 2:

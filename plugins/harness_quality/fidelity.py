@@ -140,10 +140,13 @@ def resolve_dinov2() -> Extractor:
 def build_dinov2(ext: Extractor, cuda: bool):
     """torch-fidelity's DINOv2 extractor; torch.hub failing to fetch or import it (network,
     a partial cache) makes the metric unavailable rather than the run crash."""
+    from harness.weights import network_timeout
+
     from .features import DINOV2_FEATURES
 
     try:
-        return build_extractor(ext, list(DINOV2_FEATURES), cuda)
+        with network_timeout():  # torch.hub's own downloads have no timeout: a stalled server is bounded here
+            return build_extractor(ext, list(DINOV2_FEATURES), cuda)
     except (OSError, RuntimeError, ImportError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MetricUnavailable(f"cannot load DINOv2 ViT-L/14 through torch.hub ({torch.hub.get_dir()}): "
@@ -228,22 +231,18 @@ def _features(dataset, module, cuda: bool, batch_size: Optional[int] = None) -> 
 
 def _cached_features(cache: Path, name: str, layers, compute) -> dict:
     """Features per layer from ``cache/<name>-features-<layer>.safetensors``, else computed and
-    stored there (atomically). An unreadable entry is recomputed: it is ours, not the user's."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, save_file
+    stored there (atomically, with a digest of their content). An entry that is unreadable,
+    truncated or no longer matches its digest is recomputed: it is ours, not the user's."""
+    from harness.weights import load_cache, save_cache
 
     files = {layer: cache / f"{name}-features-{layer}.safetensors" for layer in layers}
     if all(f.is_file() for f in files.values()):
-        try:
-            return {layer: load_file(str(f))["features"] for layer, f in files.items()}
-        except (SafetensorError, OSError, KeyError):
-            pass
+        entries = {layer: load_cache(f) for layer, f in files.items()}
+        if all(e is not None and "features" in e for e in entries.values()):
+            return {layer: e["features"] for layer, e in entries.items()}
     feats = compute()
-    cache.mkdir(parents=True, exist_ok=True)
     for layer, f in files.items():
-        tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
-        save_file({"features": feats[layer].contiguous()}, str(tmp))
-        os.replace(tmp, f)
+        save_cache(f, {"features": feats[layer]}, what=f"the reference feature cache {f.name}")
     return feats
 
 
@@ -305,10 +304,13 @@ def _check_folder(folder: str, arg: str) -> list[str]:
     if len(files) < 2:
         raise UserError(f"fid: {arg} {folder!r} holds {len(files)} .png/.jpg/.jpeg image(s); FID needs at least 2 "
                         f"per folder")
+    from harness.files import open_regular
+
     first = None
     for f in files:  # headers only: cheap next to Inception, and a bad file is named before any work
+        # open_regular: an image name on a FIFO would block the read forever, a device never end
         try:
-            with Image.open(f) as im:
+            with open_regular(f, f"fid: {arg} file") as fh, Image.open(fh) as im:
                 size = im.size
         except (UnidentifiedImageError, OSError) as exc:
             raise UserError(f"fid: {arg} file {f!r} is not a readable image ({type(exc).__name__})") from None

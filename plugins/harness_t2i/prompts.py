@@ -22,6 +22,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from harness.errors import UserError
+from harness.files import check_regular, read_regular
 
 
 class PromptSet(BaseModel):
@@ -55,10 +56,20 @@ class PromptSet(BaseModel):
 
 
 def _stat(path: str) -> os.stat_result:
-    p = Path(path)
-    if not p.is_file():
+    if not os.path.lexists(path):
         raise UserError(f"prompt set {path!r} not found (paths are relative to the directory harness runs in)")
-    return p.stat()
+    return check_regular(path, "prompt set")
+
+
+def _text(path: str) -> str:
+    """The file's text; a FIFO or device is refused unopened, bytes that are not UTF-8 named."""
+    raw = read_regular(path, "prompt set")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"prompt set {path!r}, line {line}: not UTF-8 text (byte {raw[exc.start]:#04x}); "
+                        f"expected UTF-8 text") from None
 
 
 def read_prompt_set(path: str | Path, one_per_image: bool = False, subset: Optional[int] = None,
@@ -76,7 +87,7 @@ def _read(path: str, mtime_ns: int, size: int, one_per_image: bool, subset: Opti
     else:
         if one_per_image:
             raise UserError(f"prompt set {path!r}: one_per_image needs a COCO captions JSON (.json)")
-        prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        prompts = [line.strip() for line in _text(path).splitlines()]
         prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise UserError(f"prompt set {path!r} holds no prompt")
@@ -90,8 +101,8 @@ def _read(path: str, mtime_ns: int, size: int, one_per_image: bool, subset: Opti
 
 def _coco(path: str, one_per_image: bool) -> list[str]:
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = json.loads(_text(path))
+    except ValueError as exc:
         raise UserError(f"prompt set {path!r}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("annotations"), list):
         raise UserError(f"prompt set {path!r}: expected an MS-COCO captions JSON with an 'annotations' list")

@@ -34,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from harness.errors import UserError, suggest
+from harness.sampling import image_intact, save_png
 from harness.stages import Stage
 
 from .prompts import PromptSet
@@ -164,15 +165,13 @@ def sample_images(pipe, prompts: list[str], folder: str | Path, *, steps: int = 
     for b in range(rank, (len(prompts) + batch_size - 1) // batch_size, world):
         idx = list(range(b * batch_size, min((b + 1) * batch_size, len(prompts))))
         paths = [folder / f"{i:06d}.png" for i in idx]
-        if all(p.is_file() for p in paths):
+        if all(image_intact(p) for p in paths):  # a torn or changed image (a shared teacher folder) is redrawn
             continue
         out = pipe(prompt=[prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance_scale,
                    generator=[torch.Generator("cpu").manual_seed(seed + i) for i in idx], height=size, width=size,
                    output_type="pil")
         for path, image in zip(paths, out.images):
-            tmp = path.with_name(path.name + ".tmp")  # not a .png: a reader never sees half an image
-            image.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            save_png(image, path)  # atomic: a reader never sees half an image
         made += len(idx)
     if world > 1 and _rank_world()[1] > 1:
         import torch.distributed as dist
