@@ -300,6 +300,9 @@ def op_name(key) -> str:
     else:  # an overload packet prints as "aten.mm"
         name = str(key).replace(".", "::", 1)
     namespace, sep, op = name.partition("::")
+    if name.startswith("prim::PythonOp"):
+        raise UserError(f"FLOP rule key {key!r}: the count no longer traces TorchScript, so an autograd.Function has "
+                        f"no name of its own; register its forward with torch.library.custom_op and name that op")
     if not sep or not namespace or not op:
         raise UserError(f"FLOP rule key {key!r}: expected an op name such as 'aten::baddbmm' or torch.ops.aten.baddbmm")
     return f"{namespace}::{op.split('.')[0]}"
