@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import harness
 from harness.context import example_inputs
@@ -121,6 +122,95 @@ def test_count_is_fvcores_own(name, options):
             entry["calls"] += 1
             entry["elements"] += max(math.prod(s) for s in sizes)
     assert fc.zero_ops == traced
+
+
+class _EveryRule(torch.nn.Module):
+    """One call of each op fvcore has a rule for, and of the harness's SDPA and baddbmm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.conv1d = torch.nn.Conv1d(6, 6, 3, groups=2)
+        self.deconv = torch.nn.ConvTranspose2d(6, 4, 2, stride=2)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.bn_plain = torch.nn.BatchNorm2d(4, affine=False)
+        self.inorm = torch.nn.InstanceNorm2d(4, affine=True)
+        self.gn = torch.nn.GroupNorm(2, 4)
+        self.ln = torch.nn.LayerNorm(8, elementwise_affine=False)
+        self.lin = torch.nn.Linear(8, 5)
+        self.lin2d = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.conv(x)  # (1, 6, 8, 8)
+        x = x + self.conv1d(x.flatten(2)).mean()
+        x = self.inorm(self.bn_plain(self.bn(self.deconv(x))))  # (1, 4, 16, 16)
+        x = self.gn(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear") + F.interpolate(x, scale_factor=2)  # (1, 4, 32, 32)
+        x = F.adaptive_avg_pool2d(x, 8)  # (1, 4, 8, 8)
+        g = F.grid_sample(x, x.new_zeros(1, 3, 5, 2), align_corners=False)  # (1, 4, 3, 5)
+        t = self.ln(x.reshape(1, 32, 8))
+        a = F.scaled_dot_product_attention(t, t, t)  # (1, 32, 8)
+        m = torch.matmul(a, a.transpose(1, 2)) @ t  # (1, 32, 8)
+        b = torch.baddbmm(torch.bmm(m, m.transpose(1, 2)), m, m.transpose(1, 2))  # (1, 32, 32)
+        e = torch.einsum("bij,bjk->bik", b, m) + torch.einsum("nct,ncp->ntp", m, m).mean()
+        e = e + torch.einsum("ijk,ikl,ilm->ijm", b[:, :8, :8], b[:, :8, :8], b[:, :8]).mean()  # numpy's path
+        flat = self.lin(e)[0]  # (32, 5)
+        out = torch.addmm(flat.new_zeros(3), flat, flat.new_ones(5, 3)) + torch.mm(flat, flat.new_ones(5, 3))
+        return out.sum() + g.sum() + self.lin2d(flat).sum()
+
+
+def test_every_rule_is_fvcores_to_the_flop():
+    torch.manual_seed(0)
+    model = _EveryRule().eval()
+    inputs = {"x": torch.randn(1, 4, 8, 8)}
+    fc = count_flops(model, inputs, registry().flop_handles())
+    analysis, _ = _fvcore_oracle(model, inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert fc.total == analysis.total() > 0
+        by_op = analysis.by_operator()
+    assert fc.method == "meta" and fc.uncounted_ops == {}, (fc.fallback_reason, fc.uncounted_ops)
+    assert fc.modules == {k[len("model."):] if k.startswith("model.") else "": v
+                          for k, v in analysis.by_module().items() if k != ""}
+    # each rule ran: fvcore names the convolution "conv", the rest by their op
+    assert {"conv", "batch_norm", "instance_norm", "group_norm", "layer_norm", "upsample_bilinear2d",
+            "upsample_nearest2d", "adaptive_avg_pool2d", "grid_sampler", "scaled_dot_product_attention",
+            "matmul", "bmm", "baddbmm", "einsum", "linear", "addmm", "mm"} <= {k for k, v in by_op.items() if v}
+
+
+@torch.library.custom_op("harness_test::scaled_outer", mutates_args=())
+def _scaled_outer(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """A third party's kernel, registered so that the dispatcher sees it whole."""
+    return scale * a[..., :, None] * b[..., None, :]
+
+
+@_scaled_outer.register_fake
+def _(a, b, scale):
+    return a.new_empty(*a.shape, b.shape[-1])
+
+
+class _Outer(torch.nn.Module):
+    def forward(self, a, b):
+        return _scaled_outer(a, b, 2.0)
+
+
+def test_a_plugin_rule_is_a_formula_on_shapes():
+    inputs = {"a": torch.randn(3, 4), "b": torch.randn(3, 5)}
+    fc = count_flops(_Outer(), inputs)
+    assert fc.total == 0 and fc.uncounted_ops == {"harness_test::scaled_outer": 1}  # named, with its calls
+    seen = []
+
+    def outer_flop(a, b, scale, *, out_shape):
+        seen.append((a, b, scale, out_shape))
+        return a[0] * a[1] * b[1]
+
+    for key in ("harness_test::scaled_outer", torch.ops.harness_test.scaled_outer):
+        fc = count_flops(_Outer(), inputs, {key: outer_flop})
+        assert (fc.total, fc.uncounted_ops, fc.method) == (3 * 4 * 5, {}, "meta")
+    assert seen[-1] == ((3, 4), (3, 5), 2.0, (3, 4, 5))
+    assert count_flops(_Outer(), inputs, {"harness_test::scaled_outer": None}).uncounted_ops == {}  # None: no work
+    with pytest.raises(harness.UserError, match="custom_op"):
+        count_flops(_Outer(), inputs, {"prim::PythonOp.SelectiveScanFn": outer_flop})
 
 
 def test_meta_copy_keeps_ties_and_allocates_nothing():
