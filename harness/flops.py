@@ -32,8 +32,8 @@ through ctypes) is invisible to any dispatch-level count: register it as a custo
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -425,31 +425,26 @@ class OpCounter(TorchDispatchMode):
         self._kinds: dict = {}  # dispatched op -> (what it is, its name, its rule)
         self._lineage: dict[str, tuple[str, ...]] = {}
 
-    # which module runs: a stack kept by forward hooks (fvcore keeps the same with the tracer's scopes)
+    @contextlib.contextmanager
     def scopes(self, names: dict[torch.nn.Module, str]):
-        counter = self
+        """This mode, with forward hooks that keep the stack of running modules (``names[module]``),
+        as fvcore's trace keeps its scopes."""
+        stack = self.scope
 
-        class _Scopes:
-            def __enter__(self):
-                self.hooks = []
-                stack = counter.scope
+        def leave(module, args, output):  # returns None: a hook's value would replace the output
+            stack.pop()
 
-                def leave(module, args, output):  # returns None: a hook's value would replace the output
-                    stack.pop()
-
-                for module, name in names.items():
-                    self.hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
-                    self.hooks.append(module.register_forward_hook(leave, always_call=True))
-                counter.__enter__()
-                return counter
-
-            def __exit__(self, *exc):
-                counter.__exit__(*exc)
-                for h in self.hooks:
-                    h.remove()
-                counter.scope[:] = [""]
-
-        return _Scopes()
+        hooks = []
+        try:
+            for module, name in names.items():
+                hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+                hooks.append(module.register_forward_hook(leave, always_call=True))
+            with self:
+                yield self
+        finally:
+            for h in hooks:
+                h.remove()
+            stack[:] = [""]
 
     def _ancestors(self, scope: str) -> tuple[str, ...]:
         lineage = self._lineage.get(scope)
