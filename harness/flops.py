@@ -1,39 +1,46 @@
 """FLOP counting in two conventions, both on the meta device.
 
-``fvcore`` (the default): one multiply-add is one FLOP, every op of the traced graph that
-fvcore has a handle for (the DiT/LaMamba-Diff convention; attention products included).
-``thop``: the multiply-adds thop's module rules count, the way BK-SDM reports its MACs (see
-:func:`count_thop`): convolutions, linear layers and the batch/layer/instance norms; no
-attention products, no GroupNorm.
+``fvcore`` (the default): one multiply-add is one FLOP, every op that fvcore's
+``FlopCountAnalysis`` has a rule for (the DiT/LaMamba-Diff convention; attention products
+included). ``thop``: the multiply-adds thop's module rules count, the way BK-SDM reports its
+MACs (see :func:`count_thop`): convolutions, linear layers and the batch/layer/instance norms;
+no attention products, no GroupNorm.
 
-The model is traced with TorchScript as fvcore's ``FlopCountAnalysis`` traces it, and each op
-of the graph is counted with fvcore's handle for it, as that analysis counts (done here in one
-pass, :func:`_walk`; tests/test_flops.py checks graph and figures against fvcore's own). The
-trace runs on the meta device: the model is copied (or built) with meta parameters, so only shapes
-exist and nothing is computed; the graph, and so every figure, is the one a trace on real
-tensors gives (tests/test_flops.py compares the two op by op). A model that cannot run on
-meta tensors (an op that needs data to know its output shape) is traced on its real tensors
-instead, and :attr:`FlopCount.method` says which happened.
+How the ``fvcore`` count works: the model runs once inside a :class:`TorchDispatchMode`
+(PyTorch's public dispatch-level API, the one ``torch.utils.flop_counter.FlopCounterMode`` is
+built on), under ``torch.inference_mode``. With autograd's dispatch keys out of the way, a
+composite op such as ``aten::linear``, ``aten::layer_norm`` or ``aten::scaled_dot_product_attention``
+reaches the mode whole, before it is broken into matrix products and views: the ops the mode
+sees are the ops fvcore's TorchScript trace records, so each is counted with fvcore's rule for
+it (:data:`FVCORE_RULES`, formula for formula; tests/test_flops.py checks figures and ops
+against fvcore's own analysis). A rule is a formula in ``FlopCounterMode``'s form: the op's
+arguments with every tensor replaced by its shape in, multiply-adds out.
 
-Nothing is dropped silently: ops fvcore has no handle for are returned as ``uncounted_ops``,
-and ops counted as zero by convention (elementwise arithmetic, reductions, lookups) as
-``zero_ops`` with their calls and elements, so a contraction written as ``mul`` + ``sum``
-shows; a module that has parameters, or reduces its input, yet counts zero is named in
-``zero_modules``. Extra handles (SDPA, selective scans, third-party kernels) come from the
-``harness_flop_handles`` hook.
+The model runs on the meta device: it is copied (or built) with meta parameters, so only
+shapes exist and nothing is computed. A model that cannot run on meta tensors (an op that
+needs data to know its output shape) is counted on its real tensors instead, and
+:attr:`FlopCount.method` says which happened.
+
+Nothing is dropped silently: ops no rule counts are returned as ``uncounted_ops``, and ops
+counted as zero by convention (elementwise arithmetic, reductions, lookups) as ``zero_ops``
+with their calls and elements, so a contraction written as ``mul`` + ``sum`` shows; a module
+that has parameters, or reduces its input, yet counts zero is named in ``zero_modules``.
+Rules for other ops (SDPA, selective scans, third-party kernels) come from the
+``harness_flop_handles`` hook. Work done outside PyTorch's dispatcher (a C extension called
+through ctypes) is invisible to any dispatch-level count: register it as a custom op
+(``torch.library.custom_op``), as ``harness_mixers.scan`` does, and give it a rule.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Number
 
-import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode  # the documented import path (docs: extending)
 
 from .errors import UserError, suggest
 
@@ -50,8 +57,143 @@ def check_convention(name) -> str:
         raise UserError(f"FLOP convention {name!r} is not known{suggest(str(name), CONVENTIONS)}")
     return name
 
-# Ops that do no multiply-adds worth counting (fvcore's own ignore list covers most). They
-# are counted as zero, and reported in ``zero_ops``.
+
+# -- fvcore's rules, as dispatch-level formulas ----------------------------------------------------
+# fvcore 0.1.5's handles (fvcore/nn/jit_handles.py, the table in fvcore/nn/flop_count.py), each
+# rewritten to read shapes: ``formula(*args, out_shape=..., **kwargs)`` where every tensor
+# argument is its shape (a tuple), a list of tensors a list of shapes, anything else as passed.
+def _prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def linear_flop(x, w, *args, out_shape=None, **kwargs) -> int:
+    """aten::linear: every input element times the output features."""
+    return _prod(x) * w[0]
+
+
+def addmm_flop(bias, a, b, *args, out_shape=None, **kwargs) -> int:
+    """aten::addmm: the (n, k) x (k, m) product; the added term is not counted."""
+    return a[0] * a[1] * b[1]
+
+
+def matmul_flop(a, b, *args, out_shape=None, **kwargs) -> int:
+    """aten::matmul and aten::mm: fvcore's rule, every element of ``a`` times ``b``'s columns
+    (a vector ``b`` has one column)."""
+    return _prod(a) * (b[-1] if len(b) > 1 else 1)
+
+
+def bmm_flop(a, b, *args, out_shape=None, **kwargs) -> int:
+    """aten::bmm: (n, c, t) x (n, t, d)."""
+    n, c, t = a
+    return n * c * t * b[-1]
+
+
+def baddbmm_flop(bias, a, b, *args, out_shape=None, **kwargs) -> int:
+    """aten::baddbmm (diffusers' classic attention): the batched product only."""
+    return a[0] * a[1] * a[2] * b[2]
+
+
+def _conv(x, w, out_shape, transposed) -> int:
+    """Batch x filter volume x the spatial size (the output's, or the input's if transposed)."""
+    return x[0] * _prod(w) * _prod((x if transposed else out_shape)[2:])
+
+
+def conv_flop(x, w, *args, out_shape=None, **kwargs) -> int:
+    """aten::conv1d/2d/3d (what fvcore's trace records as aten::_convolution): the bias is not counted."""
+    return _conv(x, w, out_shape, False)
+
+
+def conv_transpose_flop(x, w, *args, out_shape=None, **kwargs) -> int:
+    return _conv(x, w, out_shape, True)
+
+
+def convolution_flop(x, w, bias, stride, padding, dilation, transposed, *args, out_shape=None, **kwargs) -> int:
+    """aten::convolution and aten::_convolution, which say themselves whether they are transposed."""
+    return _conv(x, w, out_shape, transposed)
+
+
+def einsum_flop(equation, operands, *args, out_shape=None, **kwargs) -> int | float:
+    """aten::einsum: fvcore's two batched-product equations by formula, any other by numpy's
+    optimal contraction path (its FLOPs halved: numpy counts a multiply-add as two)."""
+    import numpy as np
+
+    equation = equation.replace(" ", "")
+    letters = dict.fromkeys(c for c in equation if c.isalpha())  # same equation, any alphabet
+    equation = equation.translate({ord(c): 97 + i for i, c in enumerate(letters)})
+    if equation == "abc,abd->acd":
+        n, c, t = operands[0]
+        return n * c * t * operands[-1][-1]
+    if equation == "abc,adc->adb":
+        n, t, g = operands[0]
+        return n * t * g * operands[-1][1]
+    path = np.einsum_path(equation, *(np.zeros(s) for s in operands), optimize="optimal")[1]
+    for line in path.split("\n"):
+        if "optimized flop" in line.lower():
+            return float(np.floor(float(line.split(":")[-1]) / 2))
+    raise NotImplementedError(f"einsum {equation!r}: numpy gave no FLOP count")
+
+
+def norm_flop(affine_index: int) -> Callable:
+    """Layer, group and instance norm: 5 per element with an affine transform, 4 without
+    (fvcore's "rough estimate"); ``affine_index`` is where the op takes its weight."""
+    def formula(x, *args, out_shape=None, **kwargs) -> int:
+        weight = args[affine_index - 1] if len(args) >= affine_index else kwargs.get("weight")
+        return _prod(x) * (5 if isinstance(weight, tuple) else 4)
+    return formula
+
+
+def batch_norm_flop(x, weight, *args, out_shape=None, **kwargs) -> int:
+    """aten::batch_norm: as the other norms when training; in eval mode 1 per element, 2 with an
+    affine transform."""
+    training = args[3] if len(args) > 3 else kwargs["training"]
+    if training:
+        return norm_flop(1)(x, weight)
+    return _prod(x) * (2 if isinstance(weight, tuple) else 1)
+
+
+def _per_output_element(k: int) -> Callable:
+    def formula(*args, out_shape=None, **kwargs) -> int:
+        return k * _prod(out_shape)
+    return formula
+
+
+def adaptive_avg_pool_flop(x, *args, out_shape=None, **kwargs) -> int:
+    """aten::adaptive_avg_pool2d: one per input element."""
+    return _prod(x)
+
+
+def sdpa_flop(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    """aten::scaled_dot_product_attention and its fused kernels: Q K^T and A V, as multiply-adds."""
+    batch = _prod(q[:-2])
+    return batch * q[-2] * k[-2] * q[-1] + batch * q[-2] * k[-2] * v[-1]
+
+
+FVCORE_RULES: dict[str, Callable] = {
+    "aten::addmm": addmm_flop,
+    "aten::bmm": bmm_flop,
+    "aten::einsum": einsum_flop,
+    "aten::matmul": matmul_flop,
+    "aten::mm": matmul_flop,
+    "aten::linear": linear_flop,
+    **dict.fromkeys(("aten::conv1d", "aten::conv2d", "aten::conv3d"), conv_flop),
+    **dict.fromkeys(("aten::conv_transpose1d", "aten::conv_transpose2d", "aten::conv_transpose3d"),
+                    conv_transpose_flop),
+    **dict.fromkeys(("aten::convolution", "aten::_convolution"), convolution_flop),
+    "aten::batch_norm": batch_norm_flop,
+    "aten::group_norm": norm_flop(2),  # group_norm(input, num_groups, weight, ...)
+    "aten::layer_norm": norm_flop(2),  # layer_norm(input, normalized_shape, weight, ...)
+    "aten::instance_norm": norm_flop(1),  # instance_norm(input, weight, ...)
+    "aten::upsample_nearest2d": _per_output_element(1),
+    "aten::upsample_bilinear2d": _per_output_element(4),
+    "aten::adaptive_avg_pool2d": adaptive_avg_pool_flop,
+    "aten::grid_sampler": _per_output_element(4),  # assumed bilinear, as fvcore does
+}
+
+# Ops that do no multiply-adds worth counting. They are counted as zero, and reported in
+# ``zero_ops`` with their calls and elements.
 _NO_MACS = {
     "aten::add", "aten::add_", "aten::sub", "aten::rsub", "aten::mul", "aten::mul_", "aten::div", "aten::div_",
     "aten::silu", "aten::gelu", "aten::softplus", "aten::exp", "aten::sin", "aten::cos", "aten::neg",
@@ -60,15 +202,34 @@ _NO_MACS = {
     "aten::pixel_shuffle", "aten::pixel_unshuffle", "aten::roll", "aten::clamp", "aten::arange",
     "aten::embedding", "aten::index", "aten::gather", "aten::where", "aten::masked_fill", "aten::fill_",
 }
-# A constant made during the trace (a mixer's cached index or mask): no op of the model.
-_CONSTANTS = {"aten::lift_fresh"}
+# Ops that move, view, make or compare tensors: no arithmetic, and not reported. The names fvcore
+# ignores (fvcore/nn/jit_analysis.py), and those a dispatch-level count sees where fvcore's trace
+# saw something it ignores (an alias such as concat, a factory, a copy); a view op is ignored too.
+_IGNORED = {
+    "aten::Int", "aten::ScalarImplicit", "aten::__and__", "aten::arange", "aten::bitwise_not", "aten::cat",
+    "aten::chunk", "aten::clamp", "aten::clamp_", "aten::constant_pad_nd", "aten::contiguous", "aten::copy_",
+    "aten::detach", "aten::dropout", "aten::empty", "aten::eq", "aten::expand", "aten::flatten", "aten::floor",
+    "aten::floor_divide", "aten::full", "aten::full_like", "aten::gather", "aten::ge", "aten::gt", "aten::index",
+    "aten::index_put_", "aten::masked_fill", "aten::max", "aten::narrow", "aten::new_empty", "aten::new_full",
+    "aten::new_zeros", "aten::nonzero", "aten::ones", "aten::permute", "aten::relu", "aten::relu_",
+    "aten::remainder", "aten::reshape", "aten::roll", "aten::select", "aten::size", "aten::slice", "aten::split",
+    "aten::split_with_sizes", "aten::squeeze", "aten::stack", "aten::t", "aten::to", "aten::transpose",
+    "aten::type_as", "aten::unbind", "aten::unsqueeze", "aten::unsqueeze_", "aten::view", "aten::zeros",
+    "aten::zeros_like",
+    # seen at the dispatcher, not in fvcore's list
+    "aten::concat", "aten::concatenate", "aten::lift_fresh", "aten::lift_fresh_copy", "aten::empty_like",
+    "aten::empty_strided", "aten::ones_like", "aten::new_ones", "aten::scalar_tensor", "aten::clone",
+    "aten::_to_copy", "aten::alias", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero",
+    "aten::equal", "aten::ne", "aten::lt", "aten::le", "aten::logical_not", "aten::logical_and",
+    "aten::logical_or", "prim::device", "prim::layout",
+}
 # Reading a table is no arithmetic: a module doing only this (a class embedding) counts zero rightly.
 _LOOKUPS = {"aten::embedding", "aten::index", "aten::gather", "aten::arange"}
 # A module that counts zero yet reduces its input may hide a contraction (mul + sum).
 _REDUCTIONS = {"aten::sum", "aten::mean"}
 
 METHOD_META = "meta"
-METHOD_REAL = "traced on cpu tensors"
+METHOD_REAL = "traced on cpu tensors"  # the record's wording since counts were traced; kept for comparability
 
 
 @dataclass
@@ -76,7 +237,7 @@ class FlopCount:
     total: int
     by_module: dict[str, int] = field(default_factory=dict)
     params_by_module: dict[str, int] = field(default_factory=dict)
-    uncounted_ops: dict[str, int] = field(default_factory=dict)  # no handle: op -> calls
+    uncounted_ops: dict[str, int] = field(default_factory=dict)  # no rule: op -> calls
     zero_ops: dict[str, dict] = field(default_factory=dict)  # counted as zero: op -> {calls, elements}
     zero_modules: list[str] = field(default_factory=list)
     modules: dict[str, int] = field(default_factory=dict)  # every submodule by dotted path ("" = all)
@@ -101,22 +262,6 @@ class FlopCount:
         return out
 
 
-class _Positional(torch.nn.Module):
-    """fvcore passes inputs positionally; a backbone's forward takes keywords, some None."""
-
-    def __init__(self, model: torch.nn.Module, kwargs: dict):
-        super().__init__()
-        self.model = model
-        self.keys = [k for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-        self.fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-
-    def forward(self, *tensors):
-        out = self.model(**dict(zip(self.keys, tensors)), **self.fixed)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        return getattr(out, "sample", out)
-
-
 class AbstractCountError(RuntimeError):
     """The model does not run on meta tensors; count it on real ones."""
 
@@ -136,15 +281,31 @@ def _to_meta(inputs: dict) -> dict:
     return {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
 
 
-# A model already built for real (trained, pruned) with fewer parameters than this is traced
-# as it is, not copied to meta first: the ablation's tiny DiT (0.25M) took 18.6 ms of CPU
-# traced for real against 23.4 ms copied and traced on meta (2.8 ms of it the copy); DiT-S/2
-# (33M) 246 ms against 97 ms. A model not built yet is always counted on meta.
+# A model already built for real (trained, pruned) with fewer parameters than this is counted
+# as it is, not copied to meta first: the copy costs more than the count on a tiny model.
 SMALL_MODEL_PARAMS = 5_000_000
 
 
 def is_small(model: torch.nn.Module) -> bool:
     return sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS
+
+
+def op_name(key) -> str:
+    """``"namespace::op"`` for a rule's key: that string itself, or an op such as
+    ``torch.ops.aten.baddbmm`` (an overload such as ``.default`` counts as its op)."""
+    if isinstance(key, str):
+        name = key
+    elif callable(getattr(key, "name", None)):  # an overload: "aten::mm.default"
+        name = key.name()
+    else:  # an overload packet prints as "aten.mm"
+        name = str(key).replace(".", "::", 1)
+    namespace, sep, op = name.partition("::")
+    if name.startswith("prim::PythonOp"):
+        raise UserError(f"FLOP rule key {key!r}: the count no longer traces TorchScript, so an autograd.Function has "
+                        f"no name of its own; register its forward with torch.library.custom_op and name that op")
+    if not sep or not namespace or not op:
+        raise UserError(f"FLOP rule key {key!r}: expected an op name such as 'aten::baddbmm' or torch.ops.aten.baddbmm")
+    return f"{namespace}::{op.split('.')[0]}"
 
 
 def count_flops(model: torch.nn.Module, inputs: dict, handles: dict | None = None,
@@ -154,7 +315,8 @@ def count_flops(model: torch.nn.Module, inputs: dict, handles: dict | None = Non
     ``abstract``: count on a meta copy (no weights, no activations); if the model cannot run on
     meta tensors, count the real model and inputs and say so in ``method``. A model already on
     the meta device has nothing real to fall back to: :class:`AbstractCountError` then.
-    ``handles`` are fvcore op handles; thop's convention counts modules and takes none."""
+    ``handles`` are extra rules, ``{op name: formula}`` (the ``harness_flop_handles`` hook's);
+    thop's convention counts modules and takes none."""
     check_convention(convention)
     count = _count if convention == "fvcore" else (lambda m, i, _, method: count_thop(m, i, method))
     on_meta = any(p.is_meta for p in model.parameters()) or any(
@@ -174,37 +336,37 @@ def count_flops(model: torch.nn.Module, inputs: dict, handles: dict | None = Non
     return fc
 
 
-def _count(model: torch.nn.Module, inputs: dict, handles: dict | None, method: str) -> FlopCount:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # fvcore scripts helpers at import
-        from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-        from fvcore.nn.jit_analysis import _IGNORED_OPS, _named_modules_with_dup
+def module_names(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
+    """Each module's name: its first path from ``model`` ("" for the model), as fvcore names a
+    module reached by two paths."""
+    names: dict = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, name)
+    return names
 
-    wrapper = _Positional(model, inputs).eval()
-    args = tuple(v for v in inputs.values() if isinstance(v, torch.Tensor))
-    aliases: dict = {}  # fvcore's canonical name of every module (a shared one keeps its first name)
-    for name, module in _named_modules_with_dup(wrapper):
-        aliases.setdefault(module, name)
-        aliases[name] = aliases[module]
-    tracing = _meta_tracing() if method == METHOD_META else contextlib.nullcontext()
-    with torch.no_grad(), warnings.catch_warnings(), tracing:
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notice, once per trace
-        graph = scoped_trace(wrapper, args, aliases)
-    rules = {**_DEFAULT_SUPPORTED_OPS, **(handles or {})}
-    ignored = set(_IGNORED_OPS) | _CONSTANTS | {op for op, h in rules.items() if h is None}
-    walk = _walk(graph, rules, ignored, {op for op in _NO_MACS if op not in (handles or {})})
-    counts = {aliases[m]: 0 for m in aliases if isinstance(m, torch.nn.Module)}
-    counts.update(walk.counts)
-    modules = {_strip(k): v for k, v in counts.items() if k == "" or k.startswith("model")}
-    total = walk.counts.get("", 0)
+
+def _count(model: torch.nn.Module, inputs: dict, handles: dict | None, method: str) -> FlopCount:
+    rules = {**FVCORE_RULES, **{op_name(k): v for k, v in (handles or {}).items()}}
+    names = module_names(model)
+    counter = OpCounter(rules)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), counter.scopes(names):
+            model(**inputs)
+    finally:
+        model.train(was_training)
+    modules = dict.fromkeys(names.values(), 0)
+    modules.update({k: int(v) for k, v in counter.counts.items()})
+    total = modules[""]
     by_module, params = _by_child(model, modules, total)
     zero_ops: dict[str, dict] = {}
-    for op, _, elements in walk.zero_calls:
+    for op, _, elements in counter.zero_calls:
         entry = zero_ops.setdefault(op, {"calls": 0, "elements": 0})
         entry["calls"] += 1
         entry["elements"] += elements
-    return FlopCount(total, by_module, params, walk.uncounted, dict(sorted(zero_ops.items())),
-                     _zero_modules(model, modules, walk), modules, method)
+    return FlopCount(total, by_module, params, dict(counter.uncounted), dict(sorted(zero_ops.items())),
+                     _zero_modules(model, modules, counter.scope_ops), modules, method)
 
 
 def _by_child(model: torch.nn.Module, modules: dict[str, int], total: int) -> tuple[dict, dict]:
@@ -221,134 +383,126 @@ def _by_child(model: torch.nn.Module, modules: dict[str, int], total: int) -> tu
     return by_module, params
 
 
-def scoped_trace(module: torch.nn.Module, args: tuple, names: dict):
-    """The TorchScript graph of ``module(*args)``, each node in the scope of the module that
-    ran it (``names[module]``): the graph fvcore's ``_get_scoped_trace_graph`` makes, node for
-    node (tests/test_flops.py compares them), at less cost. fvcore goes through
-    ``torch.jit._get_trace_graph``, which names every traced value by searching the calling
-    frame's locals for it; nothing here reads those names, and on the tiny DiT of
-    suites/ablation.yaml the search was a tenth of the trace."""
-    hooks = []
-
-    def enter(name):
-        def hook(mod, inputs):
-            state = torch._C._get_tracing_state()
-            if state:
-                state.push_scope(name)
-        return hook
-
-    def leave(mod, inputs, outputs):
-        state = torch._C._get_tracing_state()
-        if state:
-            state.pop_scope()
-
-    for mod in module.modules():  # each module once, as fvcore hooks them
-        hooks.append(mod.register_forward_pre_hook(enter(names[mod])))
-        hooks.append(mod.register_forward_hook(leave))
-    # as torch.jit._get_trace_graph: the state dict's tensors are the graph's inputs after the
-    # arguments (a buffer left out of the state dict is traced as a constant, as there)
-    state, seen = [], set()
-    for t in module.state_dict(keep_vars=True).values():
-        if id(t) not in seen:
-            seen.add(id(t))
-            state.append(t)
-    n = len(args)
-    try:
-        graph, _ = torch._C._create_graph_by_tracing(lambda *flat: module(*flat[:n]), [*args, *state],
-                                                     lambda value: "", True, False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return graph
+_IGNORE, _ZERO, _RULE, _UNCOUNTED = range(4)
+_NAMES: dict = {}  # dispatched op -> "namespace::op", shared by every count
 
 
-@dataclass
-class _Walk:
-    counts: dict[str, int]  # FLOPs by module scope, each op added to its module and every ancestor
-    uncounted: dict[str, int]  # op -> calls, over the whole model
-    zero_calls: list[tuple[str, str, int]]  # (op, scope, elements) of every op counted as zero
-    scope_ops: dict[str, set]  # zero-counted and uncounted ops run by each module or its descendants
+def _shape(a):
+    if isinstance(a, torch.Tensor):
+        return tuple(a.shape)
+    if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+        return [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in a]
+    return a
 
 
-def _walk(graph, rules: dict, ignored: set, zero: set) -> _Walk:
-    """One pass over the traced graph, counting as fvcore's ``FlopCountAnalysis`` does (same
-    handles, same ignored ops, each op in its module and in all that module's ancestors), that
-    also collects what a record reports besides the total: the ops counted as zero with their
-    sizes, and the ops no handle counts, by module. fvcore's analysis keeps a Counter per
-    module and op and answers per-module queries afterwards; on the tiny DiT of
-    suites/ablation.yaml that, with a handle per zero-counted op, cost 6 ms over the trace,
-    this pass under 1 ms."""
-    counts: dict[str, int] = {}
-    uncounted: Counter = Counter()
-    zero_calls: list[tuple[str, str, int]] = []
-    scope_ops: dict[str, set] = {}
-    lineage: dict[str, tuple[str, ...]] = {}  # scope -> itself and its ancestors, "" included
+def _numel(values) -> int:
+    """The largest tensor among ``values`` (a tensor, or a tuple of them, as an op returns)."""
+    n = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            n = max(n, v.numel())
+        elif isinstance(v, tuple):
+            n = max(n, _numel(v))
+    return n
 
-    def ancestors(scope: str) -> tuple[str, ...]:
-        if scope not in lineage:
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op that reaches the dispatcher with ``rules`` (op name -> formula), in the
+    module that ran it and in each of that module's ancestors, as fvcore's analysis does; keeps
+    the ops counted as zero (with their elements) and those no rule counts.
+
+    Run the model under ``torch.inference_mode()``, so that composite ops arrive whole (see the
+    module's docstring), and inside :meth:`scopes`, which says which module runs."""
+
+    def __init__(self, rules: dict[str, Callable]):
+        super().__init__()
+        self.rules = rules
+        self.counts: dict[str, int | float] = {}  # FLOPs by module name, each op in its module and every ancestor
+        self.uncounted: Counter = Counter()  # op -> calls, over the whole model
+        self.zero_calls: list[tuple[str, str, int]] = []  # (op, module, elements) of every op counted as zero
+        self.scope_ops: dict[str, set] = {}  # zero-counted and uncounted ops run by each module or its descendants
+        self.scope = [""]
+        self._kinds: dict = {}  # dispatched op -> (what it is, its name, its rule)
+        self._lineage: dict[str, tuple[str, ...]] = {}
+
+    @contextlib.contextmanager
+    def scopes(self, names: dict[torch.nn.Module, str]):
+        """This mode, with forward hooks that keep the stack of running modules (``names[module]``),
+        as fvcore's trace keeps its scopes."""
+        stack = self.scope
+
+        def leave(module, args, output):  # returns None: a hook's value would replace the output
+            stack.pop()
+
+        hooks = []
+        try:
+            for module, name in names.items():
+                hooks.append(module.register_forward_pre_hook(lambda m, a, n=name: stack.append(n)))
+                hooks.append(module.register_forward_hook(leave, always_call=True))
+            with self:
+                yield self
+        finally:
+            for h in hooks:
+                h.remove()
+            stack[:] = [""]
+
+    def _ancestors(self, scope: str) -> tuple[str, ...]:
+        lineage = self._lineage.get(scope)
+        if lineage is None:
             parts = scope.split(".") if scope else []
-            lineage[scope] = ("",) + tuple(".".join(parts[:k]) for k in range(1, len(parts) + 1))
-        return lineage[scope]
+            lineage = self._lineage[scope] = ("",) + tuple(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+        return lineage
 
-    for node in graph.nodes():
-        kind = node.kind()
-        if kind == "prim::PythonOp":
-            kind += "." + node.pyname()
-        if kind in zero:
-            elements = 0
-            for v in (*_inputs(node), *_outputs(node)):
-                if v.isCompleteTensor():
-                    elements = max(elements, math.prod(v.type().sizes()))
-            scope = _strip(node.scopeName().split("/")[-1])
-            zero_calls.append((kind, scope, elements))
-            for name in ancestors(scope)[1:]:
-                scope_ops.setdefault(name, set()).add(kind)
-            continue
-        handle = rules.get(kind)
-        if handle is None:
-            if kind in ignored or (kind.startswith("prim::") and not kind.startswith(
-                    ("prim::PythonOp", "prim::CallFunction"))):
-                continue
-            uncounted[kind] += 1
-            for name in ancestors(_strip(node.scopeName().split("/")[-1]))[1:]:
-                scope_ops.setdefault(name, set()).add(kind)
-            continue
-        flops = handle(_inputs(node), _outputs(node))
-        scope = node.scopeName().split("/")[-1]
-        if not isinstance(flops, Number):
-            for v in flops.values():
-                if not isinstance(v, (int, float, np.integer, np.floating)):
-                    raise ValueError(f"FLOP handle for {kind} returned {type(v).__name__}; expected a number")
-            flops = sum(flops.values())
-        for name in ancestors(scope):
-            counts[name] = counts.get(name, 0) + flops
-    return _Walk({k: int(v) for k, v in counts.items()}, dict(uncounted), zero_calls, scope_ops)
+    def _kind(self, func):
+        name = _NAMES.get(func)
+        if name is None:
+            name = _NAMES[func] = op_name(func)
+        if name in _NO_MACS and name not in self.rules:
+            kind = (_ZERO, name, None)
+        elif name in self.rules:
+            kind = (_RULE if self.rules[name] is not None else _IGNORE, name, self.rules[name])
+        elif name in _IGNORED or getattr(func, "is_view", False):
+            kind = (_IGNORE, name, None)
+        else:
+            kind = (_UNCOUNTED, name, None)
+        self._kinds[func] = kind
+        return kind
 
-
-# By index: a node's inputs() iterator took 12 us a node here, four times the indexed reads.
-def _inputs(node) -> list:
-    return [node.inputsAt(i) for i in range(node.inputsSize())]
-
-
-def _outputs(node) -> list:
-    return [node.outputsAt(i) for i in range(node.outputsSize())]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind, name, rule = self._kinds.get(func) or self._kind(func)
+        if kind == _IGNORE:
+            return out
+        scope = self.scope[-1]
+        if kind == _RULE:
+            flops = rule(*map(_shape, args), out_shape=_shape(out) if not isinstance(out, tuple) else
+                         tuple(map(_shape, out)), **{k: _shape(v) for k, v in kwargs.items()})
+            if not isinstance(flops, Number):
+                raise ValueError(f"FLOP rule for {name} returned {type(flops).__name__}; expected a number")
+            counts = self.counts
+            for s in self._ancestors(scope):
+                counts[s] = counts.get(s, 0) + flops
+            return out
+        if kind == _ZERO:
+            self.zero_calls.append((name, scope, max(_numel(args), _numel(kwargs.values()), _numel((out,)))))
+        else:
+            self.uncounted[name] += 1
+        for s in self._ancestors(scope)[1:]:
+            self.scope_ops.setdefault(s, set()).add(name)
+        return out
 
 
-def _strip(scope: str) -> str:
-    """fvcore's module name under the wrapper ("model.a.b") -> the model's own ("a.b")."""
-    return "" if scope in ("", "model") else scope[len("model."):]
-
-
-def _zero_modules(model: torch.nn.Module, modules: dict[str, int], walk: _Walk) -> list[str]:
+def _zero_modules(model: torch.nn.Module, modules: dict[str, int], scope_ops: dict[str, set]) -> list[str]:
     """Modules that count zero although they have parameters (and do more than read a table) or
-    reduce their input: likely a contraction no handle sees. Outermost ones only."""
+    reduce their input: likely a contraction no rule sees. Outermost ones only."""
     flagged: list[str] = []
     for name, module in model.named_modules():
-        if not name or modules.get(name, 0) or name not in walk.scope_ops:
+        if not name or modules.get(name, 0) or name not in scope_ops:
             continue
         if any(name.startswith(f + ".") for f in flagged):
             continue
-        ops = walk.scope_ops[name]
+        ops = scope_ops[name]
         arithmetic = ops - _LOOKUPS
         has_params = any(True for _ in module.parameters())
         if (has_params and arithmetic) or ops & _REDUCTIONS:
@@ -356,116 +510,16 @@ def _zero_modules(model: torch.nn.Module, modules: dict[str, int], walk: _Walk) 
     return flagged
 
 
-# -- tracing on the meta device ------------------------------------------------------------------
-# Two things differ from a trace on real tensors, and are undone here for the trace's duration:
-# 1. While TorchScript traces, ``tensor.shape`` returns traced 0-dim tensors. PyTorch's meta
-#    kernels written in Python (convolution's, among others) then compute with tensors where
-#    they expect ints, and fail. They run here with the trace paused.
-# 2. The tracer records a convolution as ``aten::_convolution`` (fvcore's conv rule), which a
-#    real device reaches through ``aten::convolution``'s composite kernel; meta has a kernel of
-#    its own for ``aten::convolution`` that skips it, so the convolution would be missing.
-# The wrapping kernels are registered once per process (registering ~600 costs more than a
-# small model's whole count) and are inert outside a count: they call PyTorch's own kernel.
-# During a count, the most common ops take a shape-only kernel (harness.meta_kernels) in place
-# of PyTorch's Python reference kernels, which cost up to milliseconds a call.
-_ACTIVE = [False]
-_LIBRARY: list = []
+def fvcore_handle(formula: Callable) -> Callable:
+    """The same formula as a handle for fvcore's own ``FlopCountAnalysis`` (``handle(inputs,
+    outputs)`` on TorchScript values): how the tests compare this count with fvcore's, and how
+    a user counting with fvcore by hand gives it the ops fvcore has no rule for."""
+    def shape(v):
+        return tuple(v.type().sizes()) if v.isCompleteTensor() else None
 
-
-@contextlib.contextmanager
-def _meta_tracing():
-    if not _LIBRARY:
-        _LIBRARY.append(_register_meta_kernels())
-    _ACTIVE[0] = True
-    try:
-        yield
-    finally:
-        _ACTIVE[0] = False
-
-
-def _shape_only(lean, fn):
-    """During a count, ``lean`` (harness.meta_kernels) where it knows the case, else PyTorch's ``fn``."""
-    def kernel(*args, **kwargs):
-        if _ACTIVE[0]:
-            out = lean(*args, **kwargs)
-            if out is not None:
-                return out
-        return fn(*args, **kwargs)
-    return kernel
-
-
-def _register_meta_kernels():
-    from torch._decomp import global_decomposition_table
-    from torch._meta_registrations import _meta_lib_dont_use_me_use_register_meta as meta_lib
-
-    from .meta_kernels import KERNELS
-
-    outside = torch._C._dispatch_tls_local_exclude_set()  # the Tracer key is not excluded here
-
-    def set_state(state):
-        # Inside a kernel the tracer's dispatch key is excluded, and setting the state asserts
-        # it is not: restore the outer key set for the call.
-        with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), outside):
-            torch._C._set_tracing_state(state)
-
-    def paused(fn):
-        def kernel(*args, **kwargs):
-            state = torch._C._get_tracing_state() if _ACTIVE[0] else None
-            if state is None:
-                return fn(*args, **kwargs)
-            set_state(None)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                set_state(state)
-        return kernel
-
-    convolution_meta = None
-    lib = torch.library.Library("aten", "IMPL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "overriding a previously registered kernel", by design
-        seen = set()
-        for table in ("meta", "post_autograd", "pre_autograd"):  # the precedence PyTorch registers with
-            for op, fn in global_decomposition_table[table].items():
-                if not isinstance(op, torch._ops.OpOverload) or op in seen:
-                    continue
-                seen.add(op)
-                if f"{op.namespace}/{op.name().split('::')[-1]}/Meta" in meta_lib._op_impls:
-                    lib.impl(op, paused(_shape_only(KERNELS[op], fn) if op in KERNELS else fn), "Meta")
-                    if op is torch.ops.aten.convolution.default:
-                        convolution_meta = fn
-
-        def convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups):
-            if not _ACTIVE[0]:
-                return convolution_meta(input, weight, bias, stride, padding, dilation, transposed, output_padding,
-                                        groups)
-            return torch.ops.aten._convolution.default(input, weight, bias, stride, padding, dilation, transposed,
-                                                       output_padding, groups, False, False, True, True)
-
-        if convolution_meta is not None:  # else nothing to wrap; tests/test_flops.py checks the graph still matches
-            lib.impl("convolution", convolution, "Meta")
-    return lib
-
-
-def sdpa_flop(inputs, outputs) -> int:
-    """aten::scaled_dot_product_attention: Q K^T and A V, as multiply-adds."""
-    from fvcore.nn.jit_handles import get_shape
-
-    q, k, v = (get_shape(i) for i in inputs[:3])
-    batch = 1
-    for d in q[:-2]:
-        batch *= d
-    lq, dk = q[-2], q[-1]
-    lk, dv = k[-2], v[-1]
-    return batch * lq * lk * dk + batch * lq * lk * dv
-
-
-def baddbmm_flop(inputs, outputs) -> int:
-    """aten::baddbmm (diffusers' classic attention): the batched product only."""
-    from fvcore.nn.jit_handles import get_shape
-
-    a, b = get_shape(inputs[1]), get_shape(inputs[2])
-    return a[0] * a[1] * a[2] * b[2]
+    def handle(inputs, outputs):
+        return formula(*map(shape, inputs), out_shape=shape(outputs[0]) if outputs else None)
+    return handle
 
 
 # -- thop's convention ---------------------------------------------------------------------------
@@ -481,13 +535,6 @@ def baddbmm_flop(inputs, outputs) -> int:
 # ultralytics-thop 2.x, thop's successor on PyPI, also counts GroupNorm and attention products
 # (its 2.2.3 gives 402 G for SD-1.5, near fvcore's figure): this convention is the one BK-SDM's
 # figures were counted in.
-def _prod(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
-
-
 def _thop_conv(m, x, y) -> int:  # calculate_conv2d_flops: output volume x (C_in / groups) x kernel; no bias
     return y.numel() * (x[0].shape[1] // m.groups) * _prod(m.weight.shape[2:])
 

@@ -150,17 +150,28 @@ def harness_executors():
 
 @hookspec
 def harness_flop_handles():
-    """FLOP counting rules for operators fvcore does not know.
+    """FLOP rules for ops the built-in rules do not count: ``{op name: formula}``.
 
-    Returns ``{operator name: handle}`` where the name is a TorchScript node kind such as
-    ``"aten::scaled_dot_product_attention"`` or ``"prim::PythonOp.SelectiveScanFn"``
-    (an ``autograd.Function`` subclass named SelectiveScanFn) and the handle is fvcore's
-    ``handle(inputs, outputs) -> int | Counter``. Count one multiply-add as one FLOP.
+    The count (harness.flops) listens at PyTorch's dispatcher, under inference mode, where
+    every op arrives whole as the model called it. An op name is ``"namespace::op"`` as the
+    dispatcher calls it (``"aten::scaled_dot_product_attention"``, a custom op's
+    ``"harness_mixers::selective_scan"``), and covers all its overloads (``aten::add.Tensor``
+    and ``aten::add.Scalar`` are ``aten::add``); ``torch.ops.aten.baddbmm`` is taken too.
+    A name the count cannot place shows in the record's ``uncounted_ops``, which is the
+    name to give a rule.
 
-    The trace runs on the meta device (harness.flops): a handle sees shapes, never values,
-    and a custom ``autograd.Function`` should return empty outputs of the right shapes when
-    its inputs are meta tensors (as ``harness_mixers.scan.SelectiveScanFn`` does); one that
-    cannot is traced on real tensors instead, and the record's ``flops_method`` says so.
+    A formula has ``torch.utils.flop_counter``'s form: shapes in, a number out.
+    ``formula(*args, out_shape=..., **kwargs)`` receives the op's arguments with each tensor
+    replaced by its shape (a tuple; a list of tensors by a list of shapes; anything else as
+    passed, None included) and ``out_shape`` the output's shape (a tuple of shapes for several
+    outputs). It returns multiply-adds, one counted as one FLOP (``FlopCounterMode``'s own
+    formulas count two), and never reads values: the count runs on the meta device. A formula
+    of None counts the op as nothing and reports nothing.
+
+    Work done outside the dispatcher (a C extension called through ctypes) is invisible to
+    the count: register it with ``torch.library.custom_op`` and a fake (meta) implementation,
+    as ``harness_mixers.scan.scan_op`` does, and give the op a rule. A model that cannot run
+    on meta tensors is counted on real ones instead, and the record's ``flops_method`` says so.
     """
 
 

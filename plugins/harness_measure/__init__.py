@@ -18,8 +18,11 @@ def harness_metrics():
 @harness.hookimpl
 def harness_flop_handles():
     return {
-        "aten::scaled_dot_product_attention": sdpa_flop,
-        "aten::_scaled_dot_product_flash_attention": sdpa_flop,
-        "aten::_scaled_dot_product_efficient_attention": sdpa_flop,
+        # SDPA as a model calls it, and its fused kernels where one is called directly (or
+        # reached outside inference mode): all take query, key, value first
+        **dict.fromkeys(("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention",
+                         "aten::_scaled_dot_product_flash_attention_for_cpu",
+                         "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+                         "aten::_scaled_dot_product_attention_math"), sdpa_flop),
         "aten::baddbmm": baddbmm_flop,
     }

@@ -6,8 +6,9 @@
 - ``ss2d``: VMamba/LaMamba-Diff four-direction 2-D scan (ss2d.py).
 - ``lamamba``: SS2D then window attention, as one mixer (lamamba.py).
 
-The selective scan they share is ``harness_mixers.scan.selective_scan``; its FLOPs reach
-fvcore through the ``harness_flop_handles`` hook below.
+The selective scan they share is ``harness_mixers.scan.selective_scan``, the registered op
+``harness_mixers::selective_scan``; its FLOP rule reaches the count through the
+``harness_flop_handles`` hook below.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import harness
 from .attention import attention
 from .lamamba import lamamba
 from .mamba import mamba
-from .scan import selective_scan_d_term_flop, selective_scan_flop
+from .scan import selective_scan_flop
 from .ss2d import ss2d
 from .window import window_attention
 
@@ -29,5 +30,4 @@ def harness_mixers():
 
 @harness.hookimpl
 def harness_flop_handles():
-    return {"prim::PythonOp.SelectiveScanFn": selective_scan_flop,
-            "prim::PythonOp.SelectiveScanDTermFn": selective_scan_d_term_flop}
+    return {"harness_mixers::selective_scan": selective_scan_flop}

@@ -13,8 +13,9 @@ compiled loop (csrc/selective_scan.cpp, built on first use and cached; forward a
 hand-written backward; ``HARNESS_NATIVE_SCAN=0`` turns it off), and otherwise (CUDA without
 mamba-ssm, or no compiler) a log-depth parallel scan in PyTorch. Both are stable for any
 delta * A <= 0: they multiply decays exp(delta A) <= 1 and never divide by them, which is
-where a cumulative-sum rewrite overflows. fvcore sees the op as
-``prim::PythonOp.SelectiveScanFn`` and counts it with :func:`selective_scan_flop`.
+where a cumulative-sum rewrite overflows. The forward is the registered op
+``harness_mixers::selective_scan`` (:func:`scan_op`), which a FLOP count (harness.flops)
+sees and counts with :func:`selective_scan_flop`; on meta tensors it gives shapes only.
 
 The three run at very different speeds, so every call says which one ran
 (``mamba-ssm``, ``compiled-cpu`` or ``pytorch``) through :func:`harness.kernels.note`;
@@ -33,8 +34,8 @@ from harness import kernels
 
 from . import _native
 
-__all__ = ["selective_scan", "selective_scan_ref", "SelectiveScanFn", "SelectiveScanDTermFn", "selective_scan_flop",
-           "selective_scan_d_term_flop", "native_available"]
+__all__ = ["selective_scan", "selective_scan_ref", "SelectiveScanFn", "scan_op", "selective_scan_flop",
+           "native_available"]
 
 KERNEL = "selective_scan"  # the name under env.kernels
 
@@ -182,32 +183,47 @@ def _use_native(*tensors) -> bool:
             and all(t.dtype == ts[0].dtype for t in ts) and native_available())
 
 
+@torch.library.custom_op("harness_mixers::selective_scan", mutates_args=())
+def scan_op(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+            D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None, delta_softplus: bool,
+            count_d_term: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward scan as a registered op (``harness_mixers::selective_scan``), so that PyTorch's
+    dispatcher, and a FLOP count listening there, sees one op and its shapes, not the compiled
+    loop's ctypes call or the PyTorch path's pieces. ``count_d_term`` changes no output: it
+    tells the count to add the skip term (:func:`selective_scan_flop`). Returns (out, last state)."""
+    if _use_native(u, delta, A, B, C, D, z, delta_bias):
+        kernels.note(KERNEL, "compiled-cpu")
+        lib = _native.load()
+        sfx = "f32" if u.dtype == torch.float32 else "f64"
+        Bt, Ct = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
+        out = torch.empty_like(u)
+        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+        _run(getattr(lib, f"scan_fwd_{sfx}"), u.shape[0] * u.shape[1],
+             _native_args(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus) + [out.data_ptr(), last.data_ptr()])
+        return out, last
+    kernels.note(KERNEL, "pytorch")
+    with torch.no_grad():
+        return _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@scan_op.register_fake
+def _scan_shapes(u, delta, A, B, C, D, z, delta_bias, delta_softplus, count_d_term):
+    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+
+
 class SelectiveScanFn(torch.autograd.Function):
-    """The scan as one autograd node (fvcore's trace shows ``prim::PythonOp.SelectiveScanFn``)."""
+    """The scan as one autograd node: the forward is :func:`scan_op`, the backward the compiled
+    loop's or autograd through the PyTorch path."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                return_last_state=False):
+                count_d_term=False):
         u, delta, A, B, C, D, z, delta_bias = (None if t is None else t.contiguous()
                                               for t in (u, delta, A, B, C, D, z, delta_bias))
         ctx.delta_softplus = delta_softplus
-        if u.is_meta:  # a FLOP count (harness.flops): shapes only, the handle does the counting
-            return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1])
         ctx.native = _use_native(u, delta, A, B, C, D, z, delta_bias)
-        kernels.note(KERNEL, "compiled-cpu" if ctx.native else "pytorch")
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
-        if ctx.native:
-            lib = _native.load()
-            sfx = "f32" if u.dtype == torch.float32 else "f64"
-            Bt, Ct = B.transpose(-1, -2).contiguous(), C.transpose(-1, -2).contiguous()
-            out = torch.empty_like(u)
-            last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
-            _run(getattr(lib, f"scan_fwd_{sfx}"), u.shape[0] * u.shape[1],
-                 _native_args(u, delta, A, Bt, Ct, D, z, delta_bias, delta_softplus) + [out.data_ptr(),
-                                                                                           last.data_ptr()])
-        else:
-            with torch.no_grad():
-                out, last = _scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, last = scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, count_d_term)
         ctx.mark_non_differentiable(last)
         return out, last
 
@@ -244,11 +260,6 @@ class SelectiveScanFn(torch.autograd.Function):
                 None, None)
 
 
-class SelectiveScanDTermFn(SelectiveScanFn):
-    """The same scan under another name, so that fvcore's trace (``prim::PythonOp.
-    SelectiveScanDTermFn``) counts it with :func:`selective_scan_d_term_flop`."""
-
-
 @lru_cache(maxsize=1)
 def _mamba_ssm():
     """mamba-ssm's fused CUDA scan where it imports (it needs its compiled extension)."""
@@ -275,29 +286,20 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if dtype in (torch.float16, torch.bfloat16):  # the state recurrence needs float32
         u, delta, A, B4, C4, D, z, delta_bias = (None if t is None else t.float()
                                                  for t in (u, delta, A, B4, C4, D, z, delta_bias))
-    fn = SelectiveScanDTermFn if count_d_term and D is not None else SelectiveScanFn
-    out, last = fn.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus, return_last_state)
+    out, last = SelectiveScanFn.apply(u, delta, A, B4, C4, D, z, delta_bias, delta_softplus,
+                                      count_d_term and D is not None)
     out = out.to(dtype)
     return (out, last) if return_last_state else out
 
 
-def selective_scan_flop(inputs, outputs) -> int:
-    """fvcore handle for ``prim::PythonOp.SelectiveScanFn``: 9 * B * L * D * N multiply-adds.
+def selective_scan_flop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        count_d_term=False, *, out_shape=None) -> int:
+    """FLOP rule for ``harness_mixers::selective_scan`` (shapes in): 9 * B * L * D * N multiply-adds.
 
     The figure mamba-ssm uses: per state element and step, the decay exp(delta A), the input
-    term delta B u, the recurrence and the readout C h. ``inputs`` start u (B, D, L), delta,
-    A (D, N)."""
-    from fvcore.nn.jit_handles import get_shape
-
-    batch, width, length = get_shape(inputs[0])
-    nstate = get_shape(inputs[2])[1]
-    return 9 * batch * length * width * nstate
-
-
-def selective_scan_d_term_flop(inputs, outputs) -> int:
-    """fvcore handle for ``prim::PythonOp.SelectiveScanDTermFn``: 9 * B * L * D * N + B * D * L,
-    the official LaMamba-Diff/VMamba count (``selective_scan_flop_jit``, ``with_D=True``)."""
-    from fvcore.nn.jit_handles import get_shape
-
-    batch, width, length = get_shape(inputs[0])
-    return selective_scan_flop(inputs, outputs) + batch * width * length
+    term delta B u, the recurrence and the readout C h. With ``count_d_term``, B * D * L more
+    for the skip term D * u: the official LaMamba-Diff/VMamba count (``selective_scan_flop_jit``,
+    ``with_D=True``)."""
+    batch, width, length = u
+    flops = 9 * batch * length * width * A[1]
+    return flops + batch * width * length if count_d_term else flops

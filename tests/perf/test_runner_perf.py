@@ -33,13 +33,14 @@ def bare_count(spec: dict) -> tuple[int, int]:
     same op handles (SDPA's matrix products are counted, as the papers count attention)."""
     from fvcore.nn import FlopCountAnalysis
 
+    from harness.flops import fvcore_handle
     from harness.plugins import registry
 
     model = harness.create("backbone", **spec).eval()
     params = sum(p.numel() for p in model.parameters())
     x, t, y = torch.randn(1, 4, 32, 32), torch.tensor([500]), torch.tensor([207])
     analysis = FlopCountAnalysis(model, (x, t, y))
-    analysis.set_op_handle(**registry().flop_handles())
+    analysis.set_op_handle(**{op: fvcore_handle(f) for op, f in registry().flop_handles().items()})
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     logging.getLogger("fvcore").setLevel(logging.ERROR)
