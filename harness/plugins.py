@@ -50,6 +50,15 @@ KINDS = {
 OTHER_KINDS = {"stage": "harness_stages", "command": "harness_commands"}
 
 
+class UnknownOption(UserError):
+    """An option a component's factory does not take; ``option`` is its name (a suite's
+    error then points at that option's own line)."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
 class PluginWarning(UserWarning):
     """A plugin could not be loaded, or declares a name another already has."""
 
@@ -261,9 +270,8 @@ class Component(Declared):
             accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
             for key in options:
                 if key not in accepted:
-                    raise UserError(
-                        f"{self.kind} {self.name!r} has no option {key!r}{suggest(key, accepted)}"
-                    )
+                    raise UnknownOption(f"{self.kind} {self.name!r} has no option {key!r}{suggest(key, accepted)}",
+                                        key)
         validate = getattr(self.factory, "validate_options", None)
         if callable(validate):
             validate(options)
