@@ -384,8 +384,10 @@ def _schema_options(schema) -> list[dict]:
 def _annotation(tp) -> str:
     import inspect
 
-    text = inspect.formatannotation(tp)
-    return text.replace("typing.", "")
+    import re
+
+    text = inspect.formatannotation(tp).replace("NoneType", "None")
+    return re.sub(r"\b(?:[a-z_]\w*\.)+(?=[A-Za-z_])", "", text)  # typing.Optional, harness.suite.ComponentSpec
 
 
 def cmd_plugins(args) -> int:

@@ -230,9 +230,10 @@ class Component(Declared):
         static = self.static_description()
         if static is not None:
             return static
-        if self.lazy and self.declared.description:
-            return self.declared.description
-        return summary(inspect.getdoc(self.factory))
+        try:
+            return summary(inspect.getdoc(self.factory))
+        except PluginError:  # listing never fails: using the component says why it cannot be imported
+            return ""
 
     def signature(self) -> inspect.Signature | None:
         return _signature(self.factory)
