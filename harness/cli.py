@@ -346,8 +346,8 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
         return 0
     from rich.table import Table
 
-    block = {"stage": f"the {name}: block's keys", "backbone": "options (backbone: {name: ..., OPTION: value})"}
-    table = Table("option", "default", "type", box=None, title=block.get(kind, "options"), title_justify="left")
+    title = f"keys of the {name}: block" if kind == "stage" else "options"
+    table = Table("option", "default", "type", box=None, title=title, title_justify="left")
     for o in info["options"]:
         table.add_row(o["name"], repr(o["default"]) if "default" in o else "(required)", o.get("annotation", ""))
     console.print(table)
