@@ -638,3 +638,30 @@ def test_a_fifo_in_an_image_folder_data_set_is_refused_not_waited_on(tmp_path):
     with pytest.raises(UserError, match=r"4.png' is a FIFO \(named pipe\); expected a regular file"):
         for split in ("train", "val"):  # the FIFO lands in one of them
             within(BOUND_S, image_folder, root=str(tmp_path), resolution=8, split=split, val_fraction=0.5)
+
+
+@pytest.mark.slow  # two fresh Pythons importing torch (the CLI, its worker)
+def test_a_full_disk_in_a_worker_process_is_one_line_too(tmp_path):
+    """The process executor's worker writes the record: its full disk is the same one line."""
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "def _full(fd):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "os.fsync = _full\n")
+    suite = tmp_path / "disk.yaml"
+    suite.write_text(TOY_SUITE.replace("[32, 48, 64]", "[32]"))
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(suite), "--results", str(results),
+                           "--executor", "process"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)
+    assert "no space left on device while writing the record" in line
+    assert [p.name for p in (results / "disk").iterdir()] == []  # no record, no temporary, no claim
+    assert main(["run", str(suite), "--results", str(results)]) == 0  # space freed: the rerun finishes
+    assert [r["status"] for r in load_records(results / "disk")] == ["ok"]
