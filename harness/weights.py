@@ -308,10 +308,32 @@ def save_cache(path: str | Path, tensors: Mapping[str, torch.Tensor], *, what: s
     disk is one line naming the folder and the size (:func:`harness.files.space_error`)."""
     from safetensors.torch import save_file
 
+    from safetensors import SafetensorError
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     needed = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_path(path, what=what, needed=needed) as tmp:
-        save_file(tensors, str(tmp), metadata={_DIGEST_KEY: _digest(tensors)})
+        try:
+            save_file(tensors, str(tmp), metadata={_DIGEST_KEY: _digest(tensors)})
+        except SafetensorError as exc:  # its writer is Rust: an I/O error arrives as text ("... (os error 28)")
+            code = re.search(r"(?:os error|code:) (\d+)", str(exc))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), str(exc)) from None
+        _check_written(tmp, needed)
+
+
+def _check_written(path: Path, data_bytes: int) -> None:
+    """A ``.safetensors`` file is 8 bytes of header length, the header, then the data: a file
+    shorter than that lost a write its writer did not report (a buffer flushed on a full disk)."""
+    with open(path, "rb") as fh:
+        header = int.from_bytes(fh.read(8), "little")
+    size = os.stat(path).st_size
+    if size < 8 + header + data_bytes:
+        short = 8 + header + data_bytes - size
+        free = shutil.disk_usage(path.parent).free
+        raise OSError(errno.ENOSPC if free < short else errno.EIO,
+                      f"{path.name}: {size} of {8 + header + data_bytes} bytes written")
 
 
 def load_cache(path: str | Path, *, device: str = "cpu") -> Optional[dict]:

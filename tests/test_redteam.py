@@ -44,7 +44,8 @@ from harness import UserError
 from harness.cli import main
 from harness.records import load_records, read_record, write_record
 
-BOUND_S = 20.0  # every case that once hung must end well within this
+BOUND_S = 20.0  # every call that once hung must end well within this
+RUN_BOUND_S = 120.0  # a whole `harness run` (imports, several cells) on a busy machine
 
 
 def within(seconds: float, fn, *args, **kwargs):
@@ -132,9 +133,7 @@ def test_a_stalled_weights_server_fails_its_cell_in_one_line_and_the_suite_goes_
         local2 = tmp_path / "dit2.pt"  # a second local cell, after the stalled one
         local2.write_bytes(local.read_bytes())
         suite.write_text(DIT_SUITE.format(local=local, local2=local2, port=port))
-        started = time.monotonic()
-        code = within(BOUND_S, main, ["run", str(suite), "--results", str(results)])
-        assert time.monotonic() - started < BOUND_S
+        code = within(RUN_BOUND_S, main, ["run", str(suite), "--results", str(results)])
     assert code == 1  # one cell failed, the others ran
     records = load_records(results / "stall")
     assert sorted(r["status"] for r in records) == ["failed", "ok", "ok"]
@@ -286,7 +285,7 @@ def test_a_fifo_among_the_samples_is_refused_before_work(tmp_path, fifo, capsys)
     os.mkfifo(samples / "3.png")
     ref = tmp_path / "ref.npz"
     np.savez(ref, np.zeros((4, 8, 8, 3), np.uint8))
-    assert within(BOUND_S, main, ["fid", str(samples), str(ref), "--metrics", "fid"]) == 2
+    assert within(RUN_BOUND_S, main, ["fid", str(samples), str(ref), "--metrics", "fid"]) == 2
     assert "3.png" in _one_line(capsys.readouterr().err)
 
 
@@ -516,7 +515,7 @@ def test_a_run_skips_a_cell_whose_claim_is_a_directory_and_finishes_the_rest(tmp
     assert first, out
     (results / "disk").mkdir(parents=True, exist_ok=True)
     (results / "disk" / f"{first.group(1)}.claim").mkdir()
-    code = within(60, main, ["run", str(suite), "--results", str(results)])
+    code = within(RUN_BOUND_S, main, ["run", str(suite), "--results", str(results)])
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err and code == 75  # the CLI's status for cells left to another run
     assert f"{first.group(1)}.claim" in captured.out + captured.err
@@ -638,3 +637,30 @@ def test_a_fifo_in_an_image_folder_data_set_is_refused_not_waited_on(tmp_path):
     with pytest.raises(UserError, match=r"4.png' is a FIFO \(named pipe\); expected a regular file"):
         for split in ("train", "val"):  # the FIFO lands in one of them
             within(BOUND_S, image_folder, root=str(tmp_path), resolution=8, split=split, val_fraction=0.5)
+
+
+@pytest.mark.slow  # two fresh Pythons importing torch (the CLI, its worker)
+def test_a_full_disk_in_a_worker_process_is_one_line_too(tmp_path):
+    """The process executor's worker writes the record: its full disk is the same one line."""
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "def _full(fd):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "os.fsync = _full\n")
+    suite = tmp_path / "disk.yaml"
+    suite.write_text(TOY_SUITE.replace("[32, 48, 64]", "[32]"))
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(suite), "--results", str(results),
+                           "--executor", "process"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)
+    assert "no space left on device while writing the record" in line
+    assert [p.name for p in (results / "disk").iterdir()] == []  # no record, no temporary, no claim
+    assert main(["run", str(suite), "--results", str(results)]) == 0  # space freed: the rerun finishes
+    assert [r["status"] for r in load_records(results / "disk")] == ["ok"]
