@@ -219,7 +219,8 @@ _IGNORED = {
     # seen at the dispatcher, not in fvcore's list
     "aten::concat", "aten::concatenate", "aten::lift_fresh", "aten::lift_fresh_copy", "aten::empty_like",
     "aten::empty_strided", "aten::ones_like", "aten::new_ones", "aten::scalar_tensor", "aten::clone",
-    "aten::_to_copy", "aten::alias", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero",
+    "aten::_to_copy", "aten::_unsafe_view", "aten::alias", "aten::_local_scalar_dense", "aten::item",
+    "aten::is_nonzero",
     "aten::equal", "aten::ne", "aten::lt", "aten::le", "aten::logical_not", "aten::logical_and",
     "aten::logical_or", "prim::device", "prim::layout",
 }
