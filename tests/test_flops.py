@@ -213,6 +213,18 @@ def test_a_plugin_rule_is_a_formula_on_shapes():
         count_flops(_Outer(), inputs, {"prim::PythonOp.SelectiveScanFn": outer_flop})
 
 
+def test_the_convention_tables_are_fvcores():
+    """Every op fvcore has a rule for has one here, and every op fvcore ignores is ignored."""
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+    from fvcore.nn.jit_analysis import _IGNORED_OPS
+
+    from harness.flops import _IGNORED, FVCORE_RULES
+
+    assert set(_DEFAULT_SUPPORTED_OPS) - {"aten::_convolution"} <= set(FVCORE_RULES)
+    assert {"aten::conv1d", "aten::conv2d", "aten::conv3d", "aten::_convolution"} <= set(FVCORE_RULES)
+    assert set(_IGNORED_OPS) <= _IGNORED
+
+
 def test_meta_copy_keeps_ties_and_allocates_nothing():
     model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
     model[1].weight = model[0].weight

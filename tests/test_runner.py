@@ -197,23 +197,23 @@ def test_only_keeps_each_cells_position_in_the_suite(tmp_path, plugin_site, with
 
 
 def test_env_lists_the_libraries_a_cell_imported_while_it_ran(tmp_path):
-    """fvcore is imported by the gflops metric, inside the cell: env still has its version."""
+    """diffusers is imported by the unet backbone, inside the cell: env still has its version.
+    fvcore, which no count uses any more (harness.flops counts at PyTorch's dispatcher), is absent."""
     from importlib import metadata
 
     script = textwrap.dedent("""
         import json, sys
         from harness.runner import CellJob, execute_cell
-        assert "fvcore" not in sys.modules
-        config = {"backbone": {"name": "dit", "size": "tiny", "depth": 1, "input_size": 8},
-                  "metrics": ["gflops"], "device": "cpu"}
+        assert "diffusers" not in sys.modules and "fvcore" not in sys.modules
+        config = {"backbone": {"name": "unet", "preset": "sd-tiny"}, "metrics": ["gflops"], "device": "cpu"}
         print(json.dumps(execute_cell(CellJob("t", "t.yaml", "c", "c", 0, config, sys.argv[1]))["env"]))
     """)
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
     env = json.loads(done.stdout.splitlines()[-1])
-    assert env["fvcore"] == metadata.version("fvcore")
-    assert env["libraries"]["fvcore"] == env["fvcore"] and env["libraries"]["torch"] == metadata.version("torch")
+    assert env["diffusers"] == metadata.version("diffusers") and "fvcore" not in env
+    assert env["libraries"]["diffusers"] == env["diffusers"] and env["libraries"]["torch"] == metadata.version("torch")
     assert env["kernels"] == {}  # attention: no custom kernel ran
 
 
