@@ -282,3 +282,12 @@ def test_two_distributions_with_one_plugin_name(tmp_path, with_site):
     assert len({"one", "two"} & set(reg.components("mixer"))) == 1
     with pytest.raises(UserError):
         reg.get("mixer", "three")
+
+
+def test_a_stage_named_like_a_core_key_is_not_added():
+    from harness.stages import Stage
+
+    reg = registry_with(stages={"metrics": Stage(schema=dict, run=print), "fine": Lazy("x.y:Z", "fine")})
+    with pytest.warns(PluginWarning, match=r"^plugin 'lazy-test' declares stage 'metrics', a key the core reads "
+                                           r"itself \(backbone, data, metrics, .*\); it is not added"):
+        assert list(reg.stages()) == ["fine"]
