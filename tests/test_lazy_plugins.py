@@ -238,6 +238,10 @@ def test_a_broken_plugin_does_not_stop_what_does_not_need_it(faulty_env, tmp_pat
     code, out, err, _ = harness_cli(["--help"], tmp_path, faulty_env)
     assert code == 0 and "prune" in out
     assert COMMAND_CLASH in err.splitlines() and "Traceback" not in err
+    code, out, err, _ = harness_cli(["plugins", "--json"], tmp_path, faulty_env)
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and rows["faulty_top"]["distribution"] == "harness-faulty"
+    assert "ModuleNotFoundError" in rows["faulty_top"]["error"] and "metric:params" in rows["measure"]["components"]
 
 
 def suite(tmp_path: Path, metric: str) -> Path:
