@@ -120,7 +120,7 @@ class Lazy:
         when the target is not a ``def`` or ``class`` of that module, or has no source)."""
         try:
             spec = importlib.util.find_spec(self.module)  # imports the parent packages only
-        except (ImportError, ValueError):
+        except Exception:  # a parent that fails to import: no description here, the error comes on use
             return None
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             return None
