@@ -295,3 +295,8 @@ def test_a_stage_named_like_a_core_key_is_not_added():
     with pytest.warns(PluginWarning, match=r"^plugin 'lazy-test' declares stage 'metrics', a key the core reads "
                                            r"itself \(backbone, data, metrics, .*\); it is not added"):
         assert list(reg.stages()) == ["fine"]
+
+
+def test_ls_name_without_kind_says_the_kind(capsys):
+    assert main(["ls", "dit"]) == 2
+    assert "unknown kind 'dit'; 'dit' is a backbone: harness ls backbone dit" in capsys.readouterr().err
