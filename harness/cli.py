@@ -265,7 +265,11 @@ def _check_listable(kind: str) -> None:
     listable = _listable()
     if kind not in listable:
         from .errors import suggest
+        from .plugins import registry
 
+        owners = [k for k in listable if kind in registry().declared(k)]  # `harness ls dit`: a name, not a kind
+        if owners:
+            raise UserError(f"unknown kind {kind!r}; {kind!r} is a {owners[0]}: harness ls {owners[0]} {kind}")
         raise UserError(f"unknown kind {kind!r}{suggest(kind, listable)}")
 
 
@@ -297,7 +301,7 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
     import inspect
 
     from .errors import suggest
-    from .plugins import KINDS, registry
+    from .plugins import KINDS, OTHER_KINDS, registry
 
     reg = registry()
     if kind in KINDS:
@@ -308,6 +312,14 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
             raise UserError(f"unknown {kind} {name!r}{suggest(name, declared)}{reg.broken_note()}")
         entry = declared[name]
     obj = entry.resolve()
+    if kind in OTHER_KINDS:  # a reference must lead to a Stage or a Command
+        from .commands import Command
+        from .stages import Stage
+
+        expected = Stage if kind == "stage" else Command
+        if not isinstance(obj, expected):
+            raise PluginError(f"{entry.origin} declares {kind} {name!r} as {type(obj).__name__}, expected "
+                              f"{expected.__module__}.{expected.__name__}")
     info = {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
             "target": entry.declared.target if entry.lazy else _qualname(obj)}
     usage = None
@@ -315,7 +327,7 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
         info["description"] = inspect.getdoc(obj) or ""
         info["options"] = entry.options()
     elif kind == "stage":
-        info["description"] = obj.description or summary_of(obj.schema)
+        info["description"] = obj.description or _summary_of(obj.schema)
         info["options"] = _schema_options(obj.schema)
         info["after"], info["replaces"] = list(obj.after), list(obj.replaces)
     else:  # a command: its own --help says it all
@@ -354,7 +366,7 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
     return 0
 
 
-def summary_of(obj) -> str:
+def _summary_of(obj) -> str:
     import inspect
 
     from .plugins import summary

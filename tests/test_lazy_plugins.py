@@ -238,6 +238,10 @@ def test_a_broken_plugin_does_not_stop_what_does_not_need_it(faulty_env, tmp_pat
     code, out, err, _ = harness_cli(["--help"], tmp_path, faulty_env)
     assert code == 0 and "prune" in out
     assert COMMAND_CLASH in err.splitlines() and "Traceback" not in err
+    code, out, err, _ = harness_cli(["plugins", "--json"], tmp_path, faulty_env)
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and rows["faulty_top"]["distribution"] == "harness-faulty"
+    assert "ModuleNotFoundError" in rows["faulty_top"]["error"] and "metric:params" in rows["measure"]["components"]
 
 
 def suite(tmp_path: Path, metric: str) -> Path:
@@ -282,3 +286,17 @@ def test_two_distributions_with_one_plugin_name(tmp_path, with_site):
     assert len({"one", "two"} & set(reg.components("mixer"))) == 1
     with pytest.raises(UserError):
         reg.get("mixer", "three")
+
+
+def test_a_stage_named_like_a_core_key_is_not_added():
+    from harness.stages import Stage
+
+    reg = registry_with(stages={"metrics": Stage(schema=dict, run=print), "fine": Lazy("x.y:Z", "fine")})
+    with pytest.warns(PluginWarning, match=r"^plugin 'lazy-test' declares stage 'metrics', a key the core reads "
+                                           r"itself \(backbone, data, metrics, .*\); it is not added"):
+        assert list(reg.stages()) == ["fine"]
+
+
+def test_ls_name_without_kind_says_the_kind(capsys):
+    assert main(["ls", "dit"]) == 2
+    assert "unknown kind 'dit'; 'dit' is a backbone: harness ls backbone dit" in capsys.readouterr().err
