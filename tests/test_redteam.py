@@ -174,7 +174,7 @@ def test_a_stalled_data_set_download_is_bounded(tmp_path, monkeypatch):
     """torchvision's CIFAR-10 download has no timeout of its own; the harness bounds it."""
     from torchvision.datasets import CIFAR10
 
-    from harness_data import cifar10
+    from harness_data.datasets import cifar10
 
     monkeypatch.setenv("HARNESS_CONNECT_TIMEOUT", "1")
     monkeypatch.setenv("HARNESS_READ_TIMEOUT", "1")
@@ -629,7 +629,7 @@ def test_a_teacher_cache_whose_bytes_changed_is_not_loaded(tmp_path, capsys):
 def test_a_fifo_in_an_image_folder_data_set_is_refused_not_waited_on(tmp_path):
     from PIL import Image
 
-    from harness_data import image_folder
+    from harness_data.datasets import image_folder
 
     for i in range(4):
         Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
