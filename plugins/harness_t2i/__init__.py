@@ -1,5 +1,6 @@
-"""Text-to-image: the ``sample`` stage (a prompt set through a diffusers pipeline with the
-cell's U-Net), prompt sets (text files, MS-COCO captions), and the PickScore / CLIP score metrics.
+"""Text-to-image: sampling a prompt set through a diffusers pipeline with the cell's U-Net (what
+the ``sample`` stage of :mod:`harness_sample` runs for a block that names prompts), prompt sets
+(text files, MS-COCO captions), and the PickScore / CLIP score metrics.
 
 Public API for other plugins (the data and compress plugins encode captions and prompts with
 it): :func:`read_prompts`, :func:`read_prompt_set`, :func:`encode_prompts`, :func:`context_bytes`."""
@@ -9,7 +10,6 @@ import harness
 
 from .metrics import ClipScore, PickScore
 from .prompts import read_prompt_set
-from .sample import STAGES
 from .scoring import context_bytes, encode_prompts, read_prompts
 
 __all__ = ["context_bytes", "encode_prompts", "read_prompt_set", "read_prompts"]
@@ -19,7 +19,3 @@ __all__ = ["context_bytes", "encode_prompts", "read_prompt_set", "read_prompts"]
 def harness_metrics():
     return {"pickscore": PickScore, "clip_score": ClipScore}
 
-
-@harness.hookimpl
-def harness_stages():
-    return dict(STAGES)
