@@ -466,6 +466,28 @@ def follow_jobs() -> None:
         follow_cell(CellJob(**got["job"]))
 
 
+def execute_cell_on_ranks(job: CellJob, alone: Callable[[], AbstractContextManager] | None = None) -> dict | None:
+    """One cell on every rank of a launch whose environment names the ranks (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``...: what each task of a multi-task Slurm job runs, see
+    harness_exec): rank 0 runs it as :func:`execute_cell` and returns the record, the other
+    ranks join its every-rank stages and return None."""
+    from dataclasses import asdict
+
+    rank, world, _ = launched_ranks()
+    if world < 2:
+        return execute_cell(job, alone)
+    with process_group():
+        if rank != 0:
+            follow_jobs()
+            return None
+        try:
+            if needs_ranks(job):
+                broadcast_json({"job": asdict(job)})
+            return execute_cell(job, alone)
+        finally:
+            broadcast_json({"job": None})
+
+
 class _RankZero:
     """Rank 0's executor: cells in this process, one after the other; a cell the other ranks
     join is announced to them first."""

@@ -383,3 +383,18 @@ def test_dit_chain_train_py_checkpoint_tiny_vae_random_inception(tmp_path, incep
     fid = rec["metrics"]["fid"]
     assert fid["samples"] == 8 and fid["reference_images"] == 8 and fid["protocol"] == "ADM evaluator"
     assert image_files(tmp_path / "results" / "dit-chain" / rec["cell"]) == []
+
+
+@pytest.mark.slow  # a submitit job of two local tasks, each starting torch
+def test_a_two_task_submitit_job_samples_on_both_tasks_with_one_process_figures(tmp_path, inception_file):
+    from harness.cli import main
+
+    suite = pixel_suite(tmp_path, inception_file, {"keep": "none"}, metrics=POINT_METRICS)
+    (one,) = run_cells(suite, tmp_path / "one")
+    doc = json.loads(suite.read_text())
+    doc["executor"] = {"name": "submitit", "cluster": "local", "tasks_per_node": 2, "timeout_min": 20}
+    suite.write_text(json.dumps(doc))
+    assert main(["run", str(suite), "--results", str(tmp_path / "two")]) == 0
+    (rec,) = map(json.loads, map(Path.read_text, (tmp_path / "two" / "cc").glob("*.json")))
+    assert figures(rec) == figures(one) and rec["sample"]["world_size"] == 2
+    assert_same_shards(shards(tmp_path / "two", rec), shards(tmp_path / "one", one))

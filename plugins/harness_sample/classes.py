@@ -17,7 +17,8 @@ features. The figures then come from per-shard sums merged in shard order
 
 The features are extracted from the same uint8 images in every mode, so ``keep`` changes what
 is on disk, never a figure. A shard is done when its feature file exists (written last,
-atomically): a killed run makes only the shards that are missing.
+atomically): a killed run makes only the shards that are missing. Once all exist, rank 0
+merges their float64 sums in shard order into ``features/moments.npz``.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            x = t.detach().double() if t.is_floating_point() else t.detach().double()
+            x = t.detach().double()
             h.update(f"{name}{tuple(t.shape)}{x.sum().item():.17g}{(x * x).sum().item():.17g}".encode())
     return h.hexdigest()[:16]
 
@@ -136,7 +137,7 @@ def quality_metrics(ctx) -> list:
 
 
 def sample_classes(ctx, spec) -> None:
-    from harness_quality.streaming import Extractors, StreamedFeatures
+    from harness_quality.streaming import Extractors, StreamedFeatures, merge_shards
 
     rank, world = _rank_world()
     metrics = quality_metrics(ctx)
@@ -198,13 +199,15 @@ def sample_classes(ctx, spec) -> None:
     if missing:
         raise RuntimeError(f"sample: shard(s) {missing[:5]} missing after every rank finished (see {folder})")
     npz = folder / "samples.npz" if spec.keep == "npz" else None
-    if npz is not None:
-        if rank == 0 and not npz.is_file():
+    files, merged = [shard_file(k) for k in range(shards)], folder / "features" / "moments.npz"
+    if rank == 0:
+        if npz is not None and not npz.is_file():
             assemble_npz([folder / "images" / f"{k:05d}.npy" for k in range(shards)], npz)
-        _barrier()
+        merge_shards(files, merged)
+    _barrier()
     first = StreamedFeatures.read_header(shard_file(0))
-    ctx.samples = ClassSamples(StreamedFeatures([shard_file(k) for k in range(shards)], extractors.identity), n,
-                               first.get("size", (0, 0)), folder / "images" if spec.keep == "png" else None, npz)
+    ctx.samples = ClassSamples(StreamedFeatures(files, extractors.identity, merged), n, first.get("size", (0, 0)),
+                               folder / "images" if spec.keep == "png" else None, npz)
     ctx.extra["sample"] = {
         "kind": "class-conditional", "num_samples": n, "sampler": spec.sampler, "steps": spec.steps,
         "cfg_scale": spec.cfg_scale, "guided_channels": spec.guided_channels, "learn_sigma": sigma,
