@@ -131,13 +131,13 @@ def fingerprint(model: torch.nn.Module) -> str:
 # -- the stage ------------------------------------------------------------------------------------
 def quality_metrics(ctx) -> list:
     """The cell's metrics that score generated images through the quality plugin's features."""
-    from harness_quality.streaming import NEEDS
+    from harness_quality import STREAMED_METRICS
 
-    return [m for m in ctx.config.metric_specs() if m.name in NEEDS]
+    return [m for m in ctx.config.metric_specs() if m.name in STREAMED_METRICS]
 
 
 def sample_classes(ctx, spec) -> None:
-    from harness_quality.streaming import Extractors, StreamedFeatures, merge_shards
+    from harness_quality import Extractors, StreamedFeatures, merge_shards
 
     rank, world = _rank_world()
     metrics = quality_metrics(ctx)

@@ -100,7 +100,7 @@ class SampleSpec(BaseModel):
 
     def t2i(self):
         """The text-to-image block as harness_t2i's sample stage takes it."""
-        from harness_t2i.sample import SampleSpec as TextSpec
+        from harness_t2i import TextSampleSpec as TextSpec
 
         given = {k: getattr(self, k) for k in self.model_fields_set if k in T2I_FIELDS}
         if self.sampler is not None and "scheduler" not in given:

@@ -9,7 +9,7 @@ from .spec import SampleSpec
 def sample_cell(ctx, spec: SampleSpec) -> None:
     """Make the cell's images (or their features) and leave them at ``ctx.samples``."""
     if spec.text:
-        from harness_t2i.sample import sample_cell as sample_prompts
+        from harness_t2i import sample_prompts
 
         sample_prompts(ctx, spec.t2i())
         ctx.extra["sample"]["keep"] = "png"
