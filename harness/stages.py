@@ -47,6 +47,7 @@ class Stage:
             result. When a rank's model still differs in structure from rank 0's (parameter
             names, shapes, dtypes), that rank runs those stages itself, then takes rank 0's
             weights. Then every rank runs this stage and the ones after it; metrics run on rank 0.
+            Such a stage runs after every stage of the cell that is not one (see :func:`order`).
     """
 
     schema: type[BaseModel]
@@ -65,13 +66,17 @@ class Stage:
 def order(stages: dict[str, Stage], specs: dict[str, Any]) -> list[str]:
     """The stages a cell runs, in order: those whose block is present and asks for work,
     less those another such stage replaces, each after the ones it names in ``after``
-    (ties in name order, so the order never depends on a suite's key order)."""
+    (ties in name order, so the order never depends on a suite's key order). A stage that
+    runs on every rank (``every_rank``: it uses the finished model, as ``sample`` does) comes
+    after every stage that does not."""
     names = sorted(n for n in specs if n in stages and stages[n].wants(specs[n]))
     replaced = {r for n in names for r in stages[n].replaces}
     todo = [n for n in names if n not in replaced]
     done: list[str] = []
     while todo:
-        ready = [n for n in todo if all(a not in todo for a in stages[n].after)]
+        models_left = any(not stages[n].every_rank for n in todo)
+        ready = [n for n in todo if all(a not in todo for a in stages[n].after)
+                 and not (stages[n].every_rank and models_left)]
         if not ready:
             raise PluginError(f"stages {', '.join(todo)} name each other in 'after': no order runs them")
         done.append(ready[0])

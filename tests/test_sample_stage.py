@@ -398,3 +398,32 @@ def test_a_two_task_submitit_job_samples_on_both_tasks_with_one_process_figures(
     (rec,) = map(json.loads, map(Path.read_text, (tmp_path / "two" / "cc").glob("*.json")))
     assert figures(rec) == figures(one) and rec["sample"]["world_size"] == 2
     assert_same_shards(shards(tmp_path / "two", rec), shards(tmp_path / "one", one))
+
+
+def test_a_feature_network_that_cannot_be_had_is_left_to_its_metrics(monkeypatch):
+    from harness.errors import MetricUnavailable
+    from harness.suite import ComponentSpec
+    from harness_quality import evaluate
+    from harness_quality.streaming import Extractors
+
+    def offline(names, weights=None, option=""):
+        raise MetricUnavailable("no Inception weights here")
+
+    monkeypatch.setattr(evaluate, "resolve_extractors", offline)
+    got = Extractors.for_metrics([ComponentSpec(name="fid"), ComponentSpec(name="isc")], cuda=False)
+    assert got.resolved == {} and got.unavailable == {"fid, isc": "no Inception weights here"}
+    with pytest.raises(UserError, match="different weights"):
+        Extractors.for_metrics([ComponentSpec(name="fid", weights="a"), ComponentSpec(name="isc")],
+                               cuda=False)
+
+
+def test_the_sample_stage_comes_after_every_stage_that_changes_the_model():
+    from pydantic import BaseModel
+
+    from harness.stages import Stage, order
+
+    run = lambda ctx, spec: None  # noqa: E731
+    stages = {"sample": Stage(schema=BaseModel, run=run, after=("train",), every_rank=True),
+              "train": Stage(schema=BaseModel, run=run), "zip": Stage(schema=BaseModel, run=run),
+              "quantize": Stage(schema=BaseModel, run=run, after=("train",))}
+    assert order(stages, dict.fromkeys(stages)) == ["train", "quantize", "zip", "sample"]

@@ -120,13 +120,16 @@ class Extractors:
         self.resolved, self.cuda = resolved, cuda
         self.device = torch.device("cuda" if cuda else "cpu")
         self._models: dict = {}
+        self.unavailable: dict[str, str] = {}
         self.identity = "+".join(f"{k}:{v.identity}" for k, v in sorted(resolved.items())) + f"-v{VERSION}"
 
     @classmethod
     def for_metrics(cls, specs, cuda: bool) -> "Extractors":
         """The extractors the metric entries ``specs`` (name and options) need; their Inception
-        ``weights`` options must agree (one set of features serves them all)."""
-        from harness.errors import UserError
+        ``weights`` options must agree (one set of features serves them all). A network that
+        cannot be had (offline without its weights) is left out and named in ``unavailable``:
+        its metrics then say so in the record, as they would without a sample block."""
+        from harness.errors import MetricUnavailable, UserError
 
         from .evaluate import resolve_extractors
 
@@ -134,9 +137,19 @@ class Extractors:
         if len(weights) > 1:
             raise UserError(f"metrics: with a sample block every Inception metric reads the same features; they "
                             f"name different weights ({', '.join(sorted(map(str, weights)))})")
-        names = [m.name for m in specs]
-        return cls(resolve_extractors(names, next(iter(weights), None), option="weights option") if names else {},
-                   cuda)
+        resolved, unavailable = {}, {}
+        inception = [m.name for m in specs if m.name != "fd_dinov2"]
+        for names in (inception, [m.name for m in specs if m.name == "fd_dinov2"]):
+            if not names:
+                continue
+            try:
+                resolved.update(resolve_extractors(names, next(iter(weights), None) if names is inception else None,
+                                                   option="weights option"))
+            except MetricUnavailable as exc:
+                unavailable[", ".join(names)] = str(exc)
+        out = cls(resolved, cuda)
+        out.unavailable = unavailable
+        return out
 
     def _model(self, name: str):
         from .fidelity import build_dinov2, build_extractor

@@ -96,6 +96,7 @@ def decoder(ctx, spec) -> tuple[Optional[Callable[[torch.Tensor], torch.Tensor]]
         def decode(z):
             return vae.decode(z.float() / scale).sample.clamp(-1, 1)
 
+        decode.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # the side of an image per latent pixel
         return decode, spec.vae
     ds = ctx.dataset if ctx.config.data is not None else None
     if ds is not None and hasattr(ds, "decode"):
@@ -104,6 +105,26 @@ def decoder(ctx, spec) -> tuple[Optional[Callable[[torch.Tensor], torch.Tensor]]
         raise UserError(f"sample: the backbone makes {ctx.input_spec['in_channels']}-channel latents and nothing "
                         f"decodes them; give sample.vae (e.g. stabilityai/sd-vae-ft-ema) or a data block with a vae")
     return None, None
+
+
+def check_references(ctx, metrics, decode) -> None:
+    """Each metric's ``reference`` must hold images of the size the samples will have: refused
+    here, before any sampling, when that size is known (pixel space, or the block's VAE)."""
+    from harness_quality import image_size
+
+    side = ctx.input_spec["input_size"]
+    if decode is not None:
+        factor = getattr(decode, "factor", None)
+        if factor is None:
+            return
+        side *= factor
+    for i, m in enumerate(metrics):
+        ref = m.options.get("reference")
+        if isinstance(ref, str):
+            got = image_size(ref, f"{m.name} reference")
+            if got != (side, side):
+                raise UserError(f"{m.name}: reference {ref!r} holds {got[0]}x{got[1]} images; the samples will be "
+                                f"{side}x{side}")
 
 
 def learn_sigma(ctx, spec, model) -> bool:
@@ -145,8 +166,12 @@ def sample_classes(ctx, spec) -> None:
         raise UserError("sample: keep: none writes no image and the cell has no quality metric (fid, sfid, isc, "
                         "precision, recall, kid, fd_dinov2) to score them; add one or keep png/npz")
     extractors = Extractors.for_metrics(metrics, cuda=ctx.device.type == "cuda")
+    if spec.keep == "none" and not extractors.resolved:
+        raise UserError(f"sample: keep: none keeps only features, and no feature network can be had here "
+                        f"({'; '.join(extractors.unavailable.values())})")
     model = ctx.model
     decode, vae = decoder(ctx, spec)
+    check_references(ctx, metrics, decode)
     inputs = ctx.input_spec
     seed = ctx.suite_seed if spec.seed is None else spec.seed
     sigma = learn_sigma(ctx, spec, model)
@@ -214,7 +239,8 @@ def sample_classes(ctx, spec) -> None:
         "batch_size": batch, "seed": seed, "keep": spec.keep, "vae": vae, "num_classes": kwargs["num_classes"],
         "shards": shards, "shard_size": per_shard, "folder": str(folder), "features": extractors.identity,
         "images": str(ctx.samples.folder or ctx.samples.npz or "") or None, "generated": made,
-        "seconds": seconds, "world_size": world}
+        "seconds": seconds, "world_size": world,
+        **({"features_unavailable": extractors.unavailable} if extractors.unavailable else {})}
 
 
 def _write_pngs(folder: Path, idx: list[int], arr: np.ndarray) -> None:
