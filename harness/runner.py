@@ -233,10 +233,11 @@ def run_jobs(jobs: list[CellJob], executor, on_start: Callable | None = None,
             if rank != 0:
                 follow_jobs()
                 return []
-            try:
-                return _run_claimed(jobs, _RankZero(), on_start, on_done, on_skip, rerun)
-            finally:
-                broadcast_json({"job": None})  # the others stop waiting for cells
+            # An exception here ends this process, and torchrun then stops the others: telling them
+            # first could meet a rank inside a collective of the sample stage and hang both.
+            records = _run_claimed(jobs, _RankZero(), on_start, on_done, on_skip, rerun)
+            broadcast_json({"job": None})  # the others stop waiting for cells
+            return records
     return _run_claimed(jobs, executor, on_start, on_done, on_skip, rerun)
 
 
@@ -480,12 +481,11 @@ def execute_cell_on_ranks(job: CellJob, alone: Callable[[], AbstractContextManag
         if rank != 0:
             follow_jobs()
             return None
-        try:
-            if needs_ranks(job):
-                broadcast_json({"job": asdict(job)})
-            return execute_cell(job, alone)
-        finally:
-            broadcast_json({"job": None})
+        if needs_ranks(job):
+            broadcast_json({"job": asdict(job)})
+        record = execute_cell(job, alone)  # raises (ending every task) only when the ranks are out of step
+        broadcast_json({"job": None})
+        return record
 
 
 class _RankZero:
