@@ -21,6 +21,13 @@ METRICS = ("fid", "sfid", "isc", "precision", "recall")
 POINT_METRICS = ("isc", "precision", "recall")
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Reference features are cached under $HARNESS_CACHE: the test's own folder (subprocesses inherit it)."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "harness-cache"))
+    return tmp_path / "harness-cache"
+
+
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     """torch-fidelity's Inception with its random initialisation, saved as a weights file
@@ -172,7 +179,8 @@ def test_keep_none_png_and_npz_give_the_same_figures_and_none_writes_no_image(tm
     ext = resolve_extractor(weights=inception_file)
     net = Network(ext.identity, "Inception", lambda: build_extractor(ext, list(FEATURES_LIST), False), extract)
     again = features_of(Source(pngs[0].parent, "samples"), net, device="cpu", batch_size=64, cache=tmp_path / "c")
-    streamed = shards(results, by_keep["png"])
+    streamed = [s for s in shards(results, by_keep["png"]) if "pool" in s]  # not moments.npz, the merged sums
+    assert len(streamed) == 2 and all("pool_outer" not in s for s in streamed)  # merged, then dropped
     np.testing.assert_allclose(again.pool, np.concatenate([s["pool"] for s in streamed]), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(again.logits, np.concatenate([s["logits"] for s in streamed]), rtol=1e-4, atol=1e-5)
     entry = by_keep["none"]["metrics"]["fid"]
@@ -341,7 +349,7 @@ def test_two_gloo_ranks_give_one_process_figures_and_run_the_stages_before_sampl
 
 # -- DiT's chain end to end ---------------------------------------------------------------------------
 @pytest.mark.slow  # Inception on 8 samples and the reference, two 2048-d Fréchet distances
-def test_dit_chain_train_py_checkpoint_tiny_vae_random_inception(tmp_path, inception_file, capsys):
+def test_dit_chain_train_py_checkpoint_tiny_vae_random_inception(tmp_path, inception_file, capsys, own_cache):
     """DiT-XL/2's FID-50K protocol in miniature, one command: a facebookresearch/DiT train.py
     checkpoint, 250 -> 3 DDPM steps under cfg, a diffusers VAE, the ADM metrics against an npz."""
     import argparse
@@ -376,7 +384,19 @@ def test_dit_chain_train_py_checkpoint_tiny_vae_random_inception(tmp_path, incep
     (rec,) = map(json.loads, map(Path.read_text, (tmp_path / "results" / "dit-chain").glob("*.json")))
     got = figures(rec)
     assert sorted(got) == sorted(METRICS) and all(np.isfinite(v) for v in got.values())
-    assert got["fid"] > 0 and got["sfid"] > 0 and got["isc"] >= 1 and 0 <= got["precision"] <= 1
+    # the point metrics again by hand, from the shards' features and the reference's (cached by the run)
+    from harness_quality import adm
+    from harness_quality.evaluate import Network, Source, features_of
+    from harness_quality.features import FEATURES_LIST, extract, probabilities
+    from harness_quality.fidelity import build_extractor, resolve_extractor
+
+    points = [s for s in shards(tmp_path / "results", rec) if "pool" in s]
+    ext = resolve_extractor(weights=inception_file)
+    net = Network(ext.identity, "Inception", lambda: build_extractor(ext, list(FEATURES_LIST), False), extract)
+    ref_pool = features_of(Source(ref, "reference"), net, device="cpu", batch_size=64, cache=own_cache / "adm").pool
+    pool, logits = (np.concatenate([s[k] for s in points]) for k in ("pool", "logits"))
+    assert got["isc"] == adm.inception_score(probabilities(logits))
+    assert (got["precision"], got["recall"]) == adm.precision_recall(ref_pool, pool)
     sample = rec["sample"]
     assert sample["learn_sigma"] is True and sample["vae"] == str(tmp_path / "vae") and sample["num_classes"] == 10
     assert sample["cfg_scale"] == 1.5 and sample["sampler"] == "ddpm" and sample["steps"] == 3
