@@ -157,6 +157,8 @@ def prune_cell(ctx, spec: PruneSpec) -> None:
     ctx.model = student
     ctx.pruning_plan = plan
     _save(ctx)
+    if ctx.workdir is not None:  # what apply() rebuilds this structure from (the other ranks of a torchrun)
+        info["apply"] = str(Path(ctx.workdir) / "pruned")
 
 
 def distill_cell(ctx, spec: DistillSpec) -> None:

@@ -2,8 +2,11 @@
 recall, and EDM2's FD_DINOv2) and the ``harness fid`` command.
 
 Public API for other plugins: ``evaluate_images`` (:func:`harness_quality.evaluate.evaluate`:
-the ADM metrics of an image folder or npz against a reference), :func:`image_size` and
-:func:`resized_folder`. A stage that generates images (``ctx.samples``, see
+the ADM metrics of an image folder or npz against a reference), :func:`image_size`,
+:func:`resized_folder`, and for a stage that extracts features as it makes images (the
+``sample`` stage): :class:`~harness_quality.streaming.Extractors`,
+:class:`~harness_quality.streaming.StreamedFeatures`, :func:`~harness_quality.streaming.merge_shards`
+and ``STREAMED_METRICS`` (the metric names that score such features). A stage that generates images (``ctx.samples``, see
 :func:`harness.hookspecs.harness_stages`) has them scored by fid/kid/isc/sfid/precision/recall/fd_dinov2."""
 from __future__ import annotations
 
@@ -11,7 +14,11 @@ import importlib
 
 import harness
 
-__all__ = ["evaluate_images", "image_size", "resized_folder"]
+__all__ = ["STREAMED_METRICS", "Extractors", "StreamedFeatures", "evaluate_images", "image_size", "merge_shards",
+           "resized_folder"]
+# public name -> the submodule that defines it, imported (with torch) on first use
+_PUBLIC = {"Extractors": ".streaming", "StreamedFeatures": ".streaming", "merge_shards": ".streaming",
+           "image_size": ".evaluate", "resized_folder": ".evaluate"}
 
 
 @harness.hookimpl
@@ -30,7 +37,10 @@ def harness_commands():
 
 def __getattr__(name):  # PEP 562: the public names load their module (and torch) on first use
     # not bound as ``evaluate``: that name is the submodule's, which tests and users patch
-    if name in __all__:
-        evaluate = importlib.import_module(".evaluate", __name__)
-        return evaluate.evaluate if name == "evaluate_images" else getattr(evaluate, name)
+    if name == "evaluate_images":
+        return importlib.import_module(".evaluate", __name__).evaluate
+    if name == "STREAMED_METRICS":  # the metric names that score streamed features
+        return tuple(importlib.import_module(".streaming", __name__).NEEDS)
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
