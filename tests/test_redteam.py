@@ -19,7 +19,8 @@ First round, kept in the files of what they guard (run by ``make test`` with thi
   ``::test_matrix_of_ten_million_cells_is_refused_at_once``, ``::test_cell_limit_counts_includes_and_can_be_raised``,
   ``::test_bad_suites_fail_cleanly``, ``::test_suite_that_is_a_directory``.
 - user text never read as rich markup: ``tests/test_cli.py::test_user_text_is_never_read_as_markup``.
-- claims and records shared between runs: ``tests/test_runner.py::test_claims_stale_taken_over_live_and_foreign_respected``,
+- claims and records shared between runs:
+  ``tests/test_runner.py::test_claims_stale_taken_over_live_and_foreign_respected``,
   ``::test_concurrent_runs_run_each_cell_once``, ``::test_run_redoes_malformed_and_incomplete_records``,
   ``::test_write_record_is_atomic``, ``::test_records_honour_the_umask``.
 """
