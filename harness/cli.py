@@ -113,10 +113,12 @@ def cmd_run(args) -> int:
     suite, jobs = _prepare(args)
     from .plugins import registry
     from .records import ensure_writable
-    from .runner import check_builds, pending
+    from .runner import check_builds, launched_ranks, pending
     from .table import render
 
     console = _console()
+    follower = launched_ranks()[0] != 0  # under torchrun rank 0 reports; the other ranks only work
+    console.quiet = console.quiet or follower
     if args.dry_run:
         for job in jobs:
             console.print(_styled((job.cell, "bold"), f"  {job.label}"))
@@ -150,7 +152,7 @@ def cmd_run(args) -> int:
             warn(job.record_path, problem, "not in the table")
         elif rec is not None:
             records.append(rec)
-    if records:
+    if records and not follower:
         print()
         print(render(records, "markdown"), flush=True)  # plain print: rich would wrap wide tables
     if failed:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -88,7 +88,8 @@ def _measure(metric, ctx, alone: Callable[[], AbstractContextManager] | None) ->
 
 
 def execute_cell(job: CellJob, alone: Callable[[], AbstractContextManager] | None = None) -> dict:
-    """Run one cell in this process and write its record; never raises for a cell's own failure.
+    """Run one cell in this process and write its record; never raises for a cell's own failure
+    (except, under several ranks, one inside a stage every rank runs: see :func:`run_jobs`).
 
     ``alone`` is how the executor gives a timing-sensitive metric (latency) the machine to
     itself: a context manager factory, entered around that metric, whose value is recorded
@@ -105,6 +106,7 @@ def execute_cell(job: CellJob, alone: Callable[[], AbstractContextManager] | Non
     old_threads = torch.get_num_threads()
     device = None
     kernels_used: dict[str, list[str]] = {}
+    shared = _Shared()
     try:
         with kernels.track() as kernels_used:  # which implementation each custom kernel ran
             from .context import CellContext
@@ -113,7 +115,10 @@ def execute_cell(job: CellJob, alone: Callable[[], AbstractContextManager] | Non
                 torch.set_num_threads(config.threads)
             ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
             device = str(ctx.device)
-            stages.run_stages(ctx, ctx.specs, reg.stages())
+            if _world() > 1:
+                shared.run_stages(ctx, reg.stages())
+            else:
+                stages.run_stages(ctx, ctx.specs, reg.stages())
             for spec in config.metric_specs():
                 metric = reg.create("metric", spec.name, **spec.options)
                 record["metrics"][spec.name] = _measure(metric, ctx, alone)
@@ -134,6 +139,9 @@ def execute_cell(job: CellJob, alone: Callable[[], AbstractContextManager] | Non
     record["finished"] = _now()
     record["duration_s"] = round(time.perf_counter() - t0, 3)
     write_record(job.record_path, record)
+    if shared.fatal is not None:  # the other ranks cannot go on in step with this one
+        raise RuntimeError(f"cell {job.cell} failed inside a stage every rank runs ({record['error']}); its record "
+                           f"is written, and the run stops: rerun it to resume") from shared.fatal
     return record
 
 
@@ -217,7 +225,26 @@ def run_jobs(jobs: list[CellJob], executor, on_start: Callable | None = None,
 
     Cells are claimed one at a time as the executor takes them, so concurrent runs of one
     suite share the work. A cell claimed by another live run, or finished by one since
-    ``pending`` looked (unless ``rerun``), is not run: ``on_skip(job, why, done)`` says so."""
+    ``pending`` looked (unless ``rerun``), is not run: ``on_skip(job, why, done)`` says so.
+
+    Launched by torchrun (``WORLD_SIZE`` > 1), every rank calls this: rank 0 claims, decides,
+    runs the cells and writes the records in this process (the executor is not used), and
+    the other ranks join each cell that has a stage sharing its work over ranks (``every_rank``,
+    the ``sample`` stage), see :func:`follow_jobs`."""
+    rank, world, _ = launched_ranks()
+    if world > 1:
+        with process_group():
+            if rank != 0:
+                follow_jobs()
+                return []
+            try:
+                return _run_claimed(jobs, _RankZero(), on_start, on_done, on_skip, rerun)
+            finally:
+                broadcast_json({"job": None})  # the others stop waiting for cells
+    return _run_claimed(jobs, executor, on_start, on_done, on_skip, rerun)
+
+
+def _run_claimed(jobs, executor, on_start, on_done, on_skip, rerun) -> list[dict]:
     records: list[dict] = []
     held: dict[str, claims.Claim] = {}
 
@@ -250,3 +277,231 @@ def run_jobs(jobs: list[CellJob], executor, on_start: Callable | None = None,
         for claim in held.values():
             claim.release()
     return records
+
+
+# -- several ranks: torchrun (or srun) launches `harness run` once per GPU -------------------------
+# A collective waits for the slowest rank: rank 0 may train or prune for hours while the others
+# wait for its weights, so the group's timeout is long (HARNESS_DIST_TIMEOUT, seconds).
+DIST_TIMEOUT_S = 48 * 3600
+
+
+def launched_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) as torchrun sets them (RANK, WORLD_SIZE, LOCAL_RANK);
+    (0, 1, 0) for a plain process."""
+    import os
+
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@contextmanager
+def process_group():
+    """The launch's torch.distributed group (NCCL with GPUs, one per local rank; else gloo),
+    started here unless one is running already, and ended on the way out."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    _, _, local = launched_ranks()
+    cuda = torch.cuda.is_available()
+    if cuda:  # "cuda" in a cell then means this rank's own GPU
+        torch.cuda.set_device(local)
+    timeout = timedelta(seconds=float(os.environ.get("HARNESS_DIST_TIMEOUT", DIST_TIMEOUT_S)))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def broadcast_json(value=None):
+    """``value`` (JSON) from rank 0 to every rank; what rank 0 sent on the others."""
+    import json
+
+    import torch.distributed as dist
+
+    device = _collective_device()
+    data = json.dumps(value).encode() if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.long, device=device)
+    dist.broadcast(size, 0)
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device) if dist.get_rank() == 0
+           else torch.empty(int(size.item()), dtype=torch.uint8, device=device))
+    dist.broadcast(buf, 0)
+    return json.loads(bytes(buf.cpu().numpy()).decode())
+
+
+def structure(module: torch.nn.Module | None) -> list | None:
+    """What must agree for rank 0's weights to fit: each parameter's and buffer's name, shape, dtype."""
+    if module is None:
+        return None
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return [[n, list(t.shape), str(t.dtype).replace("torch.", "")] for n, t in named]
+
+
+def broadcast_weights(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers onto ``module`` on every rank, in place."""
+    import torch.distributed as dist
+
+    device = _collective_device()
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device == device:
+                dist.broadcast(t.data, 0)
+            else:  # NCCL moves CUDA tensors only: through this rank's GPU and back
+                tmp = t.data.to(device)
+                dist.broadcast(tmp, 0)
+                t.data.copy_(tmp)
+
+
+def _split(ctx, registered: dict) -> tuple[list[str], list[str]]:
+    """The cell's stages: (those before its first every-rank stage, that one and those after)."""
+    names = stages.order(registered, ctx.specs)
+    first = next((i for i, n in enumerate(names) if registered[n].every_rank), len(names))
+    return names[:first], names[first:]
+
+
+def needs_ranks(job: CellJob) -> bool:
+    """Whether the cell has a stage that shares its work over ranks (the others join it)."""
+    try:
+        config = CellConfig.model_validate(job.config)
+        registered = registry().stages()
+        specs = {n: registered[n].schema.model_validate(b) for n, b in config.blocks.items() if n in registered}
+        return any(registered[n].every_rank for n in stages.order(registered, specs))
+    except Exception:  # a bad block: rank 0 alone runs the cell and records why it fails
+        return False
+
+
+class _Shared:
+    """Rank 0's side of a cell run by several ranks."""
+
+    fatal: BaseException | None = None
+
+    def run_stages(self, ctx, registered: dict) -> None:
+        before, rest = _split(ctx, registered)
+        if not rest:  # nothing every rank runs: the others were not told of this cell
+            stages.run_stages(ctx, ctx.specs, registered)
+            return
+        try:
+            for name in before:
+                registered[name].run(ctx, ctx.specs[name])
+        except BaseException:
+            broadcast_json({"ok": False})
+            raise
+        applied = [[n, ctx.extra.get(n, {}).get("apply")] for n in before
+                   if registered[n].apply is not None and isinstance(ctx.extra.get(n), dict)]
+        broadcast_json({"ok": True, "applied": [a for a in applied if a[1] is not None],
+                        "model": structure(ctx.model), "teacher": structure(ctx.teacher)})
+        broadcast_weights(ctx.model)
+        if ctx.teacher is not None:
+            broadcast_weights(ctx.teacher)
+        ctx.extra["ranks"] = {"world_size": _world(), "stages_on_rank_0": before}
+        try:
+            for name in rest:
+                registered[name].run(ctx, ctx.specs[name])
+        except BaseException as exc:
+            self.fatal = exc
+            raise
+
+
+def follow_cell(job: CellJob) -> None:
+    """A rank other than 0 in one cell: the structure of the stages before the every-rank one
+    through their ``apply``, rank 0's weights, then the every-rank stages; no metric, no record.
+    A failure here is not the cell's but the run's: it propagates and torchrun stops every rank."""
+    from .context import CellContext
+
+    reg = registry()
+    registered = reg.stages()
+    config = CellConfig.model_validate(job.config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
+    before, rest = _split(ctx, registered)
+    got = broadcast_json()
+    if not got["ok"]:  # rank 0 failed before: its record says why
+        return
+    model = ctx.build_backbone()
+    for name, value in got["applied"]:
+        registered[name].apply(model, value)
+    teacher = ctx.build_backbone() if got["teacher"] is not None else None
+    if structure(model) != got["model"] or structure(teacher) != got["teacher"]:
+        # a stage changed the structure without an apply to rebuild it: run them here too
+        for name in before:
+            registered[name].run(ctx, ctx.specs[name])
+        model, teacher = ctx.model, ctx.teacher
+        if structure(model) != got["model"] or structure(teacher) != got["teacher"]:
+            raise RuntimeError(f"cell {job.cell}: rank {_rank()} built a model unlike rank 0's after running "
+                               f"{', '.join(before)}; the stages are not deterministic in structure")
+    broadcast_weights(model)
+    if teacher is not None:
+        broadcast_weights(teacher)
+    ctx.model, ctx.teacher = model, teacher
+    for name in rest:
+        registered[name].run(ctx, ctx.specs[name])
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def follow_jobs() -> None:
+    """Ranks other than 0: join each cell rank 0 announces, until it says there are no more."""
+    while True:
+        got = broadcast_json()
+        if got["job"] is None:
+            return
+        follow_cell(CellJob(**got["job"]))
+
+
+def execute_cell_on_ranks(job: CellJob, alone: Callable[[], AbstractContextManager] | None = None) -> dict | None:
+    """One cell on every rank of a launch whose environment names the ranks (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``...: what each task of a multi-task Slurm job runs, see
+    harness_exec): rank 0 runs it as :func:`execute_cell` and returns the record, the other
+    ranks join its every-rank stages and return None."""
+    from dataclasses import asdict
+
+    rank, world, _ = launched_ranks()
+    if world < 2:
+        return execute_cell(job, alone)
+    with process_group():
+        if rank != 0:
+            follow_jobs()
+            return None
+        try:
+            if needs_ranks(job):
+                broadcast_json({"job": asdict(job)})
+            return execute_cell(job, alone)
+        finally:
+            broadcast_json({"job": None})
+
+
+class _RankZero:
+    """Rank 0's executor: cells in this process, one after the other; a cell the other ranks
+    join is announced to them first."""
+
+    def run(self, jobs, on_done, on_start=None):
+        from dataclasses import asdict
+
+        for job in jobs:
+            if on_start:
+                on_start(job)
+            if needs_ranks(job):
+                broadcast_json({"job": asdict(job)})
+            on_done(job, execute_cell(job))

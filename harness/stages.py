@@ -33,8 +33,21 @@ class Stage:
         active: ``active(spec) -> bool``: whether a given block asks for any work
             (``train: {steps: 0}`` does not); default: always.
         apply: optional ``apply(model, value) -> dict``, the stage's result applied outside a
-            suite, in place (``harness flops --prune PLAN``); returns what to report.
+            suite, in place (``harness flops --prune PLAN``); returns what to report. A stage
+            that records the value rebuilding its result's structure as ``ctx.extra[name]["apply"]``
+            lets the other ranks of a run rebuild it instead of repeating the stage (see
+            ``every_rank``).
         description: one line for ``harness ls stage``.
+        every_rank: the stage shares its work over the ranks of a torch.distributed group
+            itself (the ``sample`` stage). Under several ranks (``torchrun ... harness run``) the
+            stages before the cell's first such stage run once, on rank 0; every other rank
+            builds the backbone, calls ``apply(model, ctx.extra[name]["apply"])`` of each of
+            them that recorded a value, and receives rank 0's weights. A stage without ``apply``
+            is taken to change weights only (training, distillation): the weights carry its
+            result. When a rank's model still differs in structure from rank 0's (parameter
+            names, shapes, dtypes), that rank runs those stages itself, then takes rank 0's
+            weights. Then every rank runs this stage and the ones after it; metrics run on rank 0.
+            Such a stage runs after every stage of the cell that is not one (see :func:`order`).
     """
 
     schema: type[BaseModel]
@@ -44,6 +57,7 @@ class Stage:
     active: Optional[Callable[[Any], bool]] = None
     apply: Optional[Callable[[Any, Any], dict]] = None
     description: str = field(default="")
+    every_rank: bool = False
 
     def wants(self, spec: Any) -> bool:
         return True if self.active is None else bool(self.active(spec))
@@ -52,13 +66,17 @@ class Stage:
 def order(stages: dict[str, Stage], specs: dict[str, Any]) -> list[str]:
     """The stages a cell runs, in order: those whose block is present and asks for work,
     less those another such stage replaces, each after the ones it names in ``after``
-    (ties in name order, so the order never depends on a suite's key order)."""
+    (ties in name order, so the order never depends on a suite's key order). A stage that
+    runs on every rank (``every_rank``: it uses the finished model, as ``sample`` does) comes
+    after every stage that does not."""
     names = sorted(n for n in specs if n in stages and stages[n].wants(specs[n]))
     replaced = {r for n in names for r in stages[n].replaces}
     todo = [n for n in names if n not in replaced]
     done: list[str] = []
     while todo:
-        ready = [n for n in todo if all(a not in todo for a in stages[n].after)]
+        models_left = any(not stages[n].every_rank for n in todo)
+        ready = [n for n in todo if all(a not in todo for a in stages[n].after)
+                 and not (stages[n].every_rank and models_left)]
         if not ready:
             raise PluginError(f"stages {', '.join(todo)} name each other in 'after': no order runs them")
         done.append(ready[0])

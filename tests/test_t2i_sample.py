@@ -307,13 +307,12 @@ def test_shipped_suites_declare_the_protocol_and_their_coco_recipe_validates(nam
 
 
 @pytest.mark.slow  # two torchrun processes start torch and diffusers
-def test_torchrun_two_ranks_write_the_images_one_process_writes(sd_pipeline, tmp_path):
+def test_torchrun_two_ranks_of_harness_run_write_the_images_one_process_writes(sd_pipeline, tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    from harness_t2i.sample import main
+    from harness.cli import main
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
@@ -321,15 +320,16 @@ def test_torchrun_two_ranks_write_the_images_one_process_writes(sd_pipeline, tmp
             "sample": {"prompts": str(prompts), "pipeline": sd_pipeline, "steps": 2, "resolution": 32,
                        "batch_size": 2}, "metrics": ["params"], "device": "cpu", "threads": 1}
     path = _suite(tmp_path, base)
-    assert main([str(path), "--results", str(tmp_path / "one")]) == 0
+    assert main(["run", str(path), "--results", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    torchrun = Path(sys.executable).with_name("torchrun")
-    run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "harness_t2i.sample",
-                          str(path), "--results", str(tmp_path / "two")], env=env, capture_output=True, text=True,
-                         timeout=600)
+    # the documented command: torchrun --nproc-per-node N -m harness run SUITE
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "harness", "run", str(path), "--results", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "rank 0/2: base: generated 3 of 5" in run.stdout and "rank 1/2: base: generated 2 of 5" in run.stdout, \
-        run.stdout
+    (rec,) = (json.loads(p.read_text()) for p in (tmp_path / "two" / "t2i").glob("*.json"))
+    # batches of 2 prompts: rank 0 made batches 0 and 2 (3 images), rank 1 batch 1 (2 images)
+    assert rec["status"] == "ok" and rec["sample"]["world_size"] == 2 and rec["sample"]["generated"]["cell"] == 3
     one, two = (list((tmp_path / r / "t2i").glob("*/t2i-*")) for r in ("one", "two"))
     assert len(one) == len(two) == 1 and one[0].name == two[0].name
     assert _files(one[0]) == _files(two[0]) and len(_files(one[0])) == 5

@@ -8,6 +8,10 @@ and pickles go next to the records, under ``<results>/<suite>/submitit/``.
 ``cluster="local"`` runs the same jobs as subprocesses of this machine through submitit's
 own local executor: the code path is the Slurm one except for sbatch, so it is testable
 without a cluster.
+
+A job of several tasks (``tasks_per_node: 8``, ``nodes``) runs its cell on all of them as one
+torch.distributed group, the way ``torchrun`` would: the stages before ``sample`` once, the
+sampling shared (see :func:`harness.runner.execute_cell_on_ranks`).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness.errors import UserError, suggest
-from harness.runner import CellJob, execute_cell
+from harness.runner import CellJob, execute_cell, execute_cell_on_ranks
 
 from .process import failed_record, stamp
 
@@ -65,8 +69,9 @@ class SubmititExecutor:
         executor = self._executor(self.log_folder(jobs[0]))  # <job id>_<task>_log.out etc.
         executor.update_parameters(name=f"harness-{jobs[0].suite}")
         before = {job.cell: stamp(job.record_path) for job in jobs}
+        tasks = int(self.parameters.get("tasks_per_node", 1)) * int(self.parameters.get("nodes", 1))
         with _interruptible_children(self.cluster == "local"):
-            submitted = executor.map_array(execute_cell, jobs)
+            submitted = executor.map_array(cell_on_tasks if tasks > 1 else execute_cell, jobs)
         pending = dict(zip(submitted, jobs))
         for job in jobs:
             if on_start:
@@ -92,6 +97,15 @@ class SubmititExecutor:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return failed_record(job, f"SlurmJobFailed: job {sub.job_id} ({reason}); log: {sub.paths.stderr}",
                                  before)
+
+
+def cell_on_tasks(job: CellJob):
+    """A cell on every task of a multi-task job: the tasks form a torch.distributed group
+    (submitit's environment exported as torchrun's variables); task 0's record is the job's."""
+    import submitit
+
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return execute_cell_on_ranks(job)
 
 
 @contextmanager

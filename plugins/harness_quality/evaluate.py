@@ -189,16 +189,84 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, we
              samples_arg: str = "SAMPLES", reference_arg: str = "REFERENCE", option: str = "--weights") -> dict:
     """The ADM metrics (and fd_dinov2) of ``samples`` against ``reference``; every input checked
     and every extractor resolved before work."""
-    from .fidelity import build_dinov2, build_extractor
-
-    metrics = list(metrics)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"--batch-size must be a positive integer, got {batch_size!r}")
     smp = Source(samples, samples_arg)
-    ref = Source(reference, reference_arg)
     if smp.count < 2:
         raise UserError(f"{samples_arg} {str(smp.path)!r} holds {smp.count} image(s); at least 2 are needed")
-    pool_stats, spatial_stats = ref.stats
+    return _score(_Images(smp, own_statistics=False), Source(reference, reference_arg), list(metrics),
+                  weights=weights, cuda=cuda, batch_size=batch_size, cache_root=cache_root, progress=progress,
+                  split_size=split_size, samples_arg=samples_arg, reference_arg=reference_arg, option=option)
+
+
+def score_features(samples, reference: Optional[str | Path], metrics=("fid",), *, weights: Optional[str] = None,
+                   cuda: Optional[bool] = None, batch_size: int = 64, cache_root: Optional[str | Path] = None,
+                   progress: Optional[Callable[[str, int, int], None]] = None, split_size: int = 5000,
+                   samples_arg: str = "samples", reference_arg: str = "reference",
+                   option: str = "weights option") -> dict:
+    """The same figures as :func:`evaluate` for images whose features were extracted as they were
+    made (``samples``: a :class:`harness_quality.streaming.StreamedFeatures`, the ``sample``
+    stage's): Fréchet statistics from its merged sums, precision/recall/KID/IS from its chunks.
+    ``reference`` may be None for ``isc`` alone."""
+    count = samples.count
+    if count < 2:
+        raise UserError(f"{samples_arg}: {count} image(s); at least 2 are needed")
+    ref = Source(reference, reference_arg) if reference is not None else None
+    return _score(_Streamed(samples, count), ref, list(metrics), weights=weights, cuda=cuda, batch_size=batch_size,
+                  cache_root=cache_root, progress=progress, split_size=split_size, samples_arg=samples_arg,
+                  reference_arg=reference_arg, option=option)
+
+
+class _Images:
+    """One side of a comparison, its features extracted from its images (cached by content);
+    a reference npz's own ``mu``/``sigma`` (``mu_s``/``sigma_s``) stand in for its images'."""
+
+    def __init__(self, source: Source, own_statistics: bool = True):
+        self.source, self.count, self.own_statistics = source, source.count, own_statistics
+        self.networks: dict[str, Network] = {}
+        self.features: Callable = None  # (source, network) -> features, set by _score
+        self._got: dict = {}
+
+    def given(self, name: str) -> Optional[adm.Statistics]:
+        pool, spatial = self.source.stats if self.own_statistics else (None, None)
+        return {"pool": pool, "spatial": spatial}.get(name)
+
+    def _of(self, net: str):
+        if net not in self._got:
+            self._got[net] = self.features(self.source, self.networks[net])
+        return self._got[net]
+
+    def statistics(self, name: str) -> adm.Statistics:
+        given = self.given(name)
+        if given is not None:
+            return given
+        return adm.statistics(getattr(self._of("dinov2" if name == "dinov2" else "inception"), name))
+
+    def points(self, name: str) -> np.ndarray:
+        return getattr(self._of("inception"), name)
+
+
+class _Streamed:
+    """One side whose features a stage extracted while making the images (per-shard sums and chunks)."""
+
+    def __init__(self, streamed, count: int):
+        self.streamed, self.count = streamed, count
+
+    def statistics(self, name: str) -> adm.Statistics:
+        return self.streamed.statistics(name)
+
+    def points(self, name: str) -> np.ndarray:
+        return self.streamed.points(name)
+
+
+def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, batch_size, cache_root, progress,
+           split_size, samples_arg, reference_arg, option) -> dict:
+    from .fidelity import build_dinov2, build_extractor
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    needs_reference = [m for m in metrics if m != "isc"]
+    if ref is None and needs_reference:
+        raise UserError(f"{', '.join(needs_reference)} need(s) a {reference_arg}: a folder or .npz of real images")
+    pool_stats, spatial_stats = ref.stats if ref is not None else (None, None)
     need_ref_images = [m for m in metrics if m in ("precision", "recall", "kid", "fd_dinov2")
                        or (m == "fid" and pool_stats is None) or (m == "sfid" and spatial_stats is None)]
     if need_ref_images and ref.count < 2:
@@ -222,30 +290,34 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, we
     def features(source: Source, net: Network):
         return features_of(source, net, device=device, batch_size=batch_size, cache=cache, progress=progress)
 
-    out: dict = {}
+    networks = {}
     if "inception" in exts:
         ext = exts["inception"]
-        net = Network(ext.identity, "Inception", lambda: build_extractor(ext, list(FEATURES_LIST), cuda), extract)
-        fs = features(smp, net)
-        fr = features(ref, net) if any(m in INCEPTION_METRICS for m in need_ref_images) else None
+        networks["inception"] = Network(ext.identity, "Inception",
+                                        lambda: build_extractor(ext, list(FEATURES_LIST), cuda), extract)
     if "dinov2" in exts:
         dino = exts["dinov2"]
-        net = Network(dino.identity, "DINOv2 ViT-L/14", lambda: build_dinov2(dino, cuda), extract_dinov2,
-                      DinoFeatures)
-        out["fd_dinov2"] = adm.frechet_distance(adm.statistics(features(smp, net).dinov2),
-                                                adm.statistics(features(ref, net).dinov2))
+        networks["dinov2"] = Network(dino.identity, "DINOv2 ViT-L/14", lambda: build_dinov2(dino, cuda),
+                                     extract_dinov2, DinoFeatures)
+    sides = [s for s in (smp, _Images(ref) if ref is not None else None) if isinstance(s, _Images)]
+    for side in sides:
+        side.networks, side.features = networks, features
+    other = sides[-1] if ref is not None else None
+    out: dict = {}
     for m in metrics:
         if m == "fid":
-            out[m] = adm.frechet_distance(adm.statistics(fs.pool), pool_stats or adm.statistics(fr.pool))
+            out[m] = adm.frechet_distance(smp.statistics("pool"), other.statistics("pool"))
         elif m == "sfid":
-            out[m] = adm.frechet_distance(adm.statistics(fs.spatial), spatial_stats or adm.statistics(fr.spatial))
+            out[m] = adm.frechet_distance(smp.statistics("spatial"), other.statistics("spatial"))
+        elif m == "fd_dinov2":
+            out[m] = adm.frechet_distance(smp.statistics("dinov2"), other.statistics("dinov2"))
         elif m == "isc":
-            out[m] = adm.inception_score(probabilities(fs.logits), split_size=split_size)
+            out[m] = adm.inception_score(probabilities(smp.points("logits")), split_size=split_size)
         elif m in ("precision", "recall") and "precision" not in out:
-            out["precision"], out["recall"] = adm.precision_recall(fr.pool, fs.pool)
+            out["precision"], out["recall"] = adm.precision_recall(other.points("pool"), smp.points("pool"))
         elif m == "kid":
-            out[m] = _kid(fs.pool, fr.pool)
-    result = {**{m: out[m] for m in metrics}, "samples": smp.count, "reference_images": ref.count}
+            out[m] = _kid(smp.points("pool"), other.points("pool"))
+    result = {**{m: out[m] for m in metrics}, "samples": smp.count, "reference_images": ref.count if ref else 0}
     if "inception" in exts:
         result.update({
             "reference_statistics": ("from the reference npz (mu/sigma" + ("/mu_s/sigma_s" if spatial_stats else "")

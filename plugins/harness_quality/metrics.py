@@ -3,10 +3,12 @@
 ``val_loss`` is the offline figure: the denoising loss on the held-out split at fixed
 timesteps with fixed noise, drawn from shared seeds so every candidate faces the same test.
 ``fid``, ``kid`` and ``isc`` generate samples (harness.sampling) and hand them to
-torch-fidelity with the data set's images as reference. When a stage has generated the
-cell's images already (``ctx.samples``: the text-to-image ``sample`` stage), they score those
-against ``reference`` instead, optionally resized first (``resize: 256``, BK-SDM's protocol),
-and with the teacher's images beside them (``teacher`` and ``change`` in the entry).
+torch-fidelity with the data set's images as reference. When the cell has a ``sample`` block
+(harness_sample), every quality metric scores the stage's images instead, made once for all:
+a class-conditional cell's through the features the stage extracted as it made them
+(:func:`harness_quality.evaluate.score_features`, whatever its ``keep``), a text-to-image
+cell's PNGs against ``reference``, optionally resized first (``resize: 256``, BK-SDM's
+protocol), with the teacher's images beside them (``teacher`` and ``change`` in the entry).
 ``fd_dinov2`` is EDM2's Fréchet distance of DINOv2 ViT-L/14 features, through the same
 ADM-protocol path (:func:`harness_quality.evaluate.evaluate`) as sfid, precision and recall.
 """
@@ -155,6 +157,9 @@ class _SampleMetric:
         """The ADM metric of a stage's images (and its teacher's) against ``reference``."""
         from harness_data import cache_root
 
+        if getattr(images, "features", None) is not None:
+            return self._streamed(ctx, images)
+
         from .evaluate import evaluate, image_size, resized_folder
 
         if self.reference is None and self.key != "isc":
@@ -183,6 +188,41 @@ class _SampleMetric:
             entry["teacher"] = teacher
             entry["change"] = (entry["value"] - teacher) / teacher if teacher else None  # relative: -0.04 is 4% lower
         return entry
+
+    def _streamed(self, ctx: CellContext, images) -> dict:
+        """The ADM metric of images whose features the ``sample`` stage extracted as it made
+        them (any ``keep``): against ``reference``, else the data set's images."""
+        from harness_data import cache_root
+
+        from .evaluate import image_size, score_features
+
+        if self.resize is not None:
+            raise ValueError(f"{self.name}: resize applies to text-to-image PNGs; class-conditional samples are "
+                             f"scored at the size they are made")
+        if self.extractor != "inception-v3-compat" or self.feature_layer:
+            raise ValueError(f"{self.name}: with a sample block the figures are the ADM evaluator's (TF Inception "
+                             f"features); no extractor or feature_layer option")
+        self._resolve()  # offline without weights: unavailable
+        root = cache_root(ctx.config.data.options.get("cache_dir") if ctx.config.data is not None else None)
+        reference, described = self.reference, self.reference
+        if reference is None and self.key != "isc":
+            ds = ctx.dataset
+            if ds is None:
+                raise ValueError(f"{self.name} needs reference: (a folder or .npz of real images) or a data block")
+            reference = str(_dataset_npz(ds, self.reference_size, root / "adm-reference"))
+            described = f"{getattr(ds, 'name', '?')} images"
+        if reference is not None:
+            want = image_size(reference, f"{self.name} reference")
+            if want != tuple(images.size):
+                raise UserError(f"{self.name}: reference {reference!r} holds {want[0]}x{want[1]} images; the samples "
+                                f"are {images.size[0]}x{images.size[1]}")
+        out = score_features(images.features, reference, [self.key], weights=self.weights,
+                             cuda=ctx.device.type == "cuda", batch_size=self.batch_size, cache_root=root / "adm",
+                             samples_arg=f"{self.name} samples", reference_arg=f"{self.name} reference",
+                             option="weights option")
+        kept = images.folder or images.npz
+        return {"value": out.pop(self.key), **out, "protocol": "ADM evaluator", "reference": described,
+                "images": str(kept) if kept else None, "features": "streamed by the sample stage"}
 
     def _resolve(self) -> None:
         """The extractors this metric's ADM path needs (Inception's, or DINOv2 for fd_dinov2)."""

@@ -1,4 +1,5 @@
-"""The ``sample`` stage: a prompt set through a diffusers text-to-image pipeline, once per cell.
+"""Text-to-image sampling: a prompt set through a diffusers pipeline, once per cell. The
+``sample`` stage (:mod:`harness_sample`) runs :func:`sample_cell` for a block that names prompts.
 
 The pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``... whatever its
 ``model_index.json`` names) is loaded with the cell's U-Net passed in as its ``unet``
@@ -50,6 +51,7 @@ class SampleSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompts: PromptSet
+    num_samples: Optional[int] = Field(None, gt=0)  # the first N prompts; None: every prompt
     pipeline: str  # hub id or folder of a diffusers pipeline with a ``unet`` component
     scheduler: Optional[str] = None  # None: the pipeline's own (PNDM for SD-1.x)
     steps: int = Field(25, ge=1)
@@ -211,7 +213,7 @@ def _teacher_key(ctx) -> str:
 def sample_cell(ctx, spec: SampleSpec) -> None:
     from . import scoring
 
-    prompts = spec.prompts.read()
+    prompts = spec.prompts.read()[:spec.num_samples]
     seed = ctx.suite_seed if spec.seed is None else spec.seed
     student = None
     if spec.use_cell_model:
@@ -274,64 +276,3 @@ def _check_references(ctx, size: int) -> None:
             raise UserError(f"metrics.{i} ({m.name}): reference {ref!r} holds {got[0]}x{got[1]} images; the "
                             f"samples are scored at {want}x{want}" + ("" if m.options.get("resize") else
                                                                      " (set resize: to scale them first)"))
-
-
-STAGES = {"sample": Stage(schema=SampleSpec, run=sample_cell, after=("train", "prune", "distill"),
-                          description="generate a prompt set's images through a diffusers pipeline with the "
-                                      "cell's U-Net (and the teacher's), for the quality metrics")}
-
-
-# -- torchrun entry point -----------------------------------------------------------------------
-def main(argv: Optional[list[str]] = None) -> int:
-    """``torchrun --nproc-per-node N -m harness_t2i.sample SUITE [--only GLOB] [--results DIR]``
-
-    Every rank runs each selected cell's stages (train/prune/distill as the cell says, then
-    ``sample``), the sample stage splitting its batches over the ranks. Then ``harness run
-    SUITE`` measures the cells in one process and finds every image in place (nothing is
-    sampled twice). The stages before ``sample`` run on every rank; the sample stage then
-    gives every rank rank 0's weights (:func:`same_weights_on_every_rank`)."""
-    import argparse
-
-    import torch.distributed as dist
-
-    from harness.context import CellContext
-    from harness.plugins import registry
-    from harness.runner import plan
-    from harness.stages import run_stages
-    from harness.suite import CellConfig, load_suite
-
-    p = argparse.ArgumentParser(prog="python -m harness_t2i.sample", description=main.__doc__)
-    p.add_argument("suite")
-    p.add_argument("--only", metavar="GLOB", help="cells whose id or label matches")
-    p.add_argument("--results", default="results", help="results root, as for harness run")
-    args = p.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        if torch.cuda.is_available():  # "cuda" in a cell then means this rank's GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    try:
-        reg = registry()
-        for job in plan(load_suite(args.suite), Path(args.results), args.only):
-            config = CellConfig.model_validate(job.config)
-            if "sample" not in config.blocks:
-                continue
-            ctx = CellContext(job.suite, job.cell, job.seed, config, workdir=job.workdir, reg=reg)
-            run_stages(ctx, ctx.specs, reg.stages())
-            rank, size = _rank_world()
-            done = ctx.extra["sample"]
-            print(f"rank {rank}/{size}: {job.label}: generated {done['generated']['cell']} of "
-                  f"{len(ctx.samples.prompts)} images in {done['folder']}"
-                  + (f", {done['generated']['teacher']} of the teacher's" if "teacher" in done["generated"] else ""),
-                  flush=True)
-    except UserError as exc:
-        print(f"harness_t2i.sample: error: {exc}", file=__import__("sys").stderr)
-        return 2
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

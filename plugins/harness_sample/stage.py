@@ -1,0 +1,24 @@
+"""The stage itself: one block, two kinds of cell."""
+from __future__ import annotations
+
+from harness.stages import Stage
+
+from .spec import SampleSpec
+
+
+def sample_cell(ctx, spec: SampleSpec) -> None:
+    """Make the cell's images (or their features) and leave them at ``ctx.samples``."""
+    if spec.text:
+        from harness_t2i import sample_prompts
+
+        sample_prompts(ctx, spec.t2i())
+        ctx.extra["sample"]["keep"] = "png"
+        return
+    from .classes import sample_classes
+
+    sample_classes(ctx, spec)
+
+
+STAGES = {"sample": Stage(schema=SampleSpec, run=sample_cell, after=("train", "prune", "distill"), every_rank=True,
+                          description="make the cell's images once for every quality metric: class labels "
+                                      "(DDPM/DDIM, keep png|npz|none) or prompts through a diffusers pipeline")}
