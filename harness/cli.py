@@ -79,10 +79,7 @@ def _print_costs(jobs) -> None:
     from .flops import AbstractCountError, count_flops
     from .suite import CellConfig
 
-    from .costs import sample_costs
-
-    sampled = sample_costs(jobs)  # cells with a sample block: images, passes, PFLOPs, disk (harness.costs)
-    table = Table("cell", "params", "GFLOPs", "note", *(sampled["header"] if sampled else ()), box=None)
+    table = Table("cell", "params", "GFLOPs", "note", box=None)
     costs: dict[str, tuple[str, str]] = {}
     for job in jobs:
         config = CellConfig.model_validate(job.config)
@@ -104,8 +101,13 @@ def _print_costs(jobs) -> None:
         note = f"before {', '.join(sorted(config.blocks))}" if config.blocks else ""
         if config.backbone.options.get("pretrained"):
             note = "pretrained: counted when the cell runs"
-        table.add_row(job.label, *costs[key], note, *(sampled[job.cell] if sampled else ()))
+        table.add_row(job.label, *costs[key], note)
     _console().print(table)
+    from .costs import sample_costs
+
+    sampled = sample_costs(jobs)  # cells with a sample block: images, passes, PFLOPs, disk (harness.costs)
+    if sampled is not None:
+        _console().print(sampled)
 
 
 def cmd_run(args) -> int:

@@ -24,13 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 # The Stable Diffusion VAE (AutoencoderKL of CompVis/stable-diffusion-v1-4's vae/config.json; the
 # same decoder is in stabilityai/sd-vae-ft-ema and -mse, SD-2 and SDXL): what a VAE whose
 # config.json is not on this machine is counted as, and the count says so.
 SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
           "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32, "act_fn": "silu",
           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
-VAE_FACTOR = 8  # 2 ** (len(block_out_channels) - 1) for the SD VAE
+VAE_FACTOR = 8  # the SD VAE's: 2 ** (len(block_out_channels) - 1)
+
+
+def vae_factor(config: dict) -> int:
+    return 2 ** (len(config.get("block_out_channels", SD_VAE["block_out_channels"])) - 1)
 
 
 @dataclass
@@ -60,12 +66,19 @@ class SampleCost:
         return {"png": raw, "npz": 2 * raw, "none": 0}[self.keep]
 
     def disk_text(self) -> str:
-        gb = self.disk_bytes / 1e9
         if self.keep == "none":
             return "0 (keep: none)"
         if self.keep == "png":
-            return f"≤ {gb:.2f} GB png"
-        return f"{gb / 2:.2f} GB npz (+{gb / 2:.2f} GB shards while assembling)"
+            return f"≤ {size(self.disk_bytes)} png"
+        return f"{size(self.disk_bytes // 2)} npz (2x while assembling)"
+
+
+def size(n: float) -> str:
+    """Bytes in decimal units: 9,830,400,000 -> 9.83 GB."""
+    for unit, s in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= s:
+            return f"{n / s:.3g} {unit}"
+    return f"{n:.0f} B"
 
 
 def _vae_config(source: Optional[str], subfolder: Optional[str] = None) -> tuple[dict, Optional[str]]:
@@ -85,9 +98,19 @@ def _vae_config(source: Optional[str], subfolder: Optional[str] = None) -> tuple
     return SD_VAE, f"decoder counted as the SD VAE's ({where} has no config.json here)"
 
 
+class VAEDecode(torch.nn.Module):
+    """``module(z)`` is ``vae.decode(z).sample``: the decode alone, as a module to count."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z).sample
+
+
 def decode_gflops(config: dict, latent_size: int) -> float:
     """GFLOPs of one VAE decode of a (1, C, latent_size, latent_size) latent, on the meta device."""
-    import torch
     from diffusers import AutoencoderKL
 
     from .flops import count_flops
@@ -98,18 +121,10 @@ def decode_gflops(config: dict, latent_size: int) -> float:
     with torch.device("meta"):
         vae = AutoencoderKL.from_config(cfg).eval()
 
-    class Decode(torch.nn.Module):
-        def __init__(self, vae):
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, z):
-            return self.vae.decode(z).sample
-
     channels = int(cfg.get("latent_channels", 4))
     z = torch.zeros(1, channels, latent_size, latent_size, device="meta")
     with torch.no_grad():
-        return count_flops(Decode(vae), {"z": z}, registry().flop_handles()).total / 1e9
+        return count_flops(VAEDecode(vae), {"z": z}, registry().flop_handles()).total / 1e9
 
 
 def _prompt_count(spec) -> tuple[int, Optional[str]]:
@@ -145,10 +160,10 @@ def sample_cost(config, model_gflops: Optional[float], input_size: int) -> Optio
         images, note = _prompt_count(t2i)
         notes += [note] if note else []
         guided = t2i.guidance_scale > 1
-        resolution = t2i.resolution or input_size * VAE_FACTOR
         vae, vae_note = _vae_config(t2i.pipeline, "vae")
+        resolution = t2i.resolution or input_size * vae_factor(vae)
         keep = "png"
-        latent = resolution // VAE_FACTOR
+        latent = resolution // vae_factor(vae)
         if getattr(t2i, "teacher", False) and config.blocks.keys() & {"prune", "distill"}:
             notes.append("plus the teacher's images, once per suite")
     else:
@@ -162,7 +177,7 @@ def sample_cost(config, model_gflops: Optional[float], input_size: int) -> Optio
             vae, vae_note, resolution = None, None, input_size  # pixel space: nothing decodes
         else:
             vae, vae_note = _vae_config(source)
-            resolution = input_size * VAE_FACTOR
+            resolution = input_size * vae_factor(vae)
     passes = spec.steps * (2 if guided else 1)
     cost = SampleCost(images, passes, resolution, keep, model_gflops, notes=notes)
     if vae is not None:
@@ -187,7 +202,7 @@ def columns(cost: Optional[SampleCost]) -> tuple[str, str, str, str]:
     """(images, forward passes, PFLOPs, disk) for the costs table; blanks without a sample block."""
     if cost is None:
         return ("", "", "", "")
-    pflops = "n/a" if cost.pflops is None else f"{cost.pflops:,.1f}"
+    pflops = "n/a" if cost.pflops is None else (f"{cost.pflops:,.0f}" if cost.pflops >= 100 else f"{cost.pflops:.3g}")
     passes = f"{human(cost.forward_passes)} ({cost.passes_per_image}/image)"
     return (f"{cost.images:,}", passes, pflops, cost.disk_text())
 
@@ -196,23 +211,23 @@ def describe(cost: Any) -> str:
     return "; ".join(cost.notes) if cost is not None else ""
 
 
-HEADER = ("images", "denoiser passes", "PFLOPs", "disk", "sampling note")
+HEADER = ("cell", "images", "denoiser passes", "PFLOPs", "disk", "note")
 
 
-def sample_costs(jobs) -> Optional[dict]:
-    """For ``harness validate --costs``: the sample columns of each job's row by cell id (and
-    ``header``), or None when no cell has a sample block. The denoiser is counted once per
+def sample_costs(jobs):
+    """For ``harness validate --costs``: a table of what each cell's sampling costs (a rich
+    Table), or None when no cell has a sample block. The denoiser is counted once per
     distinct backbone, on the meta device, from the suite's options (a ``pretrained``
     checkpoint's own config is not read: its weights are not needed to cost a run)."""
-    import torch
-
     from .context import CellContext
     from .flops import AbstractCountError, count_flops
     from .suite import CellConfig
 
     if not any("sample" in (job.config or {}) and job.config["sample"] is not None for job in jobs):
         return None
-    out: dict[str, Any] = {"header": HEADER}
+    from rich.table import Table
+
+    table = Table(*HEADER, title="sampling (sample block)", box=None)
     counted: dict[str, tuple[Optional[float], int, list[str]]] = {}
     for job in jobs:
         raw = dict(job.config)
@@ -242,5 +257,5 @@ def sample_costs(jobs) -> Optional[dict]:
         cost = sample_cost(config, gflops, size)
         if cost is not None:
             cost.notes = notes + cost.notes
-        out[job.cell] = columns(cost) + (describe(cost),)
-    return out
+        table.add_row(job.label, *columns(cost), describe(cost))
+    return table
