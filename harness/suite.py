@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -303,13 +304,17 @@ class Suite:
         for n, extra in enumerate(self.spec.include):
             origin = {tuple(k.split(".")): ("include", n, k) for k in extra}
             cells.append(self._cell(dict(extra), origin))
-        out, ids = [], set()
+        out, ids = [], {}
         for cell in cells:
             if any(all(_get(cell.config, k) == v for k, v in ex.items()) for ex in self.spec.exclude):
                 continue
             if cell.id not in ids:  # an include may repeat a matrix cell
-                ids.add(cell.id)
+                ids[cell.id] = cell
                 out.append(cell)
+            elif "published" in cell.config:  # ... to give it the paper's figures (no part of its id)
+                kept = ids[cell.id]
+                kept.config["published"] = cell.config["published"]
+                kept.origin.update({k: v for k, v in cell.origin.items() if k[:1] == ("published",)})
         if not out:
             raise UserError(f"{self.source}: the matrix, includes and excludes leave no cell to run")
         return out
@@ -354,6 +359,38 @@ def _pydantic_message(err: dict) -> str:
     return msg
 
 
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
+
+
+def expand_env(data: Any, lines: dict, source: str, path: Path_ = ()) -> Any:
+    """``${VAR}`` in every string of a suite, from the environment: where weights and data sit
+    differs between machines, the suite does not. ``${VAR:-default}`` falls back to a default,
+    ``${VAR:?what it is}`` says what to set when it is unset, ``$$`` is a literal ``$``. An unset
+    variable without a default is a one-line error with the file and line."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, lines, source, path + (k,)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, lines, source, path + (i,)) for i, v in enumerate(data)]
+    if not isinstance(data, str) or "$" not in data:
+        return data
+
+    def one(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        value = os.environ.get(name)
+        if value:
+            return value
+        if op == ":-":
+            return arg
+        line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+        what = f": {arg.strip()}" if op == ":?" and arg.strip() else ""
+        raise UserError(f"{where}: {'.'.join(map(str, path))}: environment variable {name} is not set{what}")
+
+    return _VAR.sub(one, data)
+
+
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     source = str(path)
@@ -366,6 +403,7 @@ def load_suite(path: str | Path) -> Suite:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{source}: cannot read suite: {exc}") from None
     data, lines = load_yaml(text, source)
+    data = expand_env(data, lines, source)
     if not isinstance(data, dict):
         raise UserError(f"{source}:1: a suite is a mapping with keys suite, base, matrix (got {type(data).__name__})")
     try:
