@@ -89,9 +89,13 @@ def _vae_config(source: Optional[str], subfolder: Optional[str] = None) -> tuple
         if (folder / "config.json").is_file():
             return json.loads((folder / "config.json").read_text()), None
         try:
+            import warnings
+
             from diffusers import AutoencoderKL
 
-            return dict(AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=True)), None
+            with warnings.catch_warnings():  # huggingface_hub's deprecation notes: not the user's concern here
+                warnings.simplefilter("ignore")
+                return dict(AutoencoderKL.load_config(source, subfolder=subfolder, local_files_only=True)), None
         except Exception:  # not cached here (offline), or not a diffusers repository
             pass
     where = f"{source}{'/' + subfolder if subfolder else ''}" if source else "the data block's VAE"

@@ -202,9 +202,10 @@ class Cell:
 
     @property
     def label(self) -> str:
-        if not self.overrides:
+        shown = {k: v for k, v in self.overrides.items() if k != "published"}  # figures, not configuration
+        if not shown:
             return "base"
-        return ",".join(f"{k}={_short(v)}" for k, v in self.overrides.items())
+        return ",".join(f"{k}={_short(v)}" for k, v in shown.items())
 
     def parsed(self) -> CellConfig:
         return CellConfig.model_validate(self.config)
