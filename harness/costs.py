@@ -32,7 +32,7 @@ import torch
 SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
           "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32, "act_fn": "silu",
           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
-VAE_FACTOR = 8  # the SD VAE's: 2 ** (len(block_out_channels) - 1)
+
 
 
 def vae_factor(config: dict) -> int:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main
-from harness.records import load_records, write_record
-from harness.suite import load_suite, validate_cell
+from harness.records import load_records
 
 SUITE = """\
 suite: paper-row
