@@ -34,8 +34,8 @@ SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per
           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
 
 
-
 def vae_factor(config: dict) -> int:
+    """How many pixels a latent's side stands for: 2 per down stage after the first (SD: 8)."""
     return 2 ** (len(config.get("block_out_channels", SD_VAE["block_out_channels"])) - 1)
 
 
