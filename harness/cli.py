@@ -103,6 +103,11 @@ def _print_costs(jobs) -> None:
             note = "pretrained: counted when the cell runs"
         table.add_row(job.label, *costs[key], note)
     _console().print(table)
+    from .costs import sample_costs
+
+    sampled = sample_costs(jobs)  # cells with a sample block: images, passes, PFLOPs, disk (harness.costs)
+    if sampled is not None:
+        _console().print(sampled)
 
 
 def cmd_run(args) -> int:

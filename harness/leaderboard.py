@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError, suggest
-from .table import ARROW, SPREAD_NOTE, build_frame, markdown_table, metric_header
+from .table import ARROW, SPREAD_NOTE, build_frame, legend_notes, markdown_table, metric_header
 
 FORMATS = ("markdown", "latex", "csv", "html")
 
@@ -63,6 +63,7 @@ class Board:
     links: list[str | None]        # row position -> path of its record (relative)
     rank_by: str | None
     id_columns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the published columns need said under the table
 
 
 def _number(v) -> float | None:
@@ -122,7 +123,7 @@ def build(records: list[dict], metric: str | None = None, link_base: str | Path 
     base = Path(link_base) if link_base is not None else Path.cwd()
     links = [os.path.relpath(Path(p).resolve(), base.resolve()) if p else None for p in paths]
     id_columns = [c for c in shown.columns if c not in headers.values()]
-    return Board(shown, raw, headers, directions, best, links, metric, id_columns)
+    return Board(shown, raw, headers, directions, best, links, metric, id_columns, legend_notes(records, shown))
 
 
 def _text(v) -> str:
@@ -141,7 +142,7 @@ def _legend(board: Board, best_mark: str) -> str:
     parts.append(f"{best_mark}: best in column")
     if board.rank_by:
         parts.append(f"ranked by {board.rank_by}")
-    return " · ".join(parts)
+    return " · ".join(parts + board.notes)
 
 
 def _marked(board: Board, wrap, link) -> pd.DataFrame:
@@ -166,7 +167,8 @@ def to_markdown(board: Board) -> str:
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
           "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-          "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$"}
+          "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$",
+          "Δ": r"$\Delta$", "−": r"$-$", "†": r"$^\dagger$"}
 
 
 def _tex(v) -> str:
@@ -207,6 +209,7 @@ th {{ cursor: pointer; user-select: none; background: #f4f4f4; }}
 th[aria-sort=ascending]::after {{ content: " \\25B4"; }}
 th[aria-sort=descending]::after {{ content: " \\25BE"; }}
 td.best {{ font-weight: bold; background: #e8f5e9; }}
+td.off {{ color: #b71c1c; }}
 tr.failed td {{ color: #b71c1c; }}
 p.legend {{ color: #555; }}
 </style></head><body>
@@ -263,6 +266,8 @@ def to_html(board: Board, title: str = "Leaderboard") -> str:
             raw = board.raw.iloc[i][metric if metric else col]
             num = _number(raw) if col != "cell" else None  # config values like patch sort as numbers too
             classes = (["num"] if num is not None else []) + (["best"] if i in board.best.get(metric, ()) else [])
+            if col.endswith(" paper") and board.raw.iloc[i].get(col[:-len(" paper")] + " within tolerance") is False:
+                classes.append("off")  # outside the published figure's tolerance (the text's † says so too)
             sort_value = repr(num) if num is not None else ("" if metric else text)
             inner = e(text)
             if col == "cell" and board.links[i]:

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_args
@@ -20,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError, suggest
+from .published import PublishedSpec, check as check_published
 
 Path_ = tuple  # a path into the document: ("base", "backbone", "mixer")
 
@@ -52,6 +54,8 @@ class CellConfig(BaseModel):
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: Optional[int] = Field(None, gt=0)
+    # the figures a paper prints for this cell (harness.published): beside ours in records and tables
+    published: Optional[PublishedSpec] = None
 
     @field_validator("device")
     @classmethod
@@ -190,14 +194,18 @@ class Cell:
 
     @property
     def id(self) -> str:
-        blob = json.dumps({"config": self.config, "seed": self.seed}, sort_keys=True, default=str)
+        # published figures annotate a cell, they do not configure it: correcting one must not
+        # make a finished cell run again (harness.published.refresh re-annotates its record)
+        config = {k: v for k, v in self.config.items() if k != "published"}
+        blob = json.dumps({"config": config, "seed": self.seed}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
     def label(self) -> str:
-        if not self.overrides:
+        shown = {k: v for k, v in self.overrides.items() if k != "published"}  # figures, not configuration
+        if not shown:
             return "base"
-        return ",".join(f"{k}={_short(v)}" for k, v in self.overrides.items())
+        return ",".join(f"{k}={_short(v)}" for k, v in shown.items())
 
     def parsed(self) -> CellConfig:
         return CellConfig.model_validate(self.config)
@@ -297,13 +305,17 @@ class Suite:
         for n, extra in enumerate(self.spec.include):
             origin = {tuple(k.split(".")): ("include", n, k) for k in extra}
             cells.append(self._cell(dict(extra), origin))
-        out, ids = [], set()
+        out, ids = [], {}
         for cell in cells:
             if any(all(_get(cell.config, k) == v for k, v in ex.items()) for ex in self.spec.exclude):
                 continue
             if cell.id not in ids:  # an include may repeat a matrix cell
-                ids.add(cell.id)
+                ids[cell.id] = cell
                 out.append(cell)
+            elif "published" in cell.config:  # ... to give it the paper's figures (no part of its id)
+                kept = ids[cell.id]
+                kept.config["published"] = cell.config["published"]
+                kept.origin.update({k: v for k, v in cell.origin.items() if k[:1] == ("published",)})
         if not out:
             raise UserError(f"{self.source}: the matrix, includes and excludes leave no cell to run")
         return out
@@ -323,8 +335,8 @@ class Suite:
     def locate(self, cell: Cell, loc: Path_) -> str:
         """'file:line' of the value behind a config path, following matrix overrides."""
         for n in range(len(loc), 0, -1):
-            if loc[:n] in cell.origin:
-                return self.where(cell.origin[loc[:n]])
+            if loc[:n] in cell.origin:  # inside a value a matrix or include sets: as deep as the file goes
+                return self.where(tuple(cell.origin[loc[:n]]) + tuple(loc[n:]))
         loc = tuple(loc)
         if ("base",) + loc not in self.lines:
             # set only below this path by an override (a matrix axis `trian.steps`): the override's line
@@ -379,6 +391,38 @@ def _pydantic_message(err: dict, model: Any = None) -> str:
     return msg
 
 
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
+
+
+def expand_env(data: Any, lines: dict, source: str, path: Path_ = ()) -> Any:
+    """``${VAR}`` in every string of a suite, from the environment: where weights and data sit
+    differs between machines, the suite does not. ``${VAR:-default}`` falls back to a default,
+    ``${VAR:?what it is}`` says what to set when it is unset, ``$$`` is a literal ``$``. An unset
+    variable without a default is a one-line error with the file and line."""
+    if isinstance(data, dict):
+        return {k: expand_env(v, lines, source, path + (k,)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, lines, source, path + (i,)) for i, v in enumerate(data)]
+    if not isinstance(data, str) or "$" not in data:
+        return data
+
+    def one(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, op, arg = match.group(1), match.group(2), match.group(3)
+        value = os.environ.get(name)
+        if value:
+            return value
+        if op == ":-":
+            return arg
+        line = next((lines[path[:n]] for n in range(len(path), -1, -1) if path[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+        what = f": {arg.strip()}" if op == ":?" and arg.strip() else ""
+        raise UserError(f"{where}: {'.'.join(map(str, path))}: environment variable {name} is not set{what}")
+
+    return _VAR.sub(one, data)
+
+
 def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     source = str(path)
@@ -391,6 +435,7 @@ def load_suite(path: str | Path) -> Suite:
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{source}: cannot read suite: {exc}") from None
     data, lines = load_yaml(text, source)
+    data = expand_env(data, lines, source)
     if not isinstance(data, dict):
         raise UserError(f"{source}:1: a suite is a mapping with keys suite, base, matrix (got {type(data).__name__})")
     try:
@@ -437,6 +482,8 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
                             f"set of options), so put the other variant in a matrix axis")
         first[m.name] = i
         checks.append((("metrics", i), "metric", m))
+    if parsed.published is not None:
+        check_published(parsed.published, list(first), lambda sub: suite.locate(cell, ("published",) + sub))
     for loc, kind, spec in checks:
         try:
             comp = reg.get(kind, spec.name)

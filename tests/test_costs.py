@@ -1,0 +1,60 @@
+"""`harness validate --costs` for cells with a sample block: images, denoiser forward passes
+(steps, twice under guidance), PFLOPs (denoiser x passes + VAE decode x images) and disk."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.cli import main
+from harness.costs import VAEDecode, decode_gflops, sample_cost
+from harness.flops import count_flops
+from harness.plugins import registry
+from harness.suite import CellConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    folder = tmp_path_factory.mktemp("vae") / "tinyvae"
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                  layers_per_block=1).save_pretrained(folder)
+    return folder
+
+
+def _config(vae, **sample):
+    return CellConfig.model_validate({
+        "backbone": {"name": "dit", "size": "tiny", "patch": 2, "input_size": 8}, "metrics": ["params"],
+        "sample": {"num_samples": 100, "steps": 10, "cfg_scale": 1.5, "vae": str(vae), **sample}})
+
+
+def test_passes_pflops_and_disk_follow_the_block(tiny_vae):
+    from diffusers import AutoencoderKL
+
+    cost = sample_cost(_config(tiny_vae), 0.5, 8)
+    assert cost.images == 100 and cost.passes_per_image == 20 and cost.forward_passes == 2000  # 10 steps x 2 (cfg)
+    # the decoder counted independently: the real (tiny) VAE on a 1x4x8x8 latent
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    with torch.no_grad():
+        real = count_flops(VAEDecode(vae),
+                           {"z": torch.zeros(1, 4, 8, 8)}, registry().flop_handles(), abstract=False).total / 1e9
+    assert cost.decode_gflops == pytest.approx(real, rel=1e-9) and real > 0
+    assert cost.pflops == pytest.approx((0.5 * 2000 + real * 100) / 1e6, rel=1e-12)
+    assert cost.resolution == 16 and cost.disk_bytes == 100 * 16 * 16 * 3  # 8x8 latent, VAE factor 2
+    unguided = sample_cost(_config(tiny_vae, cfg_scale=1.0, keep="none"), 0.5, 8)
+    assert unguided.forward_passes == 1000 and unguided.disk_bytes == 0
+    assert sample_cost(_config(tiny_vae, keep="npz"), 0.5, 8).disk_bytes == 2 * 100 * 16 * 16 * 3  # parts + npz
+    assert decode_gflops(dict(AutoencoderKL.load_config(tiny_vae)), 8) == pytest.approx(real, rel=1e-9)
+
+
+def test_validate_costs_prints_the_sampling_table(tiny_vae, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"suite: s\nbase:\n  backbone: {{name: dit, size: tiny, patch: 2, input_size: 8}}\n"
+                     f"  sample: {{num_samples: 50000, steps: 250, cfg_scale: 1.5, vae: {tiny_vae}, keep: none}}\n"
+                     f"  metrics: [params]\n  device: cpu\n")
+    assert main(["validate", str(suite), "--costs"]) == 0
+    out = capsys.readouterr().out
+    assert "sampling (sample block)" in out and "50,000" in out and "25M (500/image)" in out, out
+    assert "0 (keep: none)" in out
