@@ -11,11 +11,11 @@ from __future__ import annotations
 from fnmatch import fnmatch
 
 from .errors import MetricUnavailable, PluginError, UserError
-from .plugins import KINDS, hookimpl, registry
+from .plugins import KINDS, Lazy, hookimpl, registry
 
 __version__ = "0.1.0"
 
-__all__ = ["create", "components", "hookimpl", "KINDS", "MetricUnavailable", "PluginError", "UserError"]
+__all__ = ["create", "components", "hookimpl", "KINDS", "Lazy", "MetricUnavailable", "PluginError", "UserError"]
 
 
 def create(kind: str, name: str, **options):

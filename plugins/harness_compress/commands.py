@@ -6,8 +6,6 @@ import json
 
 from harness.commands import Command, backbone_context
 
-from .units import discover
-
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("backbone")
@@ -17,6 +15,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    from .units import discover  # torch: not for `harness prune --help`
 
     ctx = backbone_context(args.backbone, args.options)
     model = ctx.build_backbone(device="meta")  # sizes only
