@@ -111,7 +111,7 @@ def cmd_run(args) -> int:
     from .plugins import registry
     from .records import ensure_writable
     from .runner import check_builds, pending
-    from .table import render
+    from .table import render, terminal_width
 
     console = _console()
     if args.dry_run:
@@ -149,7 +149,8 @@ def cmd_run(args) -> int:
             records.append(rec)
     if records:
         print()
-        print(render(records, "markdown"), flush=True)  # plain print: rich would wrap wide tables
+        # plain print: rich would wrap wide tables; render splits them to the terminal's width
+        print(render(records, "markdown", width=terminal_width()), flush=True)
     if failed:
         console.print(_styled((f"{failed} cell(s) failed", "red"),
                               "; their records hold the error. Rerun to retry them."))
@@ -416,13 +417,13 @@ def cmd_plugins(args) -> int:
 # -- table ---------------------------------------------------------------------------------
 def cmd_table(args) -> int:
     from .records import load_records
-    from .table import render
+    from .table import render, terminal_width
 
     records = load_records(args.results_dir)
     if not records:
         raise UserError(f"{args.results_dir}: no records found")
     fmt = "json" if args.json else args.format
-    print(render(records, fmt, args.columns))
+    print(render(records, fmt, args.columns, width=terminal_width()))
     return 0
 
 
