@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -284,13 +286,39 @@ def cmd_ls(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.table import Table
-
-    table = Table("kind", "name", "plugin", "description", box=None)
-    for r in rows:
-        table.add_row(r["kind"], r["name"], r["plugin"], r["description"])
-    _console().print(table)
+    _print_listing(rows)
     return 0
+
+
+def plain(text: str) -> str:
+    """A docstring as a terminal shows it: reST roles and literals (``:func:`x```, ````x````,
+    ```x```) as their bare text."""
+    text = re.sub(r":[\w:.-]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"`{1,2}([^`]+)`{1,2}", r"\1", text)
+
+
+def _print_listing(rows: list[dict]) -> None:
+    """One line per component under a heading per kind: each name whole, the description cut
+    to the width that is left (``harness ls KIND NAME`` shows the whole of it)."""
+    console = _console()
+    print("\n".join(listing_lines(rows, console.width)))
+    console.print(_styled(("harness ls KIND NAME", "bold"), ": a component's whole description and its options"))
+
+
+def listing_lines(rows: list[dict], width: int) -> list[str]:
+    name_width = max((len(r["name"]) for r in rows), default=0)
+    plugin_width = max((len(r["plugin"]) for r in rows), default=0)
+    lines = []
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        lines.append(kind)
+        for r in rows:
+            if r["kind"] != kind:
+                continue
+            line = f"  {r['name']:<{name_width}}  {r['plugin']:<{plugin_width}}  "
+            room = max(width - len(line), 12)
+            text = " ".join(plain(r["description"]).split())
+            lines.append(line + (text if len(text) <= room else text[:room - 1].rstrip() + "…"))
+    return lines
 
 
 def _ls_one(kind: str, name: str, as_json: bool) -> int:
@@ -333,7 +361,7 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
     console.print(_styled((f"{kind} {name}", "bold"), f"  from {entry.origin}: {info['target']}"), soft_wrap=True)
     if info["description"]:
         console.print()
-        console.print(info["description"], soft_wrap=True)
+        console.print(plain(info["description"]), soft_wrap=True)
     if kind == "stage" and (info["after"] or info["replaces"]):
         console.print()
         console.print(f"runs after: {', '.join(info['after']) or '-'}; replaces: {', '.join(info['replaces']) or '-'}")
@@ -404,14 +432,32 @@ def cmd_plugins(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.table import Table
-
-    table = Table("plugin", "distribution", "version", "hooks", "components", box=None)
-    for r in rows:
-        table.add_row(r["name"], r["distribution"] or "-", r["version"] or "-", ", ".join(r["hooks"]),
-                      ", ".join(r["components"]) if "error" not in r else "not loaded: failed to import")
-    _console().print(table)
+    print("\n".join(plugin_lines(rows, _console().width)))
     return 0
+
+
+def plugin_lines(rows: list[dict], width: int) -> list[str]:
+    """Each plugin as a heading (name, distribution, version) and its components by kind,
+    wrapped between names, never inside one: a suite needs them spelled in full."""
+    def wrap(label: str, items: list[str]) -> list[str]:
+        return textwrap.wrap(f"{label}: " + ", ".join(items), width, initial_indent="  ", subsequent_indent="    ",
+                             break_long_words=False, break_on_hyphens=False)
+
+    lines = []
+    for r in rows:
+        lines.append(" ".join([r["name"], f"({r['distribution'] or '-'} {r['version'] or '-'})"]))
+        if "error" in r:
+            lines.extend(wrap("not loaded", [r["error"]]))
+            continue
+        by_kind: dict[str, list[str]] = {}
+        for component in r["components"]:
+            kind, _, name = component.partition(":")
+            by_kind.setdefault(kind, []).append(name)
+        for kind, names in by_kind.items():
+            lines.extend(wrap(kind, names))
+        if r["hooks"]:
+            lines.extend(wrap("hooks", list(r["hooks"])))
+    return lines
 
 
 # -- table ---------------------------------------------------------------------------------
