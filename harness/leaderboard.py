@@ -213,7 +213,8 @@ def to_latex(board: Board) -> str:
             continue
         df[col] = [v if (col in done and str(v).startswith(r"\textbf")) else _tex(v) for v in df[col]]
     df.columns = [_tex(c) for c in df.columns]
-    return df.to_latex(index=False, escape=False) + "\n".join(f"% {_tex(line)}" for line in _under(board, layout, "bold"))
+    under = "\n".join(f"% {_tex(line)}" for line in _under(board, layout, "bold"))
+    return df.to_latex(index=False, escape=False) + under
 
 
 def to_csv(board: Board) -> str:

@@ -36,9 +36,9 @@ def _record(suite, mixer, side, params, gflops, latency, val_loss, status="ok"):
     if val_loss is not None:
         metrics["val_loss"] = {"value": val_loss, "direction": "lower", "unit": ""}
     cell = f"{suite[:3]}{mixer[:3]}{side}{status[0]}"
-    return {"suite": suite, "cell": cell, "label": f"backbone.mixer={mixer}", "config": {"backbone": {"name": "dit", "mixer": mixer, "patch": 2,
-                                                                  "input_size": side * 2},
-                                                     "metrics": list(metrics)},
+    config = {"backbone": {"name": "dit", "mixer": mixer, "patch": 2, "input_size": side * 2},
+              "metrics": list(metrics)}
+    return {"suite": suite, "cell": cell, "label": f"backbone.mixer={mixer}", "config": config,
             "status": status, "error": None if status == "ok" else "RuntimeError: boom",
             "metrics": metrics if status == "ok" else {}, "env": {}, "plugins": {}}
 
