@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import UserError, suggest
-from .table import ARROW, Layout, build_frame, lay_out, markdown_table, metric_header, notes
+from .table import ARROW, Layout, build_frame, lay_out, legend_notes, markdown_table, metric_header, notes
 
 FORMATS = ("markdown", "latex", "csv", "html")
 
@@ -69,6 +69,7 @@ class Board:
     rank_by: str | None
     id_columns: list[str] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)  # in rank order
+    notes: list[str] = field(default_factory=list)  # what the published columns need said under the table
 
     @property
     def lead(self) -> list[str]:
@@ -83,14 +84,17 @@ def _number(v) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def _metrics_first(df: pd.DataFrame, first: str | None) -> pd.DataFrame:
-    """The ranking metric's column right after the label: the figure the rank stands for."""
+def _metrics_first(df: pd.DataFrame, first: str | None, metric: str | None) -> pd.DataFrame:
+    """The ranking metric's column (``first``), and its published figure's, right after the
+    label: the figure the rank stands for."""
     if first is None or first not in df.columns:
         return df
     cols = list(df.columns)
-    cols.remove(first)
+    at = cols.index(first)
+    moving = [first] + [c for c in cols[at + 1:] if str(c).startswith(f"{metric} ")]  # its published figure
+    cols = [c for c in cols if c not in moving]
     at = max(cols.index(c) for c in ("suite", "label", "seed") if c in cols) + 1
-    return df[cols[:at] + [first] + cols[at:]]
+    return df[cols[:at] + moving + cols[at:]]
 
 
 def build(records: list[dict], metric: str | None = None, link_base: str | Path | None = None) -> Board:
@@ -111,8 +115,8 @@ def build(records: list[dict], metric: str | None = None, link_base: str | Path 
         raise UserError(f"metric {metric!r} has no direction (lower or higher is better); cannot rank by it")
 
     headers = {m: metric_header(m, entries[m]) for m in names}
-    raw = _metrics_first(build_frame(records, raw=True), metric)
-    shown = _metrics_first(build_frame(records), headers.get(metric))
+    raw = _metrics_first(build_frame(records, raw=True), metric, metric)
+    shown = _metrics_first(build_frame(records), headers.get(metric), metric)
     ok = [r["status"] == "ok" for r in records]
 
     order = list(range(len(records)))
@@ -144,7 +148,8 @@ def build(records: list[dict], metric: str | None = None, link_base: str | Path 
     base = Path(link_base) if link_base is not None else Path.cwd()
     links = [os.path.relpath(Path(p).resolve(), base.resolve()) if p else None for p in paths]
     id_columns = [c for c in shown.columns if c not in headers.values()]
-    return Board(shown, raw, headers, directions, best, links, metric, id_columns, ranked_records)
+    return Board(shown, raw, headers, directions, best, links, metric, id_columns, ranked_records,
+                 legend_notes(records, shown))
 
 
 def _text(v) -> str:
@@ -172,7 +177,8 @@ def _under(board: Board, layout: Layout, best_mark: str) -> list[str]:
     parts.append(f"{best_mark}: best in column")
     if board.rank_by:
         parts.append(f"ranked by {board.rank_by}")
-    return [" · ".join(parts)] + ([layout.caption()] if layout.constant else []) + layout.footnote_lines()
+    caption = [layout.caption()] if layout.constant else []
+    return [" · ".join(parts + board.notes)] + caption + layout.footnote_lines()
 
 
 def _marked(board: Board, layout: Layout, wrap, link) -> pd.DataFrame:
@@ -196,7 +202,8 @@ def to_markdown(board: Board) -> str:
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
           "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-          "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$"}
+          "↓": r"$\downarrow$", "↑": r"$\uparrow$", "±": r"$\pm$",
+          "Δ": r"$\Delta$", "−": r"$-$", "†": r"$^\dagger$"}
 
 
 def _tex(v) -> str:
@@ -242,6 +249,7 @@ td.config {{ color: #555; }}
 th[aria-sort=ascending]::after {{ content: " \\25B4"; }}
 th[aria-sort=descending]::after {{ content: " \\25BE"; }}
 td.best {{ font-weight: bold; background: #e8f5e9; }}
+td.off {{ color: #b71c1c; }}
 tr.failed td {{ color: #b71c1c; }}
 tr:target td {{ background: #fff3c4; }}
 p.legend, p.caption, ol.notes {{ color: #555; }}
@@ -338,7 +346,7 @@ def to_html(board: Board, title: str = "Leaderboard") -> str:
     if place:  # after the metrics, before the configuration
         at = max([columns.index(c) for c in columns if c in names] + [columns.index("label")]) + 1
         columns.insert(at, PARETO_COLUMN)
-    config = set(board.id_columns) - {"label", "suite", "seed"}
+    config = set(board.shown.attrs.get("config", ()))  # greyed: what tells the cells apart, not a figure
 
     def th(c):
         cls = ' class="config"' if c in config else ""
@@ -361,6 +369,8 @@ def to_html(board: Board, title: str = "Leaderboard") -> str:
             num = _number(raw) if col not in ("label", "cell", "#") else (i + 1 if col == "#" else None)
             classes = ((["num"] if num is not None else []) + (["best"] if i in board.best.get(metric, ()) else [])
                        + (["config"] if col in config else []))
+            if col.endswith(" paper") and board.raw.iloc[i].get(col[:-len(" paper")] + " within tolerance") is False:
+                classes.append("off")  # outside the published figure's tolerance (its † says so too)
             sort_value = repr(num) if num is not None else ("" if metric else text)
             inner = e(text)
             if text in reasons:  # a footnote: the reason on hover, and a jump to it

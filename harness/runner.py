@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from . import claims, kernels, stages
+from . import claims, kernels, published, stages
 from .errors import MetricUnavailable, UserError
 from .plugins import registry
 from .records import environment, inspect_record, warn, write_record
@@ -117,6 +117,7 @@ def execute_cell(job: CellJob, alone: Callable[[], AbstractContextManager] | Non
             for spec in config.metric_specs():
                 metric = reg.create("metric", spec.name, **spec.options)
                 record["metrics"][spec.name] = _measure(metric, ctx, alone)
+            published.annotate(record["metrics"], config.published)  # the paper's figure beside ours
             record.update(ctx.extra)
             record["status"] = "ok"
     except (Exception, MemoryError) as exc:  # one cell's failure is data, not a crash
@@ -203,7 +204,10 @@ def pending(jobs: list[CellJob], rerun: bool) -> tuple[list[CellJob], list[CellJ
     """Split into (to run, already done)."""
     todo, done = [], []
     for job in jobs:
-        (done if not rerun and is_done(job, warn_about=True) else todo).append(job)
+        record = None if rerun else is_done(job, warn_about=True)
+        if record is not None and published.refresh(record, job.config):
+            write_record(job.record_path, record)  # a published figure changed: re-annotated, not rerun
+        (done if record is not None else todo).append(job)
     return todo, done
 
 

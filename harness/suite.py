@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import UserError, suggest
+from .published import PublishedSpec, check as check_published
 
 Path_ = tuple  # a path into the document: ("base", "backbone", "mixer")
 
@@ -52,6 +53,8 @@ class CellConfig(BaseModel):
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: Optional[int] = Field(None, gt=0)
+    # the figures a paper prints for this cell (harness.published): beside ours in records and tables
+    published: Optional[PublishedSpec] = None
 
     @field_validator("device")
     @classmethod
@@ -190,7 +193,10 @@ class Cell:
 
     @property
     def id(self) -> str:
-        blob = json.dumps({"config": self.config, "seed": self.seed}, sort_keys=True, default=str)
+        # published figures annotate a cell, they do not configure it: correcting one must not
+        # make a finished cell run again (harness.published.refresh re-annotates its record)
+        config = {k: v for k, v in self.config.items() if k != "published"}
+        blob = json.dumps({"config": config, "seed": self.seed}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -323,8 +329,8 @@ class Suite:
     def locate(self, cell: Cell, loc: Path_) -> str:
         """'file:line' of the value behind a config path, following matrix overrides."""
         for n in range(len(loc), 0, -1):
-            if loc[:n] in cell.origin:
-                return self.where(cell.origin[loc[:n]])
+            if loc[:n] in cell.origin:  # inside a value a matrix or include sets: as deep as the file goes
+                return self.where(tuple(cell.origin[loc[:n]]) + tuple(loc[n:]))
         loc = tuple(loc)
         if ("base",) + loc not in self.lines:
             # set only below this path by an override (a matrix axis `trian.steps`): the override's line
@@ -437,6 +443,8 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
                             f"set of options), so put the other variant in a matrix axis")
         first[m.name] = i
         checks.append((("metrics", i), "metric", m))
+    if parsed.published is not None:
+        check_published(parsed.published, list(first), lambda sub: suite.locate(cell, ("published",) + sub))
     for loc, kind, spec in checks:
         try:
             comp = reg.get(kind, spec.name)

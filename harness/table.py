@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from . import published
 from .errors import UserError, suggest
 
 FORMATS = ("markdown", "latex", "csv", "html", "json")
@@ -126,6 +127,68 @@ def metric_header(name: str, entries: list[Any]) -> str:
     return f"{head} {ARROW[direction]}" if direction in ARROW else head
 
 
+def paper_column(key: str) -> str:
+    """The column of a published figure: ``fid paper`` (a table cell reads ``2.27 (Δ +0.04)``)."""
+    return f"{key} paper"
+
+
+def published_columns(row: dict, record: dict, metric_names: Sequence[str], raw: bool) -> None:
+    """Add a record's published figures to its row (in place), each right after ours.
+
+    Formatted: ``<key> paper`` reads ``2.27 (Δ +0.04)``, with ``†`` when outside the tolerance.
+    Raw (csv, json): ``<key> paper`` is the published number, ``<key> Δ`` ours minus it,
+    ``<key> within tolerance`` true/false (blank without a tolerance). A ``metric.field`` figure
+    (``pickscore.change``) gets a column of ours too, since the metric's column shows its value."""
+    for key, fig in published.figures(record).items():
+        metric, field = published.split(key)
+        entry = record["metrics"][metric]
+        unit = entry.get("unit", "") if field is None else ""  # a field (a relative change) is a plain number
+
+        def number(v, key=key, unit=unit):
+            return format_metric(key, {"value": v, "unit": unit})
+
+        if key not in metric_names:  # metric.field: our figure has no column of its own yet
+            row[key] = fig["ours"] if raw else number(fig["ours"])
+        if raw:
+            row[paper_column(key)] = fig["published"]
+            row[f"{key} Δ"] = fig["delta"]
+            row[f"{key} within tolerance"] = fig["within"]
+        else:
+            row[paper_column(key)] = published.format_figure(fig, number)
+
+
+def place_published(columns: list, keys: Sequence[str], metric_names: Sequence[str]) -> list:
+    """Column order with the columns of each published figure right after its metric's."""
+    def own(key):
+        return [c for c in (key, paper_column(key), f"{key} Δ", f"{key} within tolerance")
+                if c in columns and c not in metric_names]
+
+    extra = {key: own(key) for key in keys}
+    placed = {c for cols in extra.values() for c in cols}
+    out = []
+    for c in columns:
+        if c in placed:
+            continue
+        out.append(c)
+        for key in keys:
+            if published.split(key)[0] == c:
+                out.extend(extra[key])
+    return out + [c for c in columns if c in placed and c not in out]
+
+
+def legend_notes(records: list[dict], df: pd.DataFrame) -> list[str]:
+    """What the published columns need under a table: what paper and Δ mean, †, the sources."""
+    if not any(str(c).endswith(" paper") for c in df.columns):
+        return []
+    out = [published.LEGEND]
+    if any(published.OUTSIDE in str(v) for v in df.to_numpy().ravel()):
+        out.append(published.OUTSIDE_NOTE)
+    sources = list(dict.fromkeys(s for s in map(published.source, records) if s))
+    if sources:
+        out.append("sources: " + "; ".join(sources))
+    return out
+
+
 def _label_parts(label: str) -> list[tuple[str, str]]:
     """``backbone.mixer=mamba,train.lr=0.01`` -> [(key, value), ...]; a value may hold commas
     (a list), a key never does, so a part starts only where a ``key=`` follows the comma."""
@@ -185,7 +248,8 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
     between records and the cell id (the record's file name)."""
     if not records:
         raise UserError("no records found")
-    flat = [_flatten({k: v for k, v in r["config"].items() if k != "metrics"}) for r in records]
+    # the published block is shown as figures beside ours (published_columns), not as configuration
+    flat = [_flatten({k: v for k, v in r["config"].items() if k not in ("metrics", "published")}) for r in records]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     varying = [k for k in keys if len({json.dumps(f.get(k), default=str) for f in flat}) > 1]
     if not varying:
@@ -211,6 +275,7 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
                 row[m] = metric_value(entry)
             else:
                 row[m] = format_metric(m, entry) if entry is not None else ""
+        published_columns(row, rec, metric_names, raw)
         row["status"] = rec["status"]
         if any(kernels):  # which implementation a timing ran on (compiled scan or fallback)
             row["kernels"] = used or None
@@ -222,6 +287,8 @@ def build_frame(records: list[dict], columns: Sequence[str] | None = None, raw: 
     # what a layout may collapse into one line per row when the width is short
     df.attrs["config"] = ["kernels"] + varying + ["cell"]
     df = df.where(df.notna(), None if raw else "")  # a key some backbones lack: blank, not "nan"
+    figures = list(dict.fromkeys(k for r in records for k in published.figures(r)))
+    df = df[place_published(list(df.columns), figures, metric_names)]
     if (df["status"] == "ok").all():
         df = df.drop(columns="status")
     if not raw:
@@ -360,7 +427,7 @@ def render(records: list[dict], fmt: str = "markdown", columns: Sequence[str] | 
         return df.to_json(orient="records", indent=2)
     lead = [c for c in ("suite", "label", "seed") if c in df.columns]
     layout = lay_out(df, keep=lead + ["cell"])
-    legend = " · ".join(notes(layout.frame, layout.constant))
+    legend = " · ".join(notes(layout.frame, layout.constant) + legend_notes(records, df))
     under = [line for line in (legend, layout.caption()) if line] + layout.footnote_lines()
     if fmt == "markdown":
         frames, config_lines = [layout.frame], []
