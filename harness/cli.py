@@ -517,11 +517,14 @@ def cmd_plot(args) -> int:
     records = load_records(args.results_dir)
     if not records:
         raise UserError(f"{args.results_dir}: no records found")
+    if args.scaling and args.published:
+        raise UserError("--published marks published figures on the Pareto plot; it does not go with --scaling")
     x, y = _plot_axes(records, args.x, args.y, args.scaling)
     if args.scaling:
         path = scaling_plot(records, y, args.out or Path(args.results_dir) / "plots" / f"scaling-{y}.png")
     else:
-        path = pareto_plot(records, x, y, args.out or Path(args.results_dir) / "plots" / f"pareto-{x}-{y}.png")
+        name = f"pareto-{x}-{y}{'-published' if args.published else ''}.png"
+        path = pareto_plot(records, x, y, args.out or Path(args.results_dir) / "plots" / name, args.published)
     _console().print(f"wrote {path}")
     return 0
 
@@ -702,6 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--y", help="quality metric (default: the first quality metric recorded), or with --scaling "
                                 "the cost (default as --x)")
     pt.add_argument("--scaling", action="store_true", help="y against tokens, one line per mixer")
+    pt.add_argument("--published", action="store_true",
+                    help="mark the published figures (a cell's published: block) beside ours, each joined to its cell")
     pt.add_argument("--out", metavar="FILE", help="FILE.png, .svg or .pdf (default RESULTS_DIR/plots/...)")
     pt.set_defaults(func=cmd_plot)
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UserError, suggest
-from .table import ARROW, build_frame, metric_header
+from . import published as published_figures
+from .table import ARROW, build_frame, metric_header, metric_value
 
 SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -87,10 +88,30 @@ def _place_labels(ax, texts, points) -> bool:
     return not overlapping(texts, fig.canvas.get_renderer())
 
 
-def pareto_figure(records: list[dict], x: str, y: str, anchors: list[str] | None = None):
+def published_points(records: list[dict], x: str, y: str) -> dict[int, tuple[float, float]]:
+    """Where the published figures of ``records`` put them (position -> (x, y)): a record with a
+    published figure for ``x`` or ``y`` (its cell's ``published:`` block, see
+    :mod:`harness.published`); the coordinate the paper does not give is ours."""
+    out = {}
+    for i, r in enumerate(records):
+        figs = published_figures.figures(r)
+        if r.get("status") != "ok" or not (x in figs or y in figs):
+            continue
+        coords = []
+        for name in (x, y):
+            value = figs[name]["published"] if name in figs else metric_value(r["metrics"].get(name))
+            coords.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
+        if None not in coords:
+            out[i] = (coords[0], coords[1])
+    return out
+
+
+def pareto_figure(records: list[dict], x: str, y: str, anchors: list[str] | None = None, published: bool = False):
     """The Pareto figure of ``y`` against ``x``: (figure, positions of the plotted records in
     ``records``, positions on the front). ``anchors`` (one per record) make each point an SVG
-    element ``pareto-<anchor>`` linking to ``#row-<anchor>`` (the leaderboard page)."""
+    element ``pareto-<anchor>`` linking to ``#row-<anchor>`` (the leaderboard page).
+    ``published`` marks each published figure (hollow) beside our point, joined to it by a
+    dotted line; the front stays ours."""
     _check_metric(x, records, "--x")
     _check_metric(y, records, "--y")
     for name, role in ((x, "--x"), (y, "--y")):
@@ -115,9 +136,18 @@ def pareto_figure(records: list[dict], x: str, y: str, anchors: list[str] | None
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     fx, fy = zip(*(points[i] for i in front))
     ax.plot(fx, fy, "-", color="tab:red", zorder=2, drawstyle="steps-post")
+    dots = [_point(ax, px, py, "o", "tab:red" if i in front else "0.6", anchors and anchors[positions[i]])
+            for i, (px, py) in enumerate(points)]
+    paper = published_points(records, x, y) if published else {}
+    if published and not paper:
+        raise UserError(f"--published: no ok record has a published figure for {x!r} or {y!r} "
+                        "(a cell's published: block)")
     for i, (px, py) in enumerate(points):
-        _point(ax, px, py, "o", "tab:red" if i in front else "0.6", anchors and anchors[positions[i]])
-    xs = [p[0] for p in points]
+        if positions[i] in paper:
+            qx, qy = paper[positions[i]]
+            ax.plot([px, qx], [py, qy], ":", color="0.5", lw=0.8, zorder=1)
+            ax.plot([qx], [qy], "D", mfc="none", mec="tab:blue", ms=6, zorder=3)
+    xs = [p[0] for p in points] + [q[0] for q in paper.values()]
     if min(xs) > 0 and max(xs) / min(xs) > 20:  # costs spanning decades read better on a log axis
         ax.set_xscale("log")
     ax.set_xlabel(_header(x, records))
@@ -131,7 +161,7 @@ def pareto_figure(records: list[dict], x: str, y: str, anchors: list[str] | None
              for i, (px, py) in enumerate(points)]
     if len(texts) > 1 and not _place_labels(ax, texts, points):
         # points on top of each other leave no free place: a legend names every point instead
-        for artist in texts + list(ax.lines)[1:]:
+        for artist in texts + dots:
             artist.remove()
         handles = [_point(ax, px, py, _MARKERS[i % len(_MARKERS)], f"C{i % 10}", anchors and anchors[positions[i]],
                           label=labels[i] + (" (front)" if i in front else ""))
@@ -142,6 +172,11 @@ def pareto_figure(records: list[dict], x: str, y: str, anchors: list[str] | None
         handles = [Line2D([], [], marker="o", color="tab:red", label="Pareto front")]
         if len(front) < len(points):
             handles.append(Line2D([], [], marker="o", ls="", color="0.6", label="cells"))
+    if paper:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="D", ls=":", color="0.5", mfc="none", mec="tab:blue",
+                              label="published (dotted: to ours)"))
     # outside the axes: a legend inside could cover a label or a point
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     return fig, positions, {positions[i] for i in front}
@@ -160,10 +195,11 @@ def _point(ax, px: float, py: float, marker: str, color: str, anchor: str | None
     return point
 
 
-def pareto_plot(records: list[dict], x: str, y: str, out: str | Path) -> Path:
-    """Scatter ``y`` (quality) against ``x`` (cost) over the ok records; mark the Pareto front."""
+def pareto_plot(records: list[dict], x: str, y: str, out: str | Path, published: bool = False) -> Path:
+    """Scatter ``y`` (quality) against ``x`` (cost) over the ok records; mark the Pareto front
+    (and with ``published``, the papers' figures beside ours)."""
     out = _out_path(out)
-    fig, _, _ = pareto_figure(records, x, y)
+    fig, _, _ = pareto_figure(records, x, y, published=published)
     fig.savefig(out, bbox_inches="tight")
     _pyplot().close(fig)
     return out

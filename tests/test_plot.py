@@ -104,3 +104,37 @@ def test_points_on_top_of_each_other_are_named_in_a_legend(tmp_path):
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert all(any(t.startswith(lab) for t in legend) for lab in short_labels(records))
     matplotlib_pyplot().close(fig)
+
+
+def test_published_view_marks_the_papers_figures_beside_ours(tmp_path, capsys):
+    """`harness plot --published`: a hollow mark at each published figure (the coordinate the
+    paper does not give is ours), joined to our point; without any published figure, one line."""
+    from harness import published
+
+    results = write_default_suite(tmp_path / "results")
+    records = load_records(results)
+    spec = published.PublishedSpec.model_validate({"source": "a paper, Table 1", "val_loss": 0.17, "gflops": 0.03})
+    published.annotate(records[-1]["metrics"], spec)  # the LaMamba U-Net: both figures
+    published.annotate(records[0]["metrics"], published.PublishedSpec.model_validate(
+        {"source": "another", "val_loss": 0.2}))     # attention: the paper gives val_loss only
+    from harness.plot import published_points
+
+    assert published_points(records, "gflops", "val_loss") == {
+        len(records) - 1: (0.03, 0.17), 0: (records[0]["metrics"]["gflops"]["value"], 0.2)}
+    fig, _, _ = pareto_figure(records, "gflops", "val_loss", published=True)
+    ax = fig.axes[0]
+    marks = [line for line in ax.lines if line.get_marker() == "D"]
+    assert sorted((float(m.get_xdata()[0]), float(m.get_ydata()[0])) for m in marks) == sorted(
+        published_points(records, "gflops", "val_loss").values())
+    assert _label_overlaps(fig) == [] and any("published" in t.get_text() for t in ax.get_legend().get_texts())
+    matplotlib_pyplot().close(fig)
+    with pytest.raises(UserError, match="--published: no ok record has a published figure for 'params'"):
+        pareto_figure(records, "params", "latency", published=True)
+    for r in records:  # the CLI reads the annotated records back
+        from harness.records import write_record
+
+        write_record(r["_path"], {k: v for k, v in r.items() if k != "_path"})
+    assert main(["plot", str(results), "--published"]) == 0
+    assert (results / "plots" / "pareto-gflops-val_loss-published.png").is_file()
+    assert main(["plot", str(results), "--published", "--scaling"]) == 2
+    assert "does not go with --scaling" in capsys.readouterr().err
