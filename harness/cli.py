@@ -268,7 +268,11 @@ def _check_listable(kind: str) -> None:
     listable = _listable()
     if kind not in listable:
         from .errors import suggest
+        from .plugins import registry
 
+        owners = [k for k in listable if kind in registry().declared(k)]  # `harness ls dit`: a name, not a kind
+        if owners:
+            raise UserError(f"unknown kind {kind!r}; {kind!r} is a {owners[0]}: harness ls {owners[0]} {kind}")
         raise UserError(f"unknown kind {kind!r}{suggest(kind, listable)}")
 
 
@@ -326,7 +330,7 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
     import inspect
 
     from .errors import suggest
-    from .plugins import KINDS, registry
+    from .plugins import KINDS, OTHER_KINDS, registry
 
     reg = registry()
     if kind in KINDS:
@@ -337,6 +341,14 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
             raise UserError(f"unknown {kind} {name!r}{suggest(name, declared)}{reg.broken_note()}")
         entry = declared[name]
     obj = entry.resolve()
+    if kind in OTHER_KINDS:  # a reference must lead to a Stage or a Command
+        from .commands import Command
+        from .stages import Stage
+
+        expected = Stage if kind == "stage" else Command
+        if not isinstance(obj, expected):
+            raise PluginError(f"{entry.origin} declares {kind} {name!r} as {type(obj).__name__}, expected "
+                              f"{expected.__module__}.{expected.__name__}")
     info = {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
             "target": entry.declared.target if entry.lazy else _qualname(obj)}
     usage = None
@@ -344,7 +356,7 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
         info["description"] = inspect.getdoc(obj) or ""
         info["options"] = entry.options()
     elif kind == "stage":
-        info["description"] = obj.description or summary_of(obj.schema)
+        info["description"] = obj.description or _summary_of(obj.schema)
         info["options"] = _schema_options(obj.schema)
         info["after"], info["replaces"] = list(obj.after), list(obj.replaces)
     else:  # a command: its own --help says it all
@@ -375,15 +387,15 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
         return 0
     from rich.table import Table
 
-    block = {"stage": f"the {name}: block's keys", "backbone": "options (backbone: {name: ..., OPTION: value})"}
-    table = Table("option", "default", "type", box=None, title=block.get(kind, "options"), title_justify="left")
+    title = f"keys of the {name}: block" if kind == "stage" else "options"
+    table = Table("option", "default", "type", box=None, title=title, title_justify="left")
     for o in info["options"]:
         table.add_row(o["name"], repr(o["default"]) if "default" in o else "(required)", o.get("annotation", ""))
     console.print(table)
     return 0
 
 
-def summary_of(obj) -> str:
+def _summary_of(obj) -> str:
     import inspect
 
     from .plugins import summary
@@ -413,8 +425,10 @@ def _schema_options(schema) -> list[dict]:
 def _annotation(tp) -> str:
     import inspect
 
-    text = inspect.formatannotation(tp)
-    return text.replace("typing.", "")
+    import re
+
+    text = inspect.formatannotation(tp).replace("NoneType", "None")
+    return re.sub(r"\b(?:[a-z_]\w*\.)+(?=[A-Za-z_])", "", text)  # typing.Optional, harness.suite.ComponentSpec
 
 
 def cmd_plugins(args) -> int:

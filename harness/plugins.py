@@ -120,7 +120,7 @@ class Lazy:
         when the target is not a ``def`` or ``class`` of that module, or has no source)."""
         try:
             spec = importlib.util.find_spec(self.module)  # imports the parent packages only
-        except (ImportError, ValueError):
+        except Exception:  # a parent that fails to import: no description here, the error comes on use
             return None
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             return None
@@ -230,9 +230,10 @@ class Component(Declared):
         static = self.static_description()
         if static is not None:
             return static
-        if self.lazy and self.declared.description:
-            return self.declared.description
-        return summary(inspect.getdoc(self.factory))
+        try:
+            return summary(inspect.getdoc(self.factory))
+        except PluginError:  # listing never fails: using the component says why it cannot be imported
+            return ""
 
     def signature(self) -> inspect.Signature | None:
         return _signature(self.factory)
@@ -410,6 +411,7 @@ class Registry:
             hook_name = KINDS.get(kind) or OTHER_KINDS[kind]
             cls = Component if kind in KINDS else Declared
             table: dict[str, Declared] = {}
+            reserved = _core_keys() if kind == "stage" else ()
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 plugin, dist = impl.plugin_name, self.distribution(impl.plugin_name)
                 try:
@@ -422,6 +424,10 @@ class Registry:
                                   f"{_one_line(exc)}; its {kind} declarations are unavailable")
                     continue
                 for cname, entry in entries:
+                    if cname in reserved:  # a block the core reads itself: the stage could never run
+                        self._problem(f"{entry.origin} declares stage {cname!r}, a key the core reads itself "
+                                      f"({', '.join(reserved)}); it is not added")
+                        continue
                     if (kind, cname) in self._clashes:
                         continue
                     if cname in table:
@@ -511,6 +517,12 @@ class _TypedMapping(LazyMapping):
             raise PluginError(f"{entry.origin} declares {entry.kind} {name!r} as {type(obj).__name__}, expected "
                               f"{self._cls.__module__}.{self._cls.__name__}")
         return obj
+
+
+def _core_keys() -> tuple[str, ...]:
+    from .suite import CORE_KEYS
+
+    return CORE_KEYS
 
 
 def _check_kind(kind: str) -> None:
