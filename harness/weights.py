@@ -65,7 +65,7 @@ def is_url(source: str) -> bool:
 # Network limits, each overridable by an environment variable (seconds; bytes).
 CONNECT_TIMEOUT_S = 10.0   # HARNESS_CONNECT_TIMEOUT: to open the connection
 READ_TIMEOUT_S = 60.0      # HARNESS_READ_TIMEOUT: the longest wait for the next bytes
-MAX_DOWNLOAD_BYTES = 64 << 30  # HARNESS_DOWNLOAD_MAX_BYTES: when the server announces no size
+MAX_DOWNLOAD_BYTES = 64 << 30  # HARNESS_DOWNLOAD_MAX_BYTES: the largest download, announced or not
 
 
 def _env_number(name: str, default: float, kind: type = float):

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import socket
-import textwrap
 import threading
 import time
 from contextlib import contextmanager
@@ -170,6 +169,20 @@ def test_a_server_that_never_accepts_is_bounded_by_the_connect_timeout(monkeypat
             s.close()
         server.close()
     assert not list(tmp_path.iterdir())
+
+
+def test_a_stalled_data_set_download_is_bounded(tmp_path, monkeypatch):
+    """torchvision's CIFAR-10 download has no timeout of its own; the harness bounds it."""
+    from torchvision.datasets import CIFAR10
+
+    from harness_data import cifar10
+
+    monkeypatch.setenv("HARNESS_CONNECT_TIMEOUT", "1")
+    monkeypatch.setenv("HARNESS_READ_TIMEOUT", "1")
+    with silent_server() as port:
+        monkeypatch.setattr(CIFAR10, "url", f"http://127.0.0.1:{port}/cifar-10-python.tar.gz")
+        with pytest.raises(UserError, match="cifar10: cannot download"):
+            within(BOUND_S, cifar10, root=str(tmp_path / "data"), download=True)
 
 
 @contextmanager
@@ -612,3 +625,43 @@ def test_a_teacher_cache_whose_bytes_changed_is_not_loaded(tmp_path, capsys):
     _flip_last_byte(path)
     assert load_cache(path) is None
     assert "abc.safetensors: cache entry does not match its digest" in capsys.readouterr().err
+
+
+def test_a_fifo_in_an_image_folder_data_set_is_refused_not_waited_on(tmp_path):
+    from PIL import Image
+
+    from harness_data import image_folder
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"{i}.png")
+    os.mkfifo(tmp_path / "4.png")
+    with pytest.raises(UserError, match=r"4.png' is a FIFO \(named pipe\); expected a regular file"):
+        for split in ("train", "val"):  # the FIFO lands in one of them
+            within(BOUND_S, image_folder, root=str(tmp_path), resolution=8, split=split, val_fraction=0.5)
+
+
+@pytest.mark.slow  # two fresh Pythons importing torch (the CLI, its worker)
+def test_a_full_disk_in_a_worker_process_is_one_line_too(tmp_path):
+    """The process executor's worker writes the record: its full disk is the same one line."""
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "def _full(fd):\n"
+        "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
+        "os.fsync = _full\n")
+    suite = tmp_path / "disk.yaml"
+    suite.write_text(TOY_SUITE.replace("[32, 48, 64]", "[32]"))
+    results = tmp_path / "results"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run([sys.executable, "-m", "harness.cli", "run", str(suite), "--results", str(results),
+                           "--executor", "process"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    line = _one_line(done.stderr)
+    assert "no space left on device while writing the record" in line
+    assert [p.name for p in (results / "disk").iterdir()] == []  # no record, no temporary, no claim
+    assert main(["run", str(suite), "--results", str(results)]) == 0  # space freed: the rerun finishes
+    assert [r["status"] for r in load_records(results / "disk")] == ["ok"]

@@ -169,8 +169,11 @@ def image_folder(*, resolution: int = 32, split: str = "train", seed: int = 0, r
     n_val = max(1, round(len(files) * val_fraction))
     chosen = sorted(perm[:n_val] if split == "val" else perm[n_val:])
     images, labels = [], []
+    from harness.files import open_regular
+
     for i in chosen:
-        with Image.open(files[i]) as img:
+        # open_regular: a FIFO named like an image would block forever, a device never end
+        with open_regular(files[i], "image-folder: image") as fh, Image.open(fh) as img:
             arr = np.asarray(center_crop(img.convert("RGB"), resolution))
         images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
         labels.append(classes.index(files[i].relative_to(base).parts[0]) if labelled else 0)
@@ -204,9 +207,12 @@ def cifar10(*, resolution: int = 32, split: str = "train", seed: int = 0, root: 
         if not download:
             raise UserError(f"cifar10: no data under {where / 'cifar-10-batches-py'}; download {CIFAR_URL}, "
                             f"extract it in {where} (or set data.root / $HARNESS_DATA)") from None
+        from harness.weights import network_timeout
+
         try:
-            tv = CIFAR10(str(where), train=split == "train", download=True)
-        except Exception as exc:  # offline: urllib errors of several kinds
+            with network_timeout():  # torchvision's urlopen has no timeout: a stalled server must not hang the cell
+                tv = CIFAR10(str(where), train=split == "train", download=True)
+        except Exception as exc:  # offline, or timed out: urllib errors of several kinds
             raise UserError(f"cifar10: cannot download ({type(exc).__name__}) and no data under "
                             f"{where / 'cifar-10-batches-py'}; fetch {CIFAR_URL} and extract it in {where} "
                             "(or set data.root / $HARNESS_DATA)") from None

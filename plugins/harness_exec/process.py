@@ -29,6 +29,7 @@ from harness.runner import CellJob, execute_cell
 
 # Messages of the worker's pipe besides the final record (a dict).
 _ASK, _GO, _DONE = "alone?", "alone", "alone-done"
+_REFUSED = "user-error"  # (_REFUSED, message): the cell could not write its record (a full disk)
 
 
 def _worker(job: CellJob, conn, threads: int, parent: int) -> None:
@@ -49,6 +50,8 @@ def _worker(job: CellJob, conn, threads: int, parent: int) -> None:
     torch.set_num_threads(threads)  # a cell's own `threads` setting still wins inside execute_cell
     try:
         conn.send(execute_cell(job, alone=alone))
+    except UserError as exc:  # its record could not be written: the parent stops the run with this one line
+        conn.send((_REFUSED, str(exc)))
     finally:
         conn.close()
 
@@ -192,6 +195,8 @@ class ProcessExecutor:
         proc.join()
         if isinstance(record, dict):
             return record
+        if isinstance(record, tuple) and record[:1] == (_REFUSED,):
+            raise UserError(record[1])  # as the local executor would: the other workers are stopped
         return failed_record(job, f"WorkerCrash: the worker process died ({_exit_reason(proc.exitcode)}) "
                                   "before the cell finished", before)
 

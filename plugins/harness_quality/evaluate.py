@@ -198,7 +198,9 @@ def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, we
         raise UserError(f"{samples_arg} {str(smp.path)!r} holds {smp.count} image(s); at least 2 are needed")
     pool_stats, spatial_stats = ref.stats
     if ref.npz is not None:  # mu/sigma of another extractor: refused now, not after every sample's features
-        adm.check_statistics(ref.npz, INCEPTION_DIMS, ref.path, reference_arg)
+        used = {"pool": "fid", "spatial": "sfid"}
+        adm.check_statistics(ref.npz, {k: d for k, d in INCEPTION_DIMS.items() if used[k] in metrics}, ref.path,
+                             reference_arg)
     need_ref_images = [m for m in metrics if m in ("precision", "recall", "kid", "fd_dinov2")
                        or (m == "fid" and pool_stats is None) or (m == "sfid" and spatial_stats is None)]
     if need_ref_images and ref.count < 2:
