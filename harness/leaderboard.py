@@ -198,7 +198,7 @@ def _marked(board: Board, layout: Layout, wrap, link) -> pd.DataFrame:
 def to_markdown(board: Board) -> str:
     layout = _layout(board)
     df = _marked(board, layout, lambda v: f"**{v}**", lambda c, p: f"[{c}]({p.replace(' ', '%20')})")
-    return markdown_table(df) + "\n\n" + "\n".join(_under(board, layout, "**bold**"))
+    return markdown_table(df) + "\n\n" + "\n\n".join(_under(board, layout, "**bold**"))  # a paragraph each
 
 
 _LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",

@@ -426,7 +426,8 @@ def render(records: list[dict], fmt: str = "markdown", columns: Sequence[str] | 
     if fmt == "json":
         return df.to_json(orient="records", indent=2)
     lead = [c for c in ("suite", "label", "seed") if c in df.columns]
-    layout = lay_out(df, keep=lead + ["cell"])
+    # columns a user named with --columns stay in the table, equal in every row or not
+    layout = lay_out(df, keep=lead + ["cell"] + (list(df.columns) if columns else []))
     legend = " · ".join(notes(layout.frame, layout.constant) + legend_notes(records, df))
     under = [line for line in (legend, layout.caption()) if line] + layout.footnote_lines()
     if fmt == "markdown":
