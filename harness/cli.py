@@ -310,6 +310,7 @@ def _print_listing(rows: list[dict]) -> None:
 
 
 def listing_lines(rows: list[dict], width: int) -> list[str]:
+    """The lines of :func:`_print_listing` for a terminal ``width`` columns wide."""
     name_width = max((len(r["name"]) for r in rows), default=0)
     plugin_width = max((len(r["plugin"]) for r in rows), default=0)
     lines = []
