@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,7 +118,7 @@ def cmd_run(args) -> int:
     from .plugins import registry
     from .records import ensure_writable
     from .runner import check_builds, launched_ranks, pending
-    from .table import render
+    from .table import render, terminal_width
 
     console = _console()
     follower = launched_ranks()[0] != 0  # under torchrun rank 0 reports; the other ranks only work
@@ -156,7 +158,8 @@ def cmd_run(args) -> int:
             records.append(rec)
     if records and not follower:
         print()
-        print(render(records, "markdown"), flush=True)  # plain print: rich would wrap wide tables
+        # plain print: rich would wrap wide tables; render splits them to the terminal's width
+        print(render(records, "markdown", width=terminal_width()), flush=True)
     if failed:
         console.print(_styled((f"{failed} cell(s) failed", "red"),
                               "; their records hold the error. Rerun to retry them."))
@@ -294,13 +297,40 @@ def cmd_ls(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.table import Table
-
-    table = Table("kind", "name", "plugin", "description", box=None)
-    for r in rows:
-        table.add_row(r["kind"], r["name"], r["plugin"], r["description"])
-    _console().print(table)
+    _print_listing(rows)
     return 0
+
+
+def plain(text: str) -> str:
+    """A docstring as a terminal shows it: reST roles and literals (``:func:`x```, ````x````,
+    ```x```) as their bare text."""
+    text = re.sub(r":[\w:.-]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"`{1,2}([^`]+)`{1,2}", r"\1", text)
+
+
+def _print_listing(rows: list[dict]) -> None:
+    """One line per component under a heading per kind: each name whole, the description cut
+    to the width that is left (``harness ls KIND NAME`` shows the whole of it)."""
+    console = _console()
+    print("\n".join(listing_lines(rows, console.width)))
+    console.print(_styled(("harness ls KIND NAME", "bold"), ": a component's whole description and its options"))
+
+
+def listing_lines(rows: list[dict], width: int) -> list[str]:
+    """The lines of :func:`_print_listing` for a terminal ``width`` columns wide."""
+    name_width = max((len(r["name"]) for r in rows), default=0)
+    plugin_width = max((len(r["plugin"]) for r in rows), default=0)
+    lines = []
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        lines.append(kind)
+        for r in rows:
+            if r["kind"] != kind:
+                continue
+            line = f"  {r['name']:<{name_width}}  {r['plugin']:<{plugin_width}}  "
+            room = max(width - len(line), 12)
+            text = " ".join(plain(r["description"]).split())
+            lines.append(line + (text if len(text) <= room else text[:room - 1].rstrip() + "…"))
+    return lines
 
 
 def _ls_one(kind: str, name: str, as_json: bool) -> int:
@@ -351,7 +381,7 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
     console.print(_styled((f"{kind} {name}", "bold"), f"  from {entry.origin}: {info['target']}"), soft_wrap=True)
     if info["description"]:
         console.print()
-        console.print(info["description"], soft_wrap=True)
+        console.print(plain(info["description"]), soft_wrap=True)
     if kind == "stage" and (info["after"] or info["replaces"]):
         console.print()
         console.print(f"runs after: {', '.join(info['after']) or '-'}; replaces: {', '.join(info['replaces']) or '-'}")
@@ -424,26 +454,44 @@ def cmd_plugins(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.table import Table
-
-    table = Table("plugin", "distribution", "version", "hooks", "components", box=None)
-    for r in rows:
-        table.add_row(r["name"], r["distribution"] or "-", r["version"] or "-", ", ".join(r["hooks"]),
-                      ", ".join(r["components"]) if "error" not in r else "not loaded: failed to import")
-    _console().print(table)
+    print("\n".join(plugin_lines(rows, _console().width)))
     return 0
+
+
+def plugin_lines(rows: list[dict], width: int) -> list[str]:
+    """Each plugin as a heading (name, distribution, version) and its components by kind,
+    wrapped between names, never inside one: a suite needs them spelled in full."""
+    def wrap(label: str, items: list[str]) -> list[str]:
+        return textwrap.wrap(f"{label}: " + ", ".join(items), width, initial_indent="  ", subsequent_indent="    ",
+                             break_long_words=False, break_on_hyphens=False)
+
+    lines = []
+    for r in rows:
+        lines.append(" ".join([r["name"], f"({r['distribution'] or '-'} {r['version'] or '-'})"]))
+        if "error" in r:
+            lines.extend(wrap("not loaded", [r["error"]]))
+            continue
+        by_kind: dict[str, list[str]] = {}
+        for component in r["components"]:
+            kind, _, name = component.partition(":")
+            by_kind.setdefault(kind, []).append(name)
+        for kind, names in by_kind.items():
+            lines.extend(wrap(kind, names))
+        if r["hooks"]:
+            lines.extend(wrap("hooks", list(r["hooks"])))
+    return lines
 
 
 # -- table ---------------------------------------------------------------------------------
 def cmd_table(args) -> int:
     from .records import load_records
-    from .table import render
+    from .table import render, terminal_width
 
     records = load_records(args.results_dir)
     if not records:
         raise UserError(f"{args.results_dir}: no records found")
     fmt = "json" if args.json else args.format
-    print(render(records, fmt, args.columns))
+    print(render(records, fmt, args.columns, width=terminal_width()))
     return 0
 
 
@@ -491,11 +539,14 @@ def cmd_plot(args) -> int:
     records = load_records(args.results_dir)
     if not records:
         raise UserError(f"{args.results_dir}: no records found")
+    if args.scaling and args.published:
+        raise UserError("--published marks published figures on the Pareto plot; it does not go with --scaling")
     x, y = _plot_axes(records, args.x, args.y, args.scaling)
     if args.scaling:
         path = scaling_plot(records, y, args.out or Path(args.results_dir) / "plots" / f"scaling-{y}.png")
     else:
-        path = pareto_plot(records, x, y, args.out or Path(args.results_dir) / "plots" / f"pareto-{x}-{y}.png")
+        name = f"pareto-{x}-{y}{'-published' if args.published else ''}.png"
+        path = pareto_plot(records, x, y, args.out or Path(args.results_dir) / "plots" / name, args.published)
     _console().print(f"wrote {path}")
     return 0
 
@@ -676,6 +727,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--y", help="quality metric (default: the first quality metric recorded), or with --scaling "
                                 "the cost (default as --x)")
     pt.add_argument("--scaling", action="store_true", help="y against tokens, one line per mixer")
+    pt.add_argument("--published", action="store_true",
+                    help="mark the published figures (a cell's published: block) beside ours, each joined to its cell")
     pt.add_argument("--out", metavar="FILE", help="FILE.png, .svg or .pdf (default RESULTS_DIR/plots/...)")
     pt.set_defaults(func=cmd_plot)
 

@@ -1,19 +1,22 @@
 """Plots from records on disk (pandas + matplotlib, Agg backend: no display needed).
 
 - :func:`pareto_plot`: quality against cost, every cell a point, the Pareto front drawn
-  through the cells no other cell beats on both axes.
+  through the cells no other cell beats on both axes. Labels are moved apart (adjustText);
+  where points sit on top of each other and no free place is left, a legend names them.
 - :func:`scaling_plot`: a cost (GFLOPs, latency) against the number of tokens, one line
   per token mixer: the quadratic-versus-linear picture of the LaMamba-Diff paper.
 """
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import UserError, suggest
-from .table import ARROW, build_frame, metric_header
+from . import published as published_figures
+from .table import ARROW, build_frame, metric_header, metric_value
 
 SUFFIXES = (".png", ".svg", ".pdf")
 
@@ -57,15 +60,6 @@ def _pyplot():
     return plt
 
 
-def _labels(frame: pd.DataFrame, metric_cols: list[str]) -> list[str]:
-    """A short name per cell: the config values that vary between the plotted cells."""
-    keys = [c for c in frame.columns if c not in metric_cols and c not in ("cell", "status")]
-    keys = [k for k in keys if frame[k].astype(str).nunique() > 1] or ["cell"]
-    names = [k.split(".")[-1] for k in keys]
-    return [" ".join(f"{n}={v}" for n, v in zip(names, row) if not pd.isna(v))
-            for row in frame[keys].itertuples(index=False)]
-
-
 def pareto_front(points: list[tuple[float, float]], x_lower: bool = True, y_lower: bool = True) -> list[int]:
     """Indices of the points no other point beats on both axes, in order of x."""
     sx, sy = (1 if x_lower else -1), (1 if y_lower else -1)
@@ -77,36 +71,83 @@ def pareto_front(points: list[tuple[float, float]], x_lower: bool = True, y_lowe
     return sorted(front, key=lambda i: (sx * points[i][0], sy * points[i][1]))
 
 
-def pareto_plot(records: list[dict], x: str, y: str, out: str | Path) -> Path:
-    """Scatter ``y`` (quality) against ``x`` (cost) over the ok records; mark the Pareto front."""
+def overlapping(texts, renderer) -> list[tuple[int, int]]:
+    """Pairs of ``texts`` (matplotlib Text) whose drawn boxes intersect."""
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    return [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+
+
+def _place_labels(ax, texts, points) -> bool:
+    """Move the labels off each other and off the points (adjustText); False when some still
+    overlap (points on top of each other), for the caller to fall back to a legend."""
+    from adjustText import adjust_text
+
+    fig = ax.figure
+    adjust_text(texts, x=[p[0] for p in points], y=[p[1] for p in points], ax=ax,
+                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+    return not overlapping(texts, fig.canvas.get_renderer())
+
+
+def published_points(records: list[dict], x: str, y: str) -> dict[int, tuple[float, float]]:
+    """Where the published figures of ``records`` put them (position -> (x, y)): a record with a
+    published figure for ``x`` or ``y`` (its cell's ``published:`` block, see
+    :mod:`harness.published`); the coordinate the paper does not give is ours."""
+    out = {}
+    for i, r in enumerate(records):
+        figs = published_figures.figures(r)
+        if r.get("status") != "ok" or not (x in figs or y in figs):
+            continue
+        coords = []
+        for name in (x, y):
+            value = figs[name]["published"] if name in figs else metric_value(r["metrics"].get(name))
+            coords.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
+        if None not in coords:
+            out[i] = (coords[0], coords[1])
+    return out
+
+
+def pareto_figure(records: list[dict], x: str, y: str, anchors: list[str] | None = None, published: bool = False):
+    """The Pareto figure of ``y`` against ``x``: (figure, positions of the plotted records in
+    ``records``, positions on the front). ``anchors`` (one per record) make each point an SVG
+    element ``pareto-<anchor>`` linking to ``#row-<anchor>`` (the leaderboard page).
+    ``published`` marks each published figure (hollow) beside our point, joined to it by a
+    dotted line; the front stays ours."""
     _check_metric(x, records, "--x")
     _check_metric(y, records, "--y")
     for name, role in ((x, "--x"), (y, "--y")):
         if _direction(name, records) is None:
             raise UserError(f"{role}: metric {name!r} has no direction (lower or higher is better), "
                             "so it has no Pareto front")
-    out = _out_path(out)
-    ok = [r for r in records if r["status"] == "ok"]
+    positions = [i for i, r in enumerate(records) if r["status"] == "ok"]
+    ok = [records[i] for i in positions]
     frame = build_frame(ok, raw=True) if ok else pd.DataFrame()
     if frame.empty or x not in frame or y not in frame:
         raise UserError(f"no ok record has both {x!r} and {y!r}")
-    frame = frame[pd.to_numeric(frame[x], errors="coerce").notna() & pd.to_numeric(frame[y], errors="coerce").notna()]
-    if frame.empty:
+    keep = pd.to_numeric(frame[x], errors="coerce").notna() & pd.to_numeric(frame[y], errors="coerce").notna()
+    if not keep.any():
         raise UserError(f"no ok record has both {x!r} and {y!r} as numbers")
-    frame = frame.reset_index(drop=True)
-    labels = _labels(frame, _metrics(ok))
+    positions = [p for p, k in zip(positions, keep) if k]
+    frame = frame[keep].reset_index(drop=True)
+    labels = [str(v) for v in frame["label"]]
     points = list(zip(frame[x].astype(float), frame[y].astype(float)))
     front = pareto_front(points, _direction(x, records) == "lower", _direction(y, records) == "lower")
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    ax.scatter(*zip(*points), color="0.6", zorder=2, label="cells")
     fx, fy = zip(*(points[i] for i in front))
-    ax.plot(fx, fy, "o-", color="tab:red", zorder=3, label="Pareto front", drawstyle="steps-post")
+    ax.plot(fx, fy, "-", color="tab:red", zorder=2, drawstyle="steps-post")
+    dots = [_point(ax, px, py, "o", "tab:red" if i in front else "0.6", anchors and anchors[positions[i]])
+            for i, (px, py) in enumerate(points)]
+    paper = published_points(records, x, y) if published else {}
+    if published and not paper:
+        raise UserError(f"--published: no ok record has a published figure for {x!r} or {y!r} "
+                        "(a cell's published: block)")
     for i, (px, py) in enumerate(points):
-        ax.annotate(labels[i], (px, py), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                    color="tab:red" if i in front else "0.3")
-    xs = [p[0] for p in points]
+        if positions[i] in paper:
+            qx, qy = paper[positions[i]]
+            ax.plot([px, qx], [py, qy], ":", color="0.5", lw=0.8, zorder=1)
+            ax.plot([qx], [qy], "D", mfc="none", mec="tab:blue", ms=6, zorder=3)
+    xs = [p[0] for p in points] + [q[0] for q in paper.values()]
     if min(xs) > 0 and max(xs) / min(xs) > 20:  # costs spanning decades read better on a log axis
         ax.set_xscale("log")
     ax.set_xlabel(_header(x, records))
@@ -114,11 +155,69 @@ def pareto_plot(records: list[dict], x: str, y: str, out: str | Path) -> Path:
     suites = sorted({r["suite"] for r in ok})
     ax.set_title(f"{y} vs {x}: {', '.join(suites)}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.margins(0.15)  # room for the labels around the outermost points
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    texts = [ax.text(px, py, labels[i], fontsize=7, color="tab:red" if i in front else "0.3", zorder=4)
+             for i, (px, py) in enumerate(points)]
+    if len(texts) > 1 and not _place_labels(ax, texts, points):
+        # points on top of each other leave no free place: a legend names every point instead
+        for artist in texts + dots:
+            artist.remove()
+        handles = [_point(ax, px, py, _MARKERS[i % len(_MARKERS)], f"C{i % 10}", anchors and anchors[positions[i]],
+                          label=labels[i] + (" (front)" if i in front else ""))
+                   for i, (px, py) in enumerate(points)]
+    else:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], marker="o", color="tab:red", label="Pareto front")]
+        if len(front) < len(points):
+            handles.append(Line2D([], [], marker="o", ls="", color="0.6", label="cells"))
+    if paper:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], marker="D", ls=":", color="0.5", mfc="none", mec="tab:blue",
+                              label="published (dotted: to ours)"))
+    # outside the axes: a legend inside could cover a label or a point
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig, positions, {positions[i] for i in front}
+
+
+_MARKERS = "osD^vP*Xhp<>"
+
+
+def _point(ax, px: float, py: float, marker: str, color: str, anchor: str | None, label: str | None = None):
+    """One point as its own artist, so that an HTML page can link to it (``pareto-<anchor>``)
+    and from it (to the row ``row-<anchor>``)."""
+    point, = ax.plot([px], [py], marker, color=color, ls="", zorder=3, label=label)
+    if anchor:
+        point.set_gid(f"pareto-{anchor}")
+        point.set_url(f"#row-{anchor}")
+    return point
+
+
+def pareto_plot(records: list[dict], x: str, y: str, out: str | Path, published: bool = False) -> Path:
+    """Scatter ``y`` (quality) against ``x`` (cost) over the ok records; mark the Pareto front
+    (and with ``published``, the papers' figures beside ours)."""
+    out = _out_path(out)
+    fig, _, _ = pareto_figure(records, x, y, published=published)
+    fig.savefig(out, bbox_inches="tight")
+    _pyplot().close(fig)
     return out
+
+
+def pareto_svg(records: list[dict], x: str, y: str, anchors: list[str]) -> tuple[str, list[int], set[int]]:
+    """:func:`pareto_figure` as an inline ``<svg>`` element for an HTML page (no XML prolog,
+    no date: the same records give the same bytes), with the plotted and front positions."""
+    import io
+
+    fig, plotted, front = pareto_figure(records, x, y, anchors)
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    _pyplot().close(fig)
+    text = buf.getvalue()
+    # matplotlib opens every link in a new tab; a jump to a row of the same page stays in it
+    text = re.sub(r'(<a xlink:href="#row-[\w-]+") target="_blank"', r"\1", text)
+    return text[text.index("<svg"):], plotted, front
 
 
 # -- scaling ------------------------------------------------------------------------------

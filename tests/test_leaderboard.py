@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
+import json
 import os
 import re
 import shutil
@@ -34,9 +36,9 @@ def _record(suite, mixer, side, params, gflops, latency, val_loss, status="ok"):
     if val_loss is not None:
         metrics["val_loss"] = {"value": val_loss, "direction": "lower", "unit": ""}
     cell = f"{suite[:3]}{mixer[:3]}{side}{status[0]}"
-    return {"suite": suite, "cell": cell, "config": {"backbone": {"name": "dit", "mixer": mixer, "patch": 2,
-                                                                  "input_size": side * 2},
-                                                     "metrics": list(metrics)},
+    config = {"backbone": {"name": "dit", "mixer": mixer, "patch": 2, "input_size": side * 2},
+              "metrics": list(metrics)}
+    return {"suite": suite, "cell": cell, "label": f"backbone.mixer={mixer}", "config": config,
             "status": status, "error": None if status == "ok" else "RuntimeError: boom",
             "metrics": metrics if status == "ok" else {}, "env": {}, "plugins": {}}
 
@@ -51,9 +53,56 @@ def write_results(root: Path, failed: bool = True) -> Path:
     return root
 
 
+# The default suite's shape (suites/ablation.yaml): five tiny DiTs, one per token mixer, and
+# the tiny LaMamba-Diff U-Net, with the cells' labels and configs as `harness run` writes them
+# and FID unavailable offline. Figures are made up; ss2d's latency spread swamps its median.
+FID_REASON = ("no Inception weights offline; set HARNESS_FID_WEIGHTS or the weights option "
+              "(torch-fidelity's pt_inception-2015-12-05-6726825d.pth)")
+DEFAULT_CELLS = [  # (label, backbone, params, gflops, latency ms, iqr ms, val_loss)
+    ("backbone.mixer=attention", {"mixer": "attention"}, 203_000, 0.0161, 1.10, 0.10, 0.1831),
+    ("backbone.mixer=window-attention", {"mixer": {"name": "window-attention", "window_size": 4}},
+     203_000, 0.0142, 1.31, 0.20, 0.1857),
+    ("backbone.mixer=mamba", {"mixer": "mamba"}, 236_000, 0.0150, 4.20, 0.90, 0.1809),
+    ("backbone.mixer=ss2d", {"mixer": "ss2d"}, 262_000, 0.0168, 9.45, 81.42, 0.1794),
+    ("backbone.mixer=lamamba", {"mixer": {"name": "lamamba", "window_size": 4}}, 275_000, 0.0171, 9.60, 1.5,
+     0.1790),
+    ("backbone=lamamba", None, 1_210_000, 0.0305, 12.8, 2.1, 0.1765),
+]
+
+
+def write_default_suite(root: Path) -> Path:
+    dit = {"name": "dit", "size": "tiny", "patch": 2, "depth": 2, "hidden_size": 64, "mixer": "attention"}
+    lamamba = {"name": "lamamba", "size": "tiny", "widths": [16, 32, 64, 64], "num_heads": 2}
+    for i, (label, over, params, gflops, latency, iqr, val_loss) in enumerate(DEFAULT_CELLS):
+        backbone = dit | over if over is not None else lamamba
+        config = {"backbone": backbone, "data": {"name": "shapes", "resolution": 16},
+                  "train": {"steps": 100, "batch_size": 16, "lr": 0.001, "ema": 0.999, "log_every": 20},
+                  "metrics": ["params", "gflops", "latency", "val_loss", "fid"], "device": "cpu"}
+        kernels = {"selective_scan": "compiled-cpu"} if "mamba" in label or "ss2d" in label else {}
+        metrics = {
+            "params": {"value": params, "direction": "lower", "unit": "params", "role": "cost"},
+            "gflops": {"value": gflops, "direction": "lower", "unit": "G", "role": "cost"},
+            "latency": {"value": latency, "iqr": iqr, "direction": "lower", "unit": "ms", "role": "cost",
+                        "kernels": kernels},
+            "val_loss": {"value": val_loss, "direction": "lower", "unit": "", "role": "quality"},
+            "fid": {"value": None, "status": "unavailable", "reason": FID_REASON, "direction": "lower",
+                    "unit": "", "role": "quality"},
+        }
+        cell = f"{i:02d}" + "c0ffee" * 2
+        rec = {"suite": "ablation", "cell": cell[:12], "label": label, "index": i, "seed": 0, "config": config,
+               "status": "ok", "error": None, "metrics": metrics, "env": {}, "plugins": {}}
+        write_record(root / "ablation" / f"{rec['cell']}.json", rec)
+    return root
+
+
 @pytest.fixture
 def results(tmp_path):
     return write_results(tmp_path / "results")
+
+
+@pytest.fixture
+def default_suite(tmp_path):
+    return write_default_suite(tmp_path / "results")
 
 
 def test_ranks_by_quality_and_marks_best_per_column(results):
@@ -72,10 +121,13 @@ def test_markdown_shows_direction_best_and_links(results, tmp_path):
     header = out.splitlines()[0]
     assert "gflops ↓" in header and "val_loss ↓" in header and "latency (ms) ↓" in header
     assert "**4.1**" in out and "**38.00 ± 1.00**" in out
-    links = re.findall(r"\[(\w+)\]\(([^)]+)\)", out)
-    assert len(links) == 5
-    for cell, path in links:  # every row points at its own record, relative to the output
-        assert (tmp_path / path).is_file() and (tmp_path / path).stem == cell
+    rows = [line for line in out.splitlines() if re.match(r"\|\s+\d", line)]
+    assert len(rows) == 5
+    for row in rows:  # rank, suite, label linked to its own record (relative to the output), ..., cell id last
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        label, path = re.fullmatch(r"\[([^]]+)\]\(([^)]+)\)", cells[2]).groups()
+        assert (tmp_path / path).is_file() and (tmp_path / path).stem == cells[-1]
+        assert label == json.loads((tmp_path / path).read_text())["label"].split("=")[1]
     assert "ranked by val_loss" in out and "↓ lower is better" in out
 
 
@@ -101,9 +153,10 @@ def test_cli_leaderboard_writes_file_with_relative_links(results, tmp_path, caps
     out = tmp_path / "site" / "board.html"
     assert main(["leaderboard", str(results), "--format", "html", "--out", str(out)]) == 0
     page = out.read_text()
-    hrefs = re.findall(r'href="([^"]+)"', page)
+    hrefs = [h for h in re.findall(r' href="([^"]+)"', page) if not h.startswith("#")]  # "#": within the page
     assert len(hrefs) == 5 and all((out.parent / h).is_file() for h in hrefs)
-    assert "<script" in page and "http" not in page  # self-contained: no CDN, no server
+    # self-contained: no CDN, no server (the SVG's xmlns and metadata name URIs that nothing fetches)
+    assert "<script" in page and not re.search(r'(src|href)="(https?:)?//', page) and "<link" not in page
     assert main(["leaderboard", str(results), "--metric", "gflop"]) == 2
     assert "did you mean 'gflops'" in capsys.readouterr().err
 
@@ -112,33 +165,80 @@ def _chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-def test_html_sorts_on_click_in_headless_chromium(results, tmp_path):
+def _headless(page: Path, script: str, tmp_path: Path, size: str = "1280,900") -> str:
+    """The DOM of ``page`` after ``script`` ran in it, as headless Chromium at ``size`` sees it."""
     browser = _chromium()
     if browser is None:
         pytest.skip("chromium not installed (Debian: apt-get install -y chromium); .ci/run installs it")
-    page = render(load_records(results), "html", link_base=tmp_path)
-    # Click the gflops header twice (ascending, then descending) as a user would, then dump the DOM.
-    click = ('<script>var th = document.querySelector(\'th[data-col="gflops"]\');'
-             'th.click(); th.click();</script></body>')
-    (tmp_path / "board.html").write_text(page.replace("</body>", click))
-    profile = tmp_path / "profile"
+    page.write_text(page.read_text().replace("</body>", f"<script>{script}</script></body>"))
     proc = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-         "--dump-dom", (tmp_path / "board.html").as_uri()],
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={size}", "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    dom = proc.stdout
+    return proc.stdout
+
+
+def test_html_sorts_on_click_in_headless_chromium(results, tmp_path):
+    page = tmp_path / "board.html"
+    page.write_text(render(load_records(results), "html", link_base=tmp_path))
+    # Click the gflops header twice (ascending, then descending) as a user would, then dump the DOM.
+    dom = _headless(page, "var th = document.querySelector('th[data-col=\"gflops\"]'); th.click(); th.click();",
+                    tmp_path)
     assert 'aria-sort="descending"' in dom
     body = dom.split("<tbody>")[1].split("</tbody>")[0]
     rows = re.findall(r"<tr[^>]*>(.*?)</tr>", body, flags=re.S)
     values = [re.findall(r'<td[^>]*data-v="([^"]*)"', row) for row in rows]
-    col = ["#"] + list(build(load_records(results)).shown.columns)
-    g = col.index("gflops ↓")
+    heads = re.findall(r'<th[^>]*data-col="([^"]*)"', dom)
+    g = heads.index("gflops")
     seen = [float(v[g]) if v[g] else None for v in values]
     numeric = [v for v in seen if v is not None]
     assert numeric == sorted(numeric, reverse=True) and numeric[0] == 24.2  # sorted by the click
     assert seen[-1] is None  # the failed row, with no figure, stays last
+
+
+# Where each header cell and the Pareto target lie once laid out, written into the page for --dump-dom.
+MEASURE = """
+var out = {width: window.innerWidth, height: window.innerHeight, heads: {}};
+document.querySelectorAll("#leaderboard th").forEach(function (th) {
+  var r = th.getBoundingClientRect();
+  out.heads[th.getAttribute("data-col")] = [r.left, r.right];
+});
+var link = document.querySelector("#leaderboard a.pareto");
+link.click();  // a row's Pareto cell: the page jumps to the point, which becomes :target
+var point = document.querySelector(":target"), box = point && point.getBBox();
+out.target = point && {id: point.id, tag: point.tagName, w: box.width, h: box.height, href: link.getAttribute("href")};
+var back = point && point.querySelector("a");
+out.back = back && back.getAttribute("xlink:href");
+var pre = document.createElement("pre");
+pre.id = "measure";
+pre.textContent = JSON.stringify(out);
+document.body.appendChild(pre);
+"""
+
+
+def test_html_metrics_visible_at_1280_for_a_mixed_backbone_suite(default_suite, tmp_path):
+    """The default suite's page (DiT and LaMamba cells) at 1280x900: every metric's column,
+    the ranked one first, lies inside the viewport; configuration comes after them."""
+    page = tmp_path / "board.html"
+    page.write_text(render(load_records(default_suite), "html", link_base=tmp_path))
+    dom = _headless(page, MEASURE, tmp_path)
+    seen = json.loads(html.unescape(re.search(r'<pre id="measure">(.*?)</pre>', dom, re.S).group(1)))
+    assert seen["width"] == 1280
+    heads = seen["heads"]
+    assert list(heads)[:3] == ["#", "label", "val_loss"]  # rank, label, the ranked metric
+    for metric in ("val_loss", "params", "gflops", "latency"):
+        left, right = heads[metric]
+        assert 0 <= left < right <= 1280, (metric, heads[metric])
+    assert "fid" not in heads  # n/a in every row: in the caption, its reason a footnote
+    config = [c for c in heads if c.startswith("backbone.")]
+    assert config and min(heads[c][0] for c in config) >= max(heads[m][1] for m in ("val_loss", "latency"))
+    # the Pareto link lands on an SVG point of the plot, and that point links back to the row
+    target = seen["target"]
+    assert target["href"] == f"#{target['id']}" and target["id"].startswith("pareto-ablation-")
+    assert target["tag"] == "g" and target["w"] > 0 and target["h"] > 0
+    assert seen["back"] == "#row-" + target["id"].removeprefix("pareto-")
 
 
 def test_cli_leaderboard_out_that_cannot_be_a_file(results, tmp_path, capsys):

@@ -177,7 +177,7 @@ def test_seed_option_runs_a_replicate_beside_the_first(tmp_path, plugin_site, wi
     assert sorted(r["seed"] for r in records) == [0, 0, 3, 3] and len({r["cell"] for r in records}) == 4
     capsys.readouterr()
     assert main(["table", str(results / "toys"), "--format", "csv"]) == 0
-    assert capsys.readouterr().out.splitlines()[0].startswith("cell,seed,")
+    assert capsys.readouterr().out.splitlines()[0].startswith("label,seed,")
     assert main(["run", str(path), "--results", str(results), "--seed", "-1"]) == 2
     assert "--seed -1: expected an integer >= 0" in capsys.readouterr().err
 
