@@ -380,22 +380,25 @@ def cmd_flops(args, extra: list[str]) -> int:
     from .commands import backbone_context, parse_options
     from .flops import CONVENTIONS, AbstractCountError, check_convention, count_flops
 
+    from .plugins import registry
+    from .stages import split_applications
+
     convention = check_convention(args.convention)
+    # `--STAGE VALUE` for a stage that applies its result outside a suite (`--prune PLAN`); the
+    # core knows no stage by name, so which options these are is the registry's to say
+    stages = registry().stages()
+    applications, extra = split_applications(extra, {n: s for n, s in stages.items() if s.apply is not None})
     options = parse_options(extra)
     ctx = backbone_context(args.backbone, options)
     reg = ctx.registry
-    applied: dict = {}
-    if args.prune:  # the pruning stage's result, applied outside a suite
-        stage = reg.stages().get("prune")
-        if stage is None or stage.apply is None:
-            raise UserError("--prune: no installed plugin registers a 'prune' stage that can apply a plan")
+    applied: dict[str, dict] = {}
 
     def build(device):  # counting needs shapes only: the meta device holds no weights
         model = ctx.build_backbone(device=device).eval()
         unpruned = sum(p.numel() for p in model.parameters())
-        if args.prune:
-            applied.clear()
-            applied.update(stage.apply(model, args.prune) or {})
+        applied.clear()
+        for name, value in applications.items():
+            applied[name] = stages[name].apply(model, value) or {}
         ctx.model = model  # its input shape is read from it
         return model, unpruned
 
@@ -416,11 +419,10 @@ def cmd_flops(args, extra: list[str]) -> int:
     result = {"backbone": args.backbone, "options": options, "input": ctx.input_spec, "params": params,
               "gflops": fc.total / 1e9, "batch_size": 1, "convention": CONVENTIONS[convention],
               **fc.record()}
-    result.update(getattr(model, "flops_extra", {}) or {})
-    if args.prune:
-        summary = applied.pop("summary", None)  # the stage's line for people, not for the JSON
-        result["prune"] = {"plan": args.prune, "params_before": unpruned, "removed_ratio": 1 - params / unpruned,
-                           **applied}
+    summaries = {name: info.pop("summary", None) for name, info in applied.items()}  # lines for people
+    for name, value in applications.items():
+        result[name] = {"plan": value, "params_before": unpruned, "removed_ratio": 1 - params / unpruned,
+                        **applied[name]}
     if args.by_module:
         result["by_module"] = {k: {"params": fc.params_by_module[k], "gflops": v / 1e9}
                                for k, v in fc.by_module.items()}
@@ -436,11 +438,10 @@ def cmd_flops(args, extra: list[str]) -> int:
         console.print(f"GMACs   {fc.total / 1e9:.2f}  (batch 1, {CONVENTIONS[convention]})")
         if fc.no_rule_modules:
             console.print(f"counted zero (thop has no rule for them): {', '.join(fc.no_rule_modules)}")
-    if args.prune:
-        prune = result["prune"]
-        console.print(f"pruned  {args.prune}: {prune['removed_ratio']:.1%} of {unpruned:,} parameters removed")
-        if summary:  # what the stage adds (BK-SDM: the published size it matches)
-            console.print(summary)
+    for name, value in applications.items():
+        console.print(f"{name}  {value}: {result[name]['removed_ratio']:.1%} of {unpruned:,} parameters removed")
+        if summaries[name]:  # what the stage adds (BK-SDM: the published size it matches)
+            console.print(summaries[name])
     if fc.method != "meta":
         console.print(f"counted by tracing real tensors: {fc.fallback_reason}")
     if fc.uncounted_ops:
@@ -496,6 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plugins)
 
+    from . import scaffold  # no torch: the templates are text
+
+    np_ = sub.add_parser("new-plugin", help="write a new plugin package with one component of each kind",
+                         description=scaffold.__doc__.split("\n\n")[0])
+    scaffold.arguments(np_)
+    np_.set_defaults(func=scaffold.run)
+
     t = sub.add_parser("table", help="table of the records under a folder")
     t.add_argument("results_dir")
     t.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"])
@@ -522,11 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("flops", help="params and GFLOPs of one backbone configuration",
                        description="Options after the backbone name are passed to its factory, "
-                                   "e.g. harness flops dit --size XL --patch 2 --input-size 32")
+                                   "e.g. harness flops dit --size XL --patch 2 --input-size 32. A stage that "
+                                   "can apply its result outside a suite takes it as --STAGE VALUE: "
+                                   "--prune bk-sdm-small (a BK-SDM preset) or --prune RUN/pruned/plan.json")
     f.add_argument("backbone")
     f.add_argument("--by-module", action="store_true")
     f.add_argument("--json", action="store_true")
-    f.add_argument("--prune", metavar="PRESET|PLAN", help="measure pruned: bk-sdm-base/small/tiny or a plan.json")
     # not argparse choices: a wrong name gets the one-line error with a suggestion
     f.add_argument("--convention", default="fvcore", metavar="fvcore|thop",
                    help="fvcore (default): every multiply-add of the graph, attention products included (DiT, "

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from . import hookspecs
+from . import contracts, hookspecs
 from .errors import PluginError, UserError, suggest
 
 hookimpl = pluggy.HookimplMarker("harness")
@@ -78,7 +78,9 @@ class Component:
 
     def __call__(self, **options):
         self.check_options(options)
-        return self.factory(**options)
+        built = self.factory(**options)
+        contracts.check_built(self.kind, self.name, self.plugin, built)
+        return built
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,6 +109,7 @@ class Registry:
         self._dists: dict[str, tuple[str, str]] = {}
         self._components: dict[str, dict[str, Component]] | None = None
         self._stages: dict | None = None
+        self._checked: set[tuple[str, str]] = set()  # components whose factory passed its contract
         if load_entrypoints:
             self._load_entrypoints()
 
@@ -145,11 +148,13 @@ class Registry:
     def register(self, plugin: object, name: str | None = None) -> str:
         name = self.pm.register(plugin, name=name)
         self._components = self._stages = None
+        self._checked = set()
         return name
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> None:
         self.pm.unregister(plugin=plugin, name=name)
         self._components = self._stages = None
+        self._checked = set()
 
     def plugins(self) -> list[PluginInfo]:
         out = []
@@ -223,6 +228,8 @@ class Registry:
 
         if self._stages is None:
             self._stages = self._declared("harness_stages", "stage", Stage)
+            for name, (stage, plugin) in self._stages.items():
+                contracts.check_stage(name, plugin, stage)
         return {name: stage for name, (stage, _) in self._stages.items()}
 
     def stage_plugin(self, name: str) -> str:
@@ -233,17 +240,25 @@ class Registry:
         """``{name: (Command, plugin)}`` (see :func:`harness.hookspecs.harness_commands`)."""
         from .commands import Command
 
-        return self._declared("harness_commands", "command", Command)
+        commands = self._declared("harness_commands", "command", Command)
+        for name, (command, plugin) in commands.items():
+            contracts.check_command(name, plugin, command)
+        return commands
 
     def components(self, kind: str) -> dict[str, Component]:
         _check_kind(kind)
         return dict(sorted(self._collect()[kind].items()))
 
     def get(self, kind: str, name: str) -> Component:
+        """The component, its factory checked against its kind's contract (once)."""
         known = self.components(kind)
         if not isinstance(name, str) or name not in known:
             raise UserError(f"unknown {kind} {name!r}{suggest(str(name), known)}")
-        return known[name]
+        comp = known[name]
+        if (kind, name) not in self._checked:
+            contracts.check_factory(kind, name, comp.plugin, comp.factory)
+            self._checked.add((kind, name))
+        return comp
 
     def create(self, kind: str, name: str, **options):
         return self.get(kind, name)(**options)
