@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness.errors import UserError
+from harness import UserError
 
 from .text import maybe_captioned
 
@@ -123,7 +123,7 @@ def shape_caption(label: int) -> str:
 def _render_shapes(resolution: int, split: str, seed: int, n: int, num_classes: int):
     # Each image draws from its own generator keyed by (seed, split, index): the set is the
     # same whatever its size, and the held-out split never repeats a training image.
-    from harness.context import derive_seed
+    from harness import derive_seed
 
     labels = torch.arange(n) % num_classes
     images = torch.stack([_render_shape(int(labels[i]), resolution,

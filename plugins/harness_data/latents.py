@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import UserError
+from harness import UserError
 
 
 @lru_cache(maxsize=4)

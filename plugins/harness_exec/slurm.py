@@ -18,8 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.errors import UserError, suggest
-from harness.runner import CellJob, execute_cell
+from harness import CellJob, UserError, execute_cell, suggest
 
 from .process import failed_record, stamp
 

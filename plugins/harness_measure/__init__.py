@@ -3,7 +3,7 @@ throughput and peak memory of the whole generation."""
 from __future__ import annotations
 
 import harness
-from harness.flops import baddbmm_flop, sdpa_flop
+from harness import baddbmm_flop, sdpa_flop
 
 from .metrics import GFlops, Latency, Params
 from .sampling_costs import PeakMemory, SampleLatency, Throughput

@@ -27,7 +27,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from harness.errors import UserError
+from harness import UserError
 
 
 class Statistics(NamedTuple):

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from harness.errors import UserError
+from harness import UserError
 
 from . import adm
 from .features import FEATURES_LIST, DinoFeatures, Features, extract, extract_dinov2, probabilities
@@ -172,7 +172,7 @@ def resolve_extractors(metrics, weights: Optional[str] = None, option: str = "--
 
 
 def parse_metrics(text: str) -> list[str]:
-    from harness.errors import suggest
+    from harness import suggest
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:

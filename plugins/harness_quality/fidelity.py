@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from harness.errors import MetricUnavailable, UserError
+from harness import MetricUnavailable, UserError
 
 INCEPTION = "inception-v3-compat"
 DINOV2 = "dinov2-vit-l-14"                     # torch-fidelity's name for torch.hub's dinov2_vitl14
@@ -60,7 +60,7 @@ def file_hash(path: str | Path) -> str:
 
 @lru_cache(maxsize=2)
 def _read_weights(path: str, mtime: float, size: int, what: str) -> dict:
-    from harness.weights import load_state_dict
+    from harness import load_state_dict
 
     return load_state_dict(path, what=what)
 
@@ -88,7 +88,7 @@ def resolve_extractor(name: str = INCEPTION, weights: Optional[str] = None,
     import torch_fidelity.registry as reg
 
     if name not in reg.FEATURE_EXTRACTORS_REGISTRY:
-        from harness.errors import suggest
+        from harness import suggest
 
         raise UserError(f"FID extractor {name!r} is not registered{suggest(name, reg.FEATURE_EXTRACTORS_REGISTRY)}")
     if name != INCEPTION:  # another registered extractor brings its own weights
@@ -168,13 +168,13 @@ def build_extractor(ext: Extractor, features, cuda: bool):
     """torch-fidelity's extractor ``ext.name`` with the weights read safely here.
 
     Its constructors ``torch.load(path, weights_only=False)``; they get instead an in-memory
-    file holding only the tensors :func:`harness.weights.load_state_dict` read, so what they
+    file holding only the tensors :func:`harness.load_state_dict` read, so what they
     unpickle is what we wrote. The default Inception file is downloaded once into torch.hub's
     checkpoint folder, where torch-fidelity keeps it too.
     """
     import torch_fidelity.registry as reg
 
-    from harness.weights import load_state_dict
+    from harness import load_state_dict
 
     cls = reg.FEATURE_EXTRACTORS_REGISTRY[ext.name]
     kwargs = {}

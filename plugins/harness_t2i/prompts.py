@@ -21,7 +21,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from harness.errors import UserError
+from harness import UserError
 
 
 class PromptSet(BaseModel):

@@ -33,8 +33,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.errors import UserError, suggest
-from harness.stages import Stage
+from harness import Stage, UserError, suggest
 
 from .prompts import PromptSet
 
@@ -294,11 +293,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import torch.distributed as dist
 
-    from harness.context import CellContext
-    from harness.plugins import registry
-    from harness.runner import plan
-    from harness.stages import run_stages
-    from harness.suite import CellConfig, load_suite
+    from harness import CellConfig, CellContext, load_suite, plan_jobs as plan, registry, run_stages
 
     p = argparse.ArgumentParser(prog="python -m harness_t2i.sample", description=main.__doc__)
     p.add_argument("suite")

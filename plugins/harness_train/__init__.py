@@ -7,8 +7,7 @@ other method's."""
 from __future__ import annotations
 
 import harness
-from harness.stages import Stage
-from harness.training import TrainSpec, train_model
+from harness import Stage, TrainSpec, train_model
 
 
 def train_cell(ctx, spec: TrainSpec) -> None:
