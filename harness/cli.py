@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import scaffold  # no torch: the templates are text
 
     np_ = sub.add_parser("new-plugin", help="write a new plugin package with one component of each kind",
-                         description=scaffold.__doc__.split("\n\n")[0])
+                         description=scaffold.DESCRIPTION)
     scaffold.arguments(np_)
     np_.set_defaults(func=scaffold.run)
 

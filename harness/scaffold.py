@@ -20,6 +20,8 @@ from pathlib import Path
 
 from .errors import UserError
 
+DESCRIPTION = ("Write harness-NAME, an installable plugin package: one working component of each kind (backbone, "
+               "mixer, metric, criterion, loss, stage, command), a suite that uses them and a pytest file.")
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 PYPROJECT = '''\
