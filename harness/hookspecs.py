@@ -275,7 +275,9 @@ def harness_stages():
     :func:`harness.calibration_inputs` then draws). ``harness.train_model`` is the training
     loop stages share.
 
-    ``apply(model, value) -> dict`` (optional) applies the stage's result outside a suite:
+    ``active(spec) -> bool`` (optional) says whether a block asks for any work (``train:
+    {steps: 0}`` does not: the stage is then skipped); ``description`` is its line in
+    ``harness ls stage``. ``apply(model, value) -> dict`` (optional) applies the stage's result outside a suite:
     ``harness flops BACKBONE --STAGE VALUE`` calls it (``--prune bk-sdm-small``); a
     ``"summary"`` entry of the dict is printed, the rest joins the JSON output.
 
@@ -304,6 +306,7 @@ def harness_commands():
     status. Raise :class:`harness.UserError` for bad input: the command line prints its one
     line and exits 2. A command with ``backbone_options=True`` also receives the
     ``--name value`` pairs after its own arguments as ``args.options`` (a backbone's
-    factory options, see :func:`harness.backbone_context`). Names must not shadow
+    factory options, see :func:`harness.backbone_context`). ``description`` (optional) is
+    the longer text of ``harness COMMAND --help``. Names must not shadow
     the core's commands (run, validate, ls, plugins, table, leaderboard, plot, flops, new-plugin).
     """
