@@ -1,4 +1,5 @@
 # The README's two commands: `make run` and `make test`. Both create or reuse .venv.
+# `make docs` builds the docs site (mkdocs.yml) into site/.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,13 +7,13 @@ STAMP  := $(VENV)/.installed
 SUITE  ?= suites/ablation.yaml
 BENCH_THRESHOLD ?= 20%
 
-.PHONY: run test bench bench-baseline install clean
+.PHONY: run test docs bench bench-baseline install clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test,docs]'
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -20,6 +21,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --benchmark-disable
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # `make bench`: the first run saves a baseline (.benchmarks/<machine>/0001_baseline.json);
 # every later run compares with that same baseline and fails when a median is more than
@@ -42,4 +46,4 @@ bench-baseline: $(STAMP)
 	$(BENCH) --benchmark-save=baseline
 
 clean:
-	rm -rf $(VENV) .benchmarks .pytest_cache
+	rm -rf $(VENV) .benchmarks .pytest_cache site

@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     # plugins and the registry
     "hookimpl": ("plugins", "hookimpl"), "KINDS": ("plugins", "KINDS"), "registry": ("plugins", "registry"),
+    "Lazy": ("plugins", "Lazy"),
     # component kinds (harness.hookspecs says how each is registered)
     "Backbone": ("kinds", "Backbone"), "Mixer": ("kinds", "Mixer"), "Metric": ("kinds", "Metric"),
     "Dataset": ("kinds", "Dataset"), "Criterion": ("kinds", "Criterion"), "Loss": ("kinds", "Loss"),

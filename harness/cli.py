@@ -231,27 +231,59 @@ def _run_with_progress(console, todo, executor, rerun: bool = False) -> tuple[in
 
 
 # -- ls / plugins --------------------------------------------------------------------------
-def cmd_ls(args) -> int:
-    from .plugins import KINDS, registry
+def _listable() -> dict[str, str]:
+    """Kinds ``harness ls`` lists -> the hook that declares them."""
+    from .plugins import KINDS, OTHER_KINDS
 
-    reg = registry()
-    listable = list(KINDS) + ["stage", "command"]
-    kinds = [args.kind] if args.kind else listable
-    if args.kind and args.kind not in listable:
+    return {**KINDS, **OTHER_KINDS}
+
+
+def _describe(entry) -> str:
+    """An entry's one line, imported only when its declaration gives no description."""
+    from .plugins import summary
+
+    static = entry.static_description()
+    if static is not None:
+        return static
+    try:
+        obj = entry.resolve()
+    except PluginError as exc:
+        from .plugins import _report
+
+        _report(str(exc))
+        return "(cannot be imported: see the warning above)"
+    if entry.kind == "stage":
+        return getattr(obj, "description", "") or ""
+    if entry.kind == "command":
+        return getattr(obj, "help", "") or ""
+    import inspect
+
+    return summary(inspect.getdoc(obj))
+
+
+def _check_listable(kind: str) -> None:
+    listable = _listable()
+    if kind not in listable:
         from .errors import suggest
+        from .plugins import registry
 
-        raise UserError(f"unknown kind {args.kind!r}{suggest(args.kind, listable)}")
-    rows = []
-    for k in kinds:
-        if k == "stage":
-            rows += [{"kind": k, "name": n, "plugin": reg.stage_plugin(n), "description": st.description}
-                     for n, st in reg.stages().items()]
-        elif k == "command":
-            rows += [{"kind": k, "name": n, "plugin": plugin, "description": c.help}
-                     for n, (c, plugin) in reg.commands().items()]
-        else:
-            rows += [{"kind": k, "name": c.name, "plugin": c.plugin, "description": c.description}
-                     for c in reg.components(k).values()]
+        owners = [k for k in listable if kind in registry().declared(k)]  # `harness ls dit`: a name, not a kind
+        if owners:
+            raise UserError(f"unknown kind {kind!r}; {kind!r} is a {owners[0]}: harness ls {owners[0]} {kind}")
+        raise UserError(f"unknown kind {kind!r}{suggest(kind, listable)}")
+
+
+def cmd_ls(args) -> int:
+    from .plugins import registry
+
+    if args.kind:
+        _check_listable(args.kind)
+    if args.name:
+        return _ls_one(args.kind, args.name, args.json)
+    reg = registry()
+    kinds = [args.kind] if args.kind else list(_listable())
+    rows = [{"kind": k, "name": n, "plugin": e.plugin, "description": _describe(e)}
+            for k in kinds for n, e in reg.declared(k).items()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -264,20 +296,122 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def _ls_one(kind: str, name: str, as_json: bool) -> int:
+    """``harness ls KIND NAME``: where a component comes from, its description and its options."""
+    import inspect
+
+    from .errors import suggest
+    from .plugins import KINDS, OTHER_KINDS, registry
+
+    reg = registry()
+    if kind in KINDS:
+        entry = reg.get(kind, name)
+    else:
+        declared = reg.declared(kind)
+        if name not in declared:
+            raise UserError(f"unknown {kind} {name!r}{suggest(name, declared)}{reg.broken_note()}")
+        entry = declared[name]
+    if kind in OTHER_KINDS:  # a reference must lead to a Stage or a Command that keeps its contract
+        from .commands import Command
+        from .stages import Stage
+
+        obj = reg.checked_object(entry, Stage if kind == "stage" else Command)
+    else:
+        obj = entry.resolve()
+    info = {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
+            "target": entry.declared.target if entry.lazy else _qualname(obj)}
+    usage = None
+    if kind in KINDS:
+        info["description"] = inspect.getdoc(obj) or ""
+        info["options"] = entry.options()
+    elif kind == "stage":
+        info["description"] = obj.description or _summary_of(obj.schema)
+        info["options"] = _schema_options(obj.schema)
+        info["after"], info["replaces"] = list(obj.after), list(obj.replaces)
+    else:  # a command: its own --help says it all
+        parser = argparse.ArgumentParser(prog=f"harness {name}", description=obj.description)
+        obj.arguments(parser)
+        info["description"] = obj.help
+        info["options"] = []
+        usage = parser.format_help()
+        info["usage"] = usage
+    if as_json:
+        print(json.dumps(info, indent=2, default=repr))
+        return 0
+    console = _console()
+    console.print(_styled((f"{kind} {name}", "bold"), f"  from {entry.origin}: {info['target']}"), soft_wrap=True)
+    if info["description"]:
+        console.print()
+        console.print(info["description"], soft_wrap=True)
+    if kind == "stage" and (info["after"] or info["replaces"]):
+        console.print()
+        console.print(f"runs after: {', '.join(info['after']) or '-'}; replaces: {', '.join(info['replaces']) or '-'}")
+    if usage is not None:
+        console.print()
+        console.print(usage, soft_wrap=True)
+        return 0
+    console.print()
+    if not info["options"]:
+        console.print("options: none")
+        return 0
+    from rich.table import Table
+
+    title = f"keys of the {name}: block" if kind == "stage" else "options"
+    table = Table("option", "default", "type", box=None, title=title, title_justify="left")
+    for o in info["options"]:
+        table.add_row(o["name"], repr(o["default"]) if "default" in o else "(required)", o.get("annotation", ""))
+    console.print(table)
+    return 0
+
+
+def _summary_of(obj) -> str:
+    import inspect
+
+    from .plugins import summary
+
+    return summary(inspect.getdoc(obj))
+
+
+def _qualname(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}:{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def _schema_options(schema) -> list[dict]:
+    """A stage block's keys from its pydantic schema, in declaration order."""
+    rows = []
+    for key, f in schema.model_fields.items():
+        row: dict = {"name": f.alias or key}
+        if f.default_factory is not None:
+            row["default"] = f.default_factory()
+        elif not f.is_required():
+            row["default"] = f.default
+        if f.annotation is not None:
+            row["annotation"] = _annotation(f.annotation)
+        rows.append(row)
+    return rows
+
+
+def _annotation(tp) -> str:
+    import inspect
+
+    import re
+
+    text = inspect.formatannotation(tp).replace("NoneType", "None")
+    return re.sub(r"\b(?:[a-z_]\w*\.)+(?=[A-Za-z_])", "", text)  # typing.Optional, harness.suite.ComponentSpec
+
+
 def cmd_plugins(args) -> int:
-    from .plugins import KINDS, registry
+    from .plugins import registry
 
     reg = registry()
     by_plugin: dict[str, list[str]] = {}
-    for kind in KINDS:
-        for c in reg.components(kind).values():
-            by_plugin.setdefault(c.plugin, []).append(f"{kind}:{c.name}")
-    for name in reg.stages():
-        by_plugin.setdefault(reg.stage_plugin(name), []).append(f"stage:{name}")
-    for name, (_, plugin) in reg.commands().items():
-        by_plugin.setdefault(plugin, []).append(f"command:{name}")
+    for kind in _listable():
+        for name, entry in reg.declared(kind).items():
+            by_plugin.setdefault(entry.plugin, []).append(f"{kind}:{name}")
     rows = [{"name": p.name, "distribution": p.distribution, "version": p.version, "hooks": list(p.hooks),
              "components": by_plugin.get(p.name, [])} for p in reg.plugins()]
+    rows += [{"name": name, "distribution": reg.distribution(name), "version": None, "hooks": [], "components": [],
+              "error": why} for name, why in reg.broken.items()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -286,7 +420,7 @@ def cmd_plugins(args) -> int:
     table = Table("plugin", "distribution", "version", "hooks", "components", box=None)
     for r in rows:
         table.add_row(r["name"], r["distribution"] or "-", r["version"] or "-", ", ".join(r["hooks"]),
-                      ", ".join(r["components"]))
+                      ", ".join(r["components"]) if "error" not in r else "not loaded: failed to import")
     _console().print(table)
     return 0
 
@@ -379,15 +513,17 @@ def cmd_flops(args, extra: list[str]) -> int:
 
     from .commands import backbone_context, parse_options
     from .flops import CONVENTIONS, AbstractCountError, check_convention, count_flops
-
     from .plugins import registry
     from .stages import split_applications
 
     convention = check_convention(args.convention)
     # `--STAGE VALUE` for a stage that applies its result outside a suite (`--prune PLAN`); the
-    # core knows no stage by name, so which options these are is the registry's to say
+    # core knows no stage by name, so which options these are is the registry's to say. Only
+    # the stages named on the line are imported: a broken one elsewhere stays out of the way.
     stages = registry().stages()
-    applications, extra = split_applications(extra, {n: s for n, s in stages.items() if s.apply is not None})
+    named = {a[2:].partition("=")[0] for a in extra if a.startswith("--")}
+    applicable = {n: stages[n] for n in sorted(named) if n in stages and stages[n].apply is not None}
+    applications, extra = split_applications(extra, applicable)
     options = parse_options(extra)
     ctx = backbone_context(args.backbone, options)
     reg = ctx.registry
@@ -460,6 +596,20 @@ def cmd_flops(args, extra: list[str]) -> int:
 
 
 # -- entry point ---------------------------------------------------------------------------
+LS_HELP = """\
+List the installed components, or show one: `harness ls mixer`, `harness ls backbone dit`.
+
+Kinds, and the hook (harness.hookspecs) that declares each:
+  backbone   harness_backbones         denoising networks
+  mixer      harness_mixers            token mixers of transformer-style backbones
+  metric     harness_metrics           measurements of a cell
+  dataset    harness_datasets          data sets (a cell's data:)
+  criterion  harness_pruning_criteria  layer-pruning criteria (prune: {criterion: ...})
+  loss       harness_distill_losses    distillation losses (distill: {losses: ...})
+  executor   harness_executors         where cells run
+  stage      harness_stages            methods applied to a cell's model (train:, prune:, ...)
+  command    harness_commands          subcommands of `harness`
+"""
 MAX_CELLS_HELP = "refuse a suite of more cells than this (default: $HARNESS_MAX_CELLS, else 10000)"
 
 
@@ -488,8 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print each cell's parameters and GFLOPs (batch 1, counted on the meta device)")
     v.set_defaults(func=cmd_validate)
 
-    ls = sub.add_parser("ls", help="list components")
-    ls.add_argument("kind", nargs="?")
+    ls = sub.add_parser("ls", help="list components, or show one's options", description=LS_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.add_argument("kind", nargs="?", metavar="KIND", help="list only this kind (below)")
+    ls.add_argument("name", nargs="?", metavar="NAME", help="show this component's description and options")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_ls)
 
@@ -545,15 +697,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_plugin_commands(p: argparse.ArgumentParser) -> None:
-    """Subcommands registered by plugins (harness.hookspecs.harness_commands)."""
-    from .plugins import registry
+def add_plugin_commands(p: argparse.ArgumentParser, invoked: str | None = None) -> None:
+    """Subcommands registered by plugins (harness.hookspecs.harness_commands), listed from their
+    declarations; only the ``invoked`` one is imported, to add its arguments."""
+    from .plugins import _report, registry
 
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    for name, (command, plugin) in registry().commands().items():
-        if name in sub.choices:
-            raise PluginError(f"plugin {plugin!r} declares command {name!r}, which the harness already has")
-        c = sub.add_parser(name, help=f"{command.help} [{plugin}]", description=command.description)
+    core = set(sub.choices)
+    for name, entry in registry().declared("command").items():
+        if name in core:
+            _report(f"{entry.origin} declares command {name!r}, which the harness already has; it is not added")
+            continue
+        if name != invoked:  # listed in --help, never parsed: its module stays unimported
+            sub.add_parser(name, help=f"{_describe(entry)} [{entry.plugin}]")
+            continue
+        from .commands import Command
+
+        command = registry().checked_object(entry, Command)
+        c = sub.add_parser(name, help=f"{command.help} [{entry.plugin}]", description=command.description)
         command.arguments(c)
         c.set_defaults(func=_plugin_command(command), takes_extra=command.backbone_options)
 
@@ -569,8 +730,21 @@ def _plugin_command(command):
     return run
 
 
+def _warn(message: str) -> None:
+    print(f"harness: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    from . import plugins
+
+    previous, plugins.on_problem = plugins.on_problem, _warn  # plugin problems: one line each, on stderr
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        plugins.on_problem = previous
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     try:
         # The core's own commands answer without loading plugins (a bad suite is refused at
@@ -578,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
         first = next((a for a in argv if not a.startswith("-")), None)
         core = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
         if first not in core:
-            add_plugin_commands(parser)
+            add_plugin_commands(parser, first)
     except UserError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

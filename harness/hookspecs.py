@@ -29,6 +29,52 @@ violation is refused in one line naming the plugin, the component and what is mi
 Plugins import from the core only what ``harness.__all__`` lists (``from harness import
 ...``). The built-in components are plugins shaped exactly like this (``plugins/harness_*``),
 and ``harness new-plugin NAME`` writes a package with one component of each kind.
+
+**Declaring by reference (lazy).** Any value of these mappings may instead be a reference,
+``"package.module:attr"``, or :class:`harness.Lazy` ``(target, description)``: the harness
+imports it the first time the component is used, and lists and describes it without
+importing it. ``attr`` may be a dotted path; a step into a mapping is by key
+(``"my_plugin.stages:STAGES.quantize"``). Without a description, ``harness ls`` reads the
+docstring of the ``def`` or ``class`` that ``attr`` names from the module's source; a
+stage, a command or anything assigned rather than defined gives its line through
+:class:`harness.Lazy`. ``harness --help`` and ``harness ls`` then import the entry-point
+module alone, so keep that module free of torch and of your implementation::
+
+    # my_plugin/__init__.py: imports harness only
+    import harness
+
+    @harness.hookimpl
+    def harness_mixers():
+        return {"my-mixer": "my_plugin.mixer:my_mixer"}   # docstring of my_mixer: its description
+
+    @harness.hookimpl
+    def harness_commands():
+        return {"report": harness.Lazy("my_plugin.cli:REPORT", "summarise a results folder")}
+
+A command's module is imported for its own ``harness NAME --help`` (to add its arguments):
+import torch inside its ``run``. Factories given directly (``{"my-mixer": my_mixer}``) work
+as before. A plugin that fails to import, a hook that raises, a reference that cannot be
+imported, and a name another plugin already declares are reported in one line naming the
+plugin and its distribution; only what needs that plugin fails.
+
+**Kinds and hooks.** ``harness ls KIND [NAME]``, :func:`harness.create` and the suite use
+these kind names; ``harness ls KIND NAME`` shows a component's options (its factory's
+signature, or for a stage its block's keys) and description.
+
+============  ============================  =============================================
+kind          hook                          a suite names it in
+============  ============================  =============================================
+backbone      harness_backbones             ``backbone: {name: ...}``
+mixer         harness_mixers                a backbone's ``mixer:`` option
+metric        harness_metrics               ``metrics: [...]``
+dataset       harness_datasets              ``data: {name: ...}``
+criterion     harness_pruning_criteria      ``prune: {criterion: ...}``
+loss          harness_distill_losses        ``distill: {losses: [...]}``
+executor      harness_executors             ``executor: {name: ...}``, ``--executor``
+stage         harness_stages                a top-level block (``train:``, ``prune:``)
+command       harness_commands              ``harness NAME`` on the command line
+(none)        harness_flop_handles          (operators, by TorchScript or aten name)
+============  ============================  =============================================
 """
 from __future__ import annotations
 

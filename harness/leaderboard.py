@@ -43,10 +43,11 @@ def _declared_role(name: str) -> str:
     try:
         from .plugins import registry
 
-        factory = registry().components("metric").get(name)
+        component = registry().components("metric").get(name)
+        factory = component.factory if component is not None else None  # a reference is imported here
     except Exception:  # a broken plugin must not stop a table of records on disk
         factory = None
-    role = getattr(factory.factory, "role", None) if factory is not None else None
+    role = getattr(factory, "role", None)
     return role if role in ("cost", "quality") else "quality"
 
 

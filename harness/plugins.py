@@ -2,17 +2,37 @@
 
 Plugins come from the entry-point group ``harness`` (built-ins included) and from
 :func:`register` (tests, notebooks). ``HARNESS_DISABLE_PLUGINS=a,b`` blocks entry points by
-name. Every hook returns ``{name: factory}``; :class:`Registry` merges them per kind.
+name. Every hook returns ``{name: declaration}``; :class:`Registry` merges them per kind.
+
+A declaration is the object itself (a factory, a :class:`~harness.stages.Stage`, a
+:class:`~harness.commands.Command`) or a reference to it, ``"package.module:attr"`` or
+:class:`Lazy`, imported the first time the component is used. References let ``harness
+--help`` and ``harness ls`` answer without importing torch or the plugin's modules (see the
+module docstring of :mod:`harness.hookspecs`).
+
+A plugin that fails to import, a hook that raises and a name declared twice are problems
+of that plugin alone: each is reported once, in one line naming the plugin and its
+distribution, and only what needs that plugin fails.
+
+What a component must declare (:mod:`harness.contracts`) is checked on the object itself,
+so on a reference once it is imported: a factory when the registry hands it out
+(:meth:`Registry.get`: a suite's validation, :func:`harness.create`), what it builds when
+it is built, a stage or a command when it is looked up.
 """
 from __future__ import annotations
 
+import ast
 import functools
+import importlib
 import importlib.metadata as md
+import importlib.util
 import inspect
 import os
 import re
-from dataclasses import dataclass
-from typing import Any, Callable
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import pluggy
 
@@ -31,24 +51,194 @@ KINDS = {
     "loss": "harness_distill_losses",
     "executor": "harness_executors",
 }
+# Kinds `harness ls` lists besides KINDS, whose objects are not built by a factory.
+OTHER_KINDS = {"stage": "harness_stages", "command": "harness_commands"}
+
+
+class UnknownOption(UserError):
+    """An option a component's factory does not take; ``option`` is its name (a suite's
+    error then points at that option's own line)."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded, or declares a name another already has."""
+
+
+# Where problems go: the command line prints them as ``harness: warning: ...`` lines; in
+# Python they are warnings (PluginWarning).
+on_problem: Callable[[str], None] | None = None
+
+
+def _report(message: str) -> None:
+    if on_problem is not None:
+        on_problem(message)
+    else:
+        warnings.warn(message, PluginWarning, stacklevel=3)
+
+
+# -- references -------------------------------------------------------------------------------
+_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.-]*$")
 
 
 @dataclass(frozen=True)
-class Component:
+class Lazy:
+    """A component declared by reference, imported on first use.
+
+    ``target`` is ``"package.module:attr"``; ``attr`` may be a dotted path, each step an
+    attribute or, on a mapping, a key (``"my_plugin.stages:STAGES.quantize"``).
+    ``description`` is the line ``harness ls`` and ``harness --help`` show; left empty, it is
+    read from the docstring of the function or class ``attr`` names, in the module's source,
+    without importing it. A plain string in a hook's mapping is ``Lazy(string)``.
+    """
+
+    target: str
+    description: str = ""
+
+    def __post_init__(self):
+        if not isinstance(self.target, str) or not _REFERENCE.match(self.target):
+            raise PluginError(f"lazy reference {self.target!r}: expected 'package.module:attr'")
+
+    @property
+    def module(self) -> str:
+        return self.target.partition(":")[0]
+
+    @property
+    def attr(self) -> str:
+        return self.target.partition(":")[2]
+
+    def resolve(self) -> Any:
+        """Import the module and follow ``attr``; errors propagate (callers name the plugin)."""
+        obj: Any = importlib.import_module(self.module)
+        for step in self.attr.split("."):
+            if isinstance(obj, Mapping) and step in obj:
+                obj = obj[step]
+            else:
+                obj = getattr(obj, step)
+        return obj
+
+    def static_doc(self) -> str | None:
+        """The docstring of the function or class ``attr`` names, read from the source (None
+        when the target is not a ``def`` or ``class`` of that module, or has no source)."""
+        try:
+            spec = importlib.util.find_spec(self.module)  # imports the parent packages only
+        except Exception:  # a parent that fails to import: no description here, the error comes on use
+            return None
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return None
+        node: Any = _module_ast(spec.origin)
+        for step in self.attr.split("."):
+            body = getattr(node, "body", None) or []
+            node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                         and n.name == step), None)
+            if node is None:
+                return None
+        return ast.get_docstring(node)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_ast(path: str) -> ast.Module | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ast.parse(f.read(), filename=path)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+
+
+def as_declaration(value: Any) -> Any:
+    """A hook's value as the registry keeps it: strings become :class:`Lazy`."""
+    return Lazy(value) if isinstance(value, str) else value
+
+
+def summary(doc: str | None) -> str:
+    """A docstring's first paragraph on one line (its first sentence when long): a first
+    line alone can stop mid-sentence."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    if len(paragraph) > 160:
+        paragraph = re.split(r"(?<=\.)\s+(?=[A-Z`])", paragraph, maxsplit=1)[0]
+    return paragraph
+
+
+_UNRESOLVED = object()
+
+
+@dataclass(frozen=True, eq=False)
+class Declared:
+    """One name a plugin declares in one hook: what it is, who declares it, how to get it."""
+
     kind: str
     name: str
-    factory: Callable[..., Any]
+    declared: Any  # the object, or a Lazy reference to it
     plugin: str
+    distribution: str | None = None
+    _resolved: list = field(default_factory=lambda: [_UNRESOLVED], repr=False)
+
+    @property
+    def lazy(self) -> bool:
+        return isinstance(self.declared, Lazy)
+
+    @property
+    def origin(self) -> str:
+        """``plugin 'x' (distribution 'd')``: who to blame."""
+        return f"plugin {self.plugin!r}" + (f" (distribution {self.distribution!r})" if self.distribution else "")
+
+    def resolve(self) -> Any:
+        """The declared object, imported on first use; a failure is one line naming the plugin."""
+        if self._resolved[0] is _UNRESOLVED:
+            if not self.lazy:
+                self._resolved[0] = self.declared
+            else:
+                try:
+                    self._resolved[0] = self.declared.resolve()
+                except Exception as exc:  # the plugin's bug or missing dependency, not the user's input
+                    raise PluginError(f"{self.kind} {self.name!r} of {self.origin} cannot be imported from "
+                                      f"{self.declared.target}: {type(exc).__name__}: {_one_line(exc)}") from exc
+        return self._resolved[0]
+
+    @property
+    def resolved(self) -> bool:
+        return self._resolved[0] is not _UNRESOLVED
+
+    def static_description(self) -> str | None:
+        """The description without importing anything of the plugin, None when that needs the import."""
+        if self.lazy and not self.resolved:
+            if self.declared.description:
+                return self.declared.description
+            doc = self.declared.static_doc()
+            return summary(doc) if doc is not None else None
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+class Component(Declared):
+    """A component built by a factory (backbone, mixer, metric...): its options are the
+    factory's signature."""
+
+    def __init__(self, kind: str, name: str, factory: Any, plugin: str, distribution: str | None = None):
+        super().__init__(kind, name, as_declaration(factory), plugin, distribution)
+
+    @property
+    def factory(self) -> Callable[..., Any]:
+        return self.resolve()
 
     @property
     def description(self) -> str:
-        """The docstring's first paragraph on one line (its first sentence when long): a first
-        line alone can stop mid-sentence."""
-        doc = inspect.getdoc(self.factory) or ""
-        paragraph = " ".join(doc.strip().split("\n\n")[0].split())
-        if len(paragraph) > 160:
-            paragraph = re.split(r"(?<=\.)\s+(?=[A-Z`])", paragraph, maxsplit=1)[0]
-        return paragraph
+        """One line: the declaration's, else the factory's docstring (read without importing
+        it when the declaration is a reference)."""
+        static = self.static_description()
+        if static is not None:
+            return static
+        try:
+            return summary(inspect.getdoc(self.factory))
+        except PluginError:  # listing never fails: using the component says why it cannot be imported
+            return ""
 
     def signature(self) -> inspect.Signature | None:
         return _signature(self.factory)
@@ -58,6 +248,23 @@ class Component:
         if sig is None:
             return {}
         return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+
+    def options(self) -> list[dict[str, Any]]:
+        """The options a suite may give: name, default (absent when required), annotation (as
+        written), in the factory's order. ``**options`` shows as ``**name``."""
+        sig = self.signature()
+        out = []
+        for name, p in (sig.parameters.items() if sig is not None else ()):
+            if p.kind is p.VAR_POSITIONAL:
+                continue
+            row: dict[str, Any] = {"name": f"**{name}" if p.kind is p.VAR_KEYWORD else name}
+            if p.default is not p.empty:
+                row["default"] = p.default
+            if p.annotation is not p.empty:
+                row["annotation"] = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(
+                    p.annotation)
+            out.append(row)
+        return out
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Reject options the factory does not take, naming the closest ones it does, then let
@@ -69,9 +276,8 @@ class Component:
             accepted = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
             for key in options:
                 if key not in accepted:
-                    raise UserError(
-                        f"{self.kind} {self.name!r} has no option {key!r}{suggest(key, accepted)}"
-                    )
+                    raise UnknownOption(f"{self.kind} {self.name!r} has no option {key!r}{suggest(key, accepted)}",
+                                        key)
         validate = getattr(self.factory, "validate_options", None)
         if callable(validate):
             validate(options)
@@ -100,18 +306,49 @@ class PluginInfo:
     hooks: tuple[str, ...]
 
 
+class LazyMapping(Mapping):
+    """``{name: object}`` over declarations, each imported when first looked up: a suite that
+    uses one stage imports that stage's module alone."""
+
+    def __init__(self, declared: dict[str, Declared]):
+        self._declared = declared
+
+    def __getitem__(self, name: str) -> Any:
+        return self._declared[name].resolve()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._declared)
+
+    def __len__(self) -> int:
+        return len(self._declared)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._declared
+
+
 class Registry:
-    """The plugin manager plus the components its plugins declare."""
+    """The plugin manager plus the components its plugins declare.
+
+    Nothing here stops at one plugin's fault: each problem is kept in :attr:`problems`,
+    reported once (see :data:`on_problem`), and raised only where a name that needs the
+    faulty plugin is used."""
 
     def __init__(self, load_entrypoints: bool = True):
         self.pm = pluggy.PluginManager("harness")
         self.pm.add_hookspecs(hookspecs)
         self._dists: dict[str, tuple[str, str]] = {}
-        self._components: dict[str, dict[str, Component]] | None = None
-        self._stages: dict | None = None
-        self._checked: set[tuple[str, str]] = set()  # components whose factory passed its contract
+        self._tables: dict[str, dict[str, Declared]] = {}
+        self._clashes: dict[tuple[str, str], str] = {}  # (kind, name) -> the problem's line
+        self.problems: list[str] = []
+        self.broken: dict[str, str] = {}  # plugin name -> why it is not loaded
+        self._contract_checked: set[tuple[str, str]] = set()  # components whose contract passed
         if load_entrypoints:
             self._load_entrypoints()
+
+    def _problem(self, message: str) -> None:
+        if message not in self.problems:
+            self.problems.append(message)
+            _report(message)
 
     # -- plugins -------------------------------------------------------------------------
     def _load_entrypoints(self) -> None:
@@ -127,34 +364,35 @@ class Registry:
                 seen.add((dist_name, ep.name))  # a dist visible twice on sys.path
                 if self.pm.is_blocked(ep.name):
                     continue
-                if self.pm.get_plugin(ep.name) is not None:
+                if self.pm.get_plugin(ep.name) is not None or ep.name in self.broken:
                     other = self._dists.get(ep.name, ("?", ""))[0]
                     if other == dist_name:
                         continue
-                    raise PluginError(
-                        f"plugin name {ep.name!r} is declared by both {other!r} and {dist_name!r}"
-                    )
+                    self._problem(f"plugin name {ep.name!r} is declared by both distribution {other!r} and "
+                                  f"distribution {dist_name!r}; the second is not loaded")
+                    continue
+                self._dists[ep.name] = (dist_name, dist.version)
                 try:
                     plugin = ep.load()
-                except Exception as exc:  # the user must learn which package is broken
-                    raise PluginError(
-                        f"plugin {ep.name!r} of distribution {dist_name!r} ({ep.value}) failed to import: "
-                        f"{type(exc).__name__}: {exc}"
-                    ) from exc
-                self.pm.register(plugin, name=ep.name)
-                self._dists[ep.name] = (dist_name, dist.version)
-        self._components = self._stages = None
+                    self.pm.register(plugin, name=ep.name)
+                except Exception as exc:  # the user must learn which package is broken, and go on without it
+                    why = (f"plugin {ep.name!r} of distribution {dist_name!r} ({ep.value}) failed to import: "
+                           f"{type(exc).__name__}: {_one_line(exc)}")
+                    self.broken[ep.name] = why
+                    self._problem(why + "; its components are unavailable")
+        self._tables = {}
+        self._contract_checked = set()
 
     def register(self, plugin: object, name: str | None = None) -> str:
         name = self.pm.register(plugin, name=name)
-        self._components = self._stages = None
-        self._checked = set()
+        self._tables = {}
+        self._contract_checked = set()
         return name
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> None:
         self.pm.unregister(plugin=plugin, name=name)
-        self._components = self._stages = None
-        self._checked = set()
+        self._tables = {}
+        self._contract_checked = set()
 
     def plugins(self) -> list[PluginInfo]:
         out = []
@@ -169,99 +407,148 @@ class Registry:
     def versions(self) -> dict[str, str | None]:
         return {p.name: (f"{p.distribution} {p.version}" if p.distribution else None) for p in self.plugins()}
 
-    # -- components ----------------------------------------------------------------------
-    def _collect(self) -> dict[str, dict[str, Component]]:
-        if self._components is not None:
-            return self._components
-        table: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
-        for kind, hook_name in KINDS.items():
-            caller = getattr(self.pm.hook, hook_name)
-            for impl in caller.get_hookimpls():
+    def distribution(self, plugin: str) -> str | None:
+        return self._dists.get(plugin, (None, None))[0]
+
+    def _origin(self, plugin: str) -> str:
+        dist = self.distribution(plugin)
+        return f"plugin {plugin!r}" + (f" (distribution {dist!r})" if dist else "")
+
+    # -- declarations --------------------------------------------------------------------
+    def declared(self, kind: str) -> dict[str, Declared]:
+        """Every name of ``kind`` (a component kind, ``stage`` or ``command``) as its plugin
+        declares it, nothing imported; names declared twice are left out (and reported)."""
+        if kind not in self._tables:
+            hook_name = KINDS.get(kind) or OTHER_KINDS[kind]
+            cls = Component if kind in KINDS else Declared
+            table: dict[str, Declared] = {}
+            reserved = _core_keys() if kind == "stage" else ()
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                plugin, dist = impl.plugin_name, self.distribution(impl.plugin_name)
                 try:
                     declared = impl.function() or {}
+                    if not isinstance(declared, Mapping):
+                        raise TypeError(f"returned {type(declared).__name__}, expected a mapping of names")
+                    entries = [(n, cls(kind, n, as_declaration(v), plugin, dist)) for n, v in declared.items()]
                 except Exception as exc:
-                    raise PluginError(
-                        f"plugin {impl.plugin_name!r} failed in {hook_name}(): {type(exc).__name__}: {exc}"
-                    ) from exc
-                for cname, factory in declared.items():
-                    if cname in table[kind]:
-                        first = table[kind][cname].plugin
-                        raise PluginError(
-                            f"{kind} {cname!r} is declared by both plugin {first!r} and plugin {impl.plugin_name!r}"
-                        )
-                    table[kind][cname] = Component(kind, cname, factory, impl.plugin_name)
-        self._components = table
-        return table
+                    self._problem(f"{self._origin(plugin)} failed in {hook_name}(): {type(exc).__name__}: "
+                                  f"{_one_line(exc)}; its {kind} declarations are unavailable")
+                    continue
+                for cname, entry in entries:
+                    if cname in reserved:  # a block the core reads itself: the stage could never run
+                        self._problem(f"{entry.origin} declares stage {cname!r}, a key the core reads itself "
+                                      f"({', '.join(reserved)}); it is not added")
+                        continue
+                    if (kind, cname) in self._clashes:
+                        continue
+                    if cname in table:
+                        first = table.pop(cname)
+                        message = (f"{kind} {cname!r} is declared by both {first.origin} and {entry.origin}; "
+                                   f"uninstall or disable one (HARNESS_DISABLE_PLUGINS)")
+                        self._clashes[(kind, cname)] = message
+                        self._problem(message)
+                        continue
+                    table[cname] = entry
+            self._tables[kind] = dict(sorted(table.items()))
+        return self._tables[kind]
 
     def flop_handles(self) -> dict[str, Callable]:
         handles: dict[str, Callable] = {}
         for impl in self.pm.hook.harness_flop_handles.get_hookimpls():
             for op, handle in (impl.function() or {}).items():
                 if op in handles:
-                    raise PluginError(f"FLOP handle for {op!r} is declared twice (plugin {impl.plugin_name!r})")
-                handles[op] = handle
+                    raise PluginError(f"FLOP handle for {op!r} is declared twice ({self._origin(impl.plugin_name)})")
+                handles[op] = Declared("flop handle", op, as_declaration(handle), impl.plugin_name,
+                                       self.distribution(impl.plugin_name)).resolve()
         return handles
 
-    def _declared(self, hook_name: str, what: str, cls: type) -> dict[str, tuple[object, str]]:
-        """``{name: (object, plugin)}`` from a hook whose values must be ``cls`` instances."""
-        out: dict[str, tuple[object, str]] = {}
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-            try:
-                declared = impl.function() or {}
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {impl.plugin_name!r} failed in {hook_name}(): {type(exc).__name__}: {exc}"
-                ) from exc
-            for name, obj in declared.items():
-                if not isinstance(obj, cls):
-                    raise PluginError(f"plugin {impl.plugin_name!r} declares {what} {name!r} as "
-                                      f"{type(obj).__name__}, expected {cls.__module__}.{cls.__name__}")
-                if name in out:
-                    raise PluginError(f"{what} {name!r} is declared by both plugin {out[name][1]!r} and plugin "
-                                      f"{impl.plugin_name!r}")
-                out[name] = (obj, impl.plugin_name)
-        return dict(sorted(out.items()))
+    def _checked(self, kind: str, cls: type) -> dict[str, Declared]:
+        """Declarations of ``kind`` whose objects, once imported, must be ``cls`` instances
+        keeping their contract; those declared as objects (imported already) are checked now,
+        references when first looked up."""
+        out = self.declared(kind)
+        for entry in out.values():
+            if not entry.lazy:
+                self.checked_object(entry, cls)
+        return out
 
-    def stages(self) -> dict[str, "Stage"]:
-        """Every registered stage by the block it owns (see :func:`harness.hookspecs.harness_stages`)."""
+    def checked_object(self, entry: Declared, cls: type) -> Any:
+        """The stage or command ``entry`` declares, imported, of type ``cls`` and checked
+        against its contract (:func:`harness.contracts.check_stage`, ``check_command``) once."""
+        obj = entry.resolve()
+        if not isinstance(obj, cls):
+            raise PluginError(f"{entry.origin} declares {entry.kind} {entry.name!r} as {type(obj).__name__}, "
+                              f"expected {cls.__module__}.{cls.__name__}")
+        if (entry.kind, entry.name) not in self._contract_checked:
+            check = contracts.check_stage if entry.kind == "stage" else contracts.check_command
+            check(entry.name, entry.plugin, obj)
+            self._contract_checked.add((entry.kind, entry.name))
+        return obj
+
+    def stages(self) -> Mapping[str, "Stage"]:
+        """Every registered stage by the block it owns (see :func:`harness.hookspecs.harness_stages`),
+        each imported when first looked up."""
         from .stages import Stage
 
-        if self._stages is None:
-            self._stages = self._declared("harness_stages", "stage", Stage)
-            for name, (stage, plugin) in self._stages.items():
-                contracts.check_stage(name, plugin, stage)
-        return {name: stage for name, (stage, _) in self._stages.items()}
+        return _TypedMapping(self, self._checked("stage", Stage), Stage)
 
     def stage_plugin(self, name: str) -> str:
-        self.stages()
-        return self._stages[name][1]
+        return self.declared("stage")[name].plugin
 
     def commands(self) -> dict[str, tuple["Command", str]]:
-        """``{name: (Command, plugin)}`` (see :func:`harness.hookspecs.harness_commands`)."""
+        """``{name: (Command, plugin)}``, every command imported (see
+        :func:`harness.hookspecs.harness_commands`); :meth:`declared` lists them without importing."""
         from .commands import Command
 
-        commands = self._declared("harness_commands", "command", Command)
-        for name, (command, plugin) in commands.items():
-            contracts.check_command(name, plugin, command)
-        return commands
+        commands = _TypedMapping(self, self._checked("command", Command), Command)
+        return {name: (commands[name], entry.plugin) for name, entry in self.declared("command").items()}
 
     def components(self, kind: str) -> dict[str, Component]:
         _check_kind(kind)
-        return dict(sorted(self._collect()[kind].items()))
+        return dict(self.declared(kind))
 
     def get(self, kind: str, name: str) -> Component:
-        """The component, its factory checked against its kind's contract (once)."""
+        """The component, its factory imported and checked against its kind's contract (once)."""
+        _check_kind(kind)
+        if isinstance(name, str) and (kind, name) in self._clashes:
+            raise PluginError(self._clashes[(kind, name)])
         known = self.components(kind)
         if not isinstance(name, str) or name not in known:
-            raise UserError(f"unknown {kind} {name!r}{suggest(str(name), known)}")
+            raise UserError(f"unknown {kind} {name!r}{suggest(str(name), known)}{self.broken_note()}")
         comp = known[name]
-        if (kind, name) not in self._checked:
+        if (kind, name) not in self._contract_checked:
             contracts.check_factory(kind, name, comp.plugin, comp.factory)
-            self._checked.add((kind, name))
+            self._contract_checked.add((kind, name))
         return comp
+
+    def broken_note(self) -> str:
+        """What an unknown name's error adds when plugins failed to load: one of them may own it."""
+        if not self.broken:
+            return ""
+        first = next(iter(self.broken.values()))
+        more = f" (and {len(self.broken) - 1} more plugin(s))" if len(self.broken) > 1 else ""
+        return f"; it may belong to a plugin that did not load: {first}{more}"
 
     def create(self, kind: str, name: str, **options):
         return self.get(kind, name)(**options)
+
+
+class _TypedMapping(LazyMapping):
+    """A :class:`LazyMapping` that checks what a reference leads to: its type and its contract."""
+
+    def __init__(self, registry: Registry, declared: dict[str, Declared], cls: type):
+        super().__init__(declared)
+        self._registry = registry
+        self._cls = cls
+
+    def __getitem__(self, name: str) -> Any:
+        return self._registry.checked_object(self._declared[name], self._cls)
+
+
+def _core_keys() -> tuple[str, ...]:
+    from .suite import CORE_KEYS
+
+    return CORE_KEYS
 
 
 def _check_kind(kind: str) -> None:

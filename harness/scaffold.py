@@ -10,6 +10,10 @@ criterion, distillation loss, stage, command), each a few lines against the publ
     harness run harness-NAME/suite.yaml
     python -m pytest harness-NAME
 
+Its ``__init__.py`` holds the hooks alone and declares every component by reference
+(``"harness_NAME.components:attr"``), so ``harness --help`` and ``harness ls`` list them
+without importing torch or ``components.py``.
+
 The templates are plain text with ``{name}`` (the plugin's name), ``{module}`` (its Python
 package) and ``{dist}`` (its distribution) filled in.
 """
@@ -49,8 +53,9 @@ README = '''\
 # {dist}
 
 A diffusion-harness plugin, as `harness new-plugin {name}` wrote it.
-Each component is a few lines in `{module}/__init__.py`; the contract of each kind is in
-the harness's `docs/plugins/` and `harness/hookspecs.py`.
+Each component is a few lines in `{module}/components.py`; `{module}/__init__.py` declares
+them by reference (`"{module}.components:net"`), imported when first used. The contract of
+each kind is in the harness's `docs/plugins/` and `harness/hookspecs.py`.
 
     pip install -e .            # with diffusion-harness installed
     harness ls                  # {name}-net, {name}-mixer, {name}-metric, ... appear
@@ -59,6 +64,51 @@ the harness's `docs/plugins/` and `harness/hookspecs.py`.
 '''
 
 PLUGIN = '''\
+"""The {name} plugin's hooks. Each component is declared by reference, "module:attr", and
+imported when first used: `harness --help` and `harness ls` import neither torch nor
+components.py."""
+from __future__ import annotations
+
+import harness
+
+@harness.hookimpl
+def harness_backbones():
+    return {{"{name}-net": "{module}.components:net"}}
+
+
+@harness.hookimpl
+def harness_mixers():
+    return {{"{name}-mixer": "{module}.components:mixer"}}
+
+
+@harness.hookimpl
+def harness_metrics():
+    return {{"{name}-metric": "{module}.components:WeightNorm"}}
+
+
+@harness.hookimpl
+def harness_pruning_criteria():
+    return {{"{name}-criterion": "{module}.components:MeanActivation"}}
+
+
+@harness.hookimpl
+def harness_distill_losses():
+    return {{"{name}-loss": "{module}.components:L1KD"}}
+
+
+@harness.hookimpl
+def harness_stages():  # a stage is an object, not a def: its description is given here
+    return {{"{name}-scale": harness.Lazy("{module}.components:SCALE",
+                                         "multiply every weight by a factor")}}
+
+
+@harness.hookimpl
+def harness_commands():
+    return {{"{name}-info": harness.Lazy("{module}.components:INFO",
+                                        "the {name} plugin's components of one kind")}}
+'''
+
+COMPONENTS = '''\
 """The {name} plugin: one component of each kind, each written against the public API."""
 from __future__ import annotations
 
@@ -177,42 +227,9 @@ def _info(args) -> int:
     return 0
 
 
-# -- the hooks ------------------------------------------------------------------------------------
-@harness.hookimpl
-def harness_backbones():
-    return {{"{name}-net": net}}
-
-
-@harness.hookimpl
-def harness_mixers():
-    return {{"{name}-mixer": mixer}}
-
-
-@harness.hookimpl
-def harness_metrics():
-    return {{"{name}-metric": WeightNorm}}
-
-
-@harness.hookimpl
-def harness_pruning_criteria():
-    return {{"{name}-criterion": MeanActivation}}
-
-
-@harness.hookimpl
-def harness_distill_losses():
-    return {{"{name}-loss": L1KD}}
-
-
-@harness.hookimpl
-def harness_stages():
-    return {{"{name}-scale": Stage(schema=ScaleSpec, run=scale, after=("train",),
-                                  description="multiply every weight by a factor")}}
-
-
-@harness.hookimpl
-def harness_commands():
-    return {{"{name}-info": Command(help="the {name} plugin's components of one kind", arguments=_arguments,
-                                   run=_info)}}
+# -- what the hooks in __init__.py declare by reference ------------------------------------------
+SCALE = Stage(schema=ScaleSpec, run=scale, after=("train",), description="multiply every weight by a factor")
+INFO = Command(help="the {name} plugin's components of one kind", arguments=_arguments, run=_info)
 '''
 
 SUITE = '''\
@@ -276,6 +293,7 @@ FILES = {
     "pyproject.toml": PYPROJECT,
     "README.md": README,
     "{module}/__init__.py": PLUGIN,
+    "{module}/components.py": COMPONENTS,
     "suite.yaml": SUITE,
     "tests/test_{module}.py": TEST,
 }

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -325,20 +325,51 @@ class Suite:
         for n in range(len(loc), 0, -1):
             if loc[:n] in cell.origin:
                 return self.where(cell.origin[loc[:n]])
-        return self.where(("base",) + tuple(loc))
+        loc = tuple(loc)
+        if ("base",) + loc not in self.lines:
+            # set only below this path by an override (a matrix axis `trian.steps`): the override's line
+            deeper = next((origin for path, origin in cell.origin.items() if path[:len(loc)] == loc), None)
+            if deeper is not None and loc:
+                return self.where(deeper)
+        return self.where(("base",) + loc)
 
 
 def _fmt_loc(loc) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def _pydantic_message(err: dict) -> str:
+def _known_keys(model: Any, loc: tuple) -> list[str] | None:
+    """The keys the pydantic model ``model`` accepts at ``loc`` (an unknown key's parent), or
+    None where the schema cannot say (a union member chosen by the data, a mapping of anything)."""
+    for part in loc:
+        if isinstance(part, int):  # a list's item: the annotation's model already stands for it
+            continue
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        field = fields.get(part) or next((f for f in fields.values() if f.alias == part), None)
+        if field is None:
+            return None
+        model = _model_in(field.annotation)
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return [f.alias or key for key, f in model.model_fields.items()]
+    return None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation (``Optional[Spec]``, ``list[Spec]``), if one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = [m for m in map(_model_in, get_args(annotation)) if m is not None]
+    return models[0] if len(models) == 1 else None
+
+
+def _pydantic_message(err: dict, model: Any = None) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     loc = tuple(err["loc"])
     if err["type"] == "too_short" and loc[:1] == ("matrix",) and len(loc) == 2:
         return f"matrix axis {loc[1]!r} is empty; give at least one value"
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        known = _known_keys(model, loc[:-1]) if model is not None and loc else None
+        msg = "unknown key" + (suggest(str(loc[-1]), known) if known else "")
     elif err["type"] == "missing":
         msg = "missing required key"
     if "input" in err and err["type"] not in ("missing", "extra_forbidden") and not isinstance(err["input"], dict) \
@@ -369,7 +400,8 @@ def load_suite(path: str | Path) -> Suite:
         loc = tuple(err["loc"])
         suite = Suite.__new__(Suite)
         suite.source, suite.lines = source, lines
-        raise UserError(f"{suite.where(loc)}: {_fmt_loc(loc) or 'suite'}: {_pydantic_message(err)}") from None
+        raise UserError(f"{suite.where(loc)}: {_fmt_loc(loc) or 'suite'}: {_pydantic_message(err, SuiteSpec)}") \
+            from None
     return Suite(spec, source, lines)
 
 
@@ -389,10 +421,11 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
             known = list(CORE_KEYS) + list(stages)
             raise UserError(f"{suite.locate(cell, (name,))}: {name}: unknown key{suggest(name, known)}"
                             + ("" if stages else " (no installed plugin registers a stage)"))
+        schema = stages[name].schema
         try:
-            stages[name].schema.model_validate(block)
+            schema.model_validate(block)
         except ValidationError as exc:
-            raise _located(suite, cell, (name,), exc) from None
+            raise _located(suite, cell, (name,), exc, schema) from None
     checks = [(("backbone",), "backbone", parsed.backbone)]
     if parsed.data is not None:
         checks.append((("data",), "dataset", parsed.data))
@@ -416,6 +449,8 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
             comp.check_options(opts)
         except UserError as exc:
             sub = loc + (("name",) if "unknown" in str(exc) else ())
+            if getattr(exc, "option", None) is not None:  # an option the factory does not take: its own line
+                sub = loc + (exc.option,)
             if "mixer" in str(exc) and kind == "backbone":
                 sub = loc + ("mixer",)
             raise UserError(f"{suite.locate(cell, sub)}: {_fmt_loc(loc)}: {exc}") from None
@@ -429,10 +464,11 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
     return parsed
 
 
-def _located(suite: Suite, cell: Cell, prefix: tuple, exc: ValidationError) -> UserError:
+def _located(suite: Suite, cell: Cell, prefix: tuple, exc: ValidationError, schema: Any = None) -> UserError:
+    """``schema``: the model that raised, so that an unknown key is told the closest it accepts."""
     err = exc.errors()[0]
     loc = prefix + tuple(err["loc"])
-    return UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: {_pydantic_message(err)}")
+    return UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: {_pydantic_message(err, schema)}")
 
 
 def select(cells: list[Cell], pattern: str | None, source: str) -> list[Cell]:

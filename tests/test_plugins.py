@@ -46,7 +46,8 @@ def test_register_call_unregister():
 
 
 def test_duplicate_component_names_both_plugins():
-    reg = Registry()
+    reg = Registry(load_entrypoints=False)
+    reg.register(_declaring("backbones", {"dit": lambda **kw: None, "mine": lambda **kw: None}), name="first")
 
     class Clash:
         @harness.hookimpl
@@ -54,15 +55,33 @@ def test_duplicate_component_names_both_plugins():
             return {"dit": lambda **kw: None}
 
     reg.register(Clash(), name="clash")
-    with pytest.raises(PluginError, match=r"backbone 'dit' is declared by both plugin 'dit' and plugin 'clash'"):
-        reg.components("backbone")
+    with pytest.warns(harness.plugins.PluginWarning, match=r"backbone 'dit' is declared by both plugin 'first' and "
+                                                          r"plugin 'clash'"):
+        assert list(reg.components("backbone")) == ["mine"]  # the others' names stay usable
+    with pytest.raises(PluginError, match=r"backbone 'dit' is declared by both plugin 'first' and plugin 'clash'"):
+        reg.get("backbone", "dit")
+
+
+def _declaring(hook: str, declared: dict):
+    class Plugin:
+        pass
+
+    setattr(Plugin, f"harness_{hook}", harness.hookimpl(lambda self: declared))
+    return Plugin()
 
 
 def test_plugin_that_fails_to_import_names_its_distribution(tmp_path, with_site):
     src = make_dist(tmp_path, "harness-broken", "harness_broken", "import no_such_module_here\n")
     site = pip_install_target(src, tmp_path / "site")
-    with pytest.raises(PluginError, match=r"distribution 'harness-broken'.*ModuleNotFoundError"):
-        with_site(site)
+    with pytest.warns(harness.plugins.PluginWarning,
+                      match=r"plugin 'harness_broken' of distribution 'harness-broken' .*failed to import: "
+                            r"ModuleNotFoundError: No module named 'no_such_module_here'"):
+        reg = with_site(site)
+    assert "harness_broken" in reg.broken
+    assert "attention" in reg.components("mixer")  # the others still load
+    with pytest.raises(UserError, match=r"unknown metric 'nothing_like_it'.*may belong to a plugin that did not "
+                                        r"load: plugin 'harness_broken' of distribution 'harness-broken'"):
+        reg.get("metric", "nothing_like_it")
 
 
 def test_disable_plugins_env_blocks_by_name(plugin_site, with_site, monkeypatch):

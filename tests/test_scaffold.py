@@ -27,11 +27,13 @@ def scaffolded(tmp_path_factory):
 def test_the_scaffold_is_a_whole_package(scaffolded):
     package, _ = scaffolded
     names = sorted(str(p.relative_to(package)) for p in package.rglob("*") if p.is_file())
-    assert names == ["README.md", "harness_demo/__init__.py", "pyproject.toml", "suite.yaml",
-                     "tests/test_harness_demo.py"]
+    assert names == ["README.md", "harness_demo/__init__.py", "harness_demo/components.py", "pyproject.toml",
+                     "suite.yaml", "tests/test_harness_demo.py"]
     assert '[project.entry-points.harness]\ndemo = "harness_demo"' in (package / "pyproject.toml").read_text()
-    source = (package / "harness_demo" / "__init__.py").read_text()
+    source = (package / "harness_demo" / "components.py").read_text()
     assert "from harness import Command, Stage" in source and "from harness." not in source
+    hooks = (package / "harness_demo" / "__init__.py").read_text()  # declarations by reference: no torch
+    assert "import torch" not in hooks and '"harness_demo.components:net"' in hooks
 
 
 @pytest.mark.slow  # pip install, two cells, then the package's own tests in a fresh interpreter

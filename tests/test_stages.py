@@ -75,8 +75,9 @@ def _outside_code() -> list[Path]:
 
 def _core_uses(path: Path):
     """(line, what) of every use of the core that is not a name of ``harness.__all__``:
-    ``from harness.x import``, ``import harness.x``, ``from harness import <private>`` and
-    ``harness.<private>`` on the imported module."""
+    ``from harness.x import``, ``import harness.x``, ``from harness import <private>``,
+    ``harness.<private>`` on the imported module, and a lazy reference into a core module
+    (``"harness.x:attr"``, imported on use all the same; ``"harness:name"`` is public)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     public = set(harness.__all__)
     for node in ast.walk(tree):
@@ -94,6 +95,10 @@ def _core_uses(path: Path):
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "harness":
             if node.attr not in public and not node.attr.startswith("__"):
                 yield node.lineno, f"harness.{node.attr}"
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            module, colon, attr = node.value.partition(":")
+            if colon and (module.startswith("harness.") or (module == "harness" and attr not in public)):
+                yield node.lineno, f"reference {node.value!r}"
 
 
 def test_plugins_scripts_and_examples_use_only_the_public_api():
@@ -106,9 +111,11 @@ def test_plugins_scripts_and_examples_use_only_the_public_api():
 def test_the_public_api_test_sees_a_private_use(tmp_path):
     bad = tmp_path / "m.py"
     bad.write_text("import harness\nfrom harness.training import train_model\nfrom harness import Unit, _LAZY\n"
-                   "import harness.flops\nx = harness.plugins.registry()\ny = harness.create\n")
-    assert list(_core_uses(bad)) == [(2, "from harness.training import ..."), (3, "from harness import _LAZY"),
-                                     (4, "import harness.flops"), (5, "harness.plugins")]
+                   "import harness.flops\nx = harness.plugins.registry()\ny = harness.create\n"
+                   "z = {'a': 'harness.flops:sdpa_flop', 'b': 'harness:sdpa_flop', 'c': 'harness:_LAZY'}\n")
+    assert sorted(_core_uses(bad)) == [(2, "from harness.training import ..."), (3, "from harness import _LAZY"),
+                                     (4, "import harness.flops"), (5, "harness.plugins"),
+                                     (7, "reference 'harness.flops:sdpa_flop'"), (7, "reference 'harness:_LAZY'")]
 
 
 def test_the_boundary_test_sees_an_import(tmp_path):
@@ -262,6 +269,7 @@ def test_a_plugin_command_is_listed_and_run(capsys):
 
 
 def test_a_command_that_shadows_the_core_is_refused(capsys):
+    """Refused in one line, and only that command: the others still answer (issue 23)."""
     class Shadow:
         @harness.hookimpl
         def harness_commands(self):
@@ -270,8 +278,13 @@ def test_a_command_that_shadows_the_core_is_refused(capsys):
     plugin = Shadow()
     registry().register(plugin, name="shadow")
     try:
-        assert main(["fid", "--help"]) == 2
-        assert "plugin 'shadow' declares command 'run', which the harness already has" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:
+            main(["fid", "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr()
+        assert "usage: harness fid" in out.out
+        assert out.err == ("harness: warning: plugin 'shadow' declares command 'run', which the harness already has; "
+                           "it is not added\n")
     finally:
         registry().unregister(plugin)
 

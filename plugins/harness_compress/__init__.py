@@ -4,33 +4,39 @@ from __future__ import annotations
 
 import harness
 
-from .commands import COMMANDS
-from .criteria import CRITERIA
-from .distill import LOSSES
-from .metrics import OutputLoss
-from .stages import STAGES
+# Declared by reference (harness.hookspecs): listing them imports neither torch nor these modules.
 
 
 @harness.hookimpl
 def harness_stages():
-    return dict(STAGES)
+    return {
+        "prune": harness.Lazy("harness_compress.stages:STAGES.prune",
+                              "layer pruning: a criterion and a budget, or a BK-SDM preset"),
+        "distill": harness.Lazy("harness_compress.stages:STAGES.distill",
+                                "retrain the student against the teacher with weighted losses"),
+    }
 
 
 @harness.hookimpl
 def harness_commands():
-    return dict(COMMANDS)
+    return {"prune": harness.Lazy("harness_compress.commands:COMMANDS.prune",
+                                  "the prunable units of one backbone configuration")}
 
 
 @harness.hookimpl
 def harness_pruning_criteria():
-    return dict(CRITERIA)
+    return {name: f"harness_compress.criteria:{cls}" for name, cls in (
+        ("laptop", "Laptop"), ("random", "Random"), ("magnitude", "Magnitude"), ("taylor", "Taylor"),
+        ("similarity", "Similarity"), ("bk-sdm", "BKSDM"))}
 
 
 @harness.hookimpl
 def harness_distill_losses():
-    return dict(LOSSES)
+    return {name: f"harness_compress.distill:{cls}" for name, cls in (
+        ("task", "TaskLoss"), ("output-kd", "OutputKD"), ("feature-kd", "FeatureKD"),
+        ("normalized-feature-kd", "NormalizedFeatureKD"))}
 
 
 @harness.hookimpl
 def harness_metrics():
-    return {"output_loss": OutputLoss}
+    return {"output_loss": "harness_compress.metrics:OutputLoss"}

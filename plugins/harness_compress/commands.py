@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness import Command, backbone_context, discover_units
+from harness import Command, backbone_context
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +15,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def _run(args) -> int:
     from rich.console import Console
     from rich.table import Table
+
+    from harness import discover_units  # torch: not for `harness prune --help`
 
     ctx = backbone_context(args.backbone, args.options)
     model = ctx.build_backbone(device="meta")  # sizes only

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import harness
 
-from .local import LocalExecutor
-from .process import ProcessExecutor
-from .slurm import SubmititExecutor
-
 
 @harness.hookimpl
 def harness_executors():
-    return {"local": LocalExecutor, "process": ProcessExecutor, "submitit": SubmititExecutor}
+    return {"local": "harness_exec.local:LocalExecutor", "process": "harness_exec.process:ProcessExecutor",
+            "submitit": "harness_exec.slurm:SubmititExecutor"}

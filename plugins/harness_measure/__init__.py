@@ -3,23 +3,22 @@ throughput and peak memory of the whole generation."""
 from __future__ import annotations
 
 import harness
-from harness import baddbmm_flop, sdpa_flop
-
-from .metrics import GFlops, Latency, Params
-from .sampling_costs import PeakMemory, SampleLatency, Throughput
 
 
 @harness.hookimpl
 def harness_metrics():
-    return {"params": Params, "gflops": GFlops, "latency": Latency, "sample_latency": SampleLatency,
-            "throughput": Throughput, "peak_memory": PeakMemory}
+    return {"params": "harness_measure.metrics:Params", "gflops": "harness_measure.metrics:GFlops",
+            "latency": "harness_measure.metrics:Latency",
+            "sample_latency": "harness_measure.sampling_costs:SampleLatency",
+            "throughput": "harness_measure.sampling_costs:Throughput",
+            "peak_memory": "harness_measure.sampling_costs:PeakMemory"}
 
 
 @harness.hookimpl
 def harness_flop_handles():
     return {
-        "aten::scaled_dot_product_attention": sdpa_flop,
-        "aten::_scaled_dot_product_flash_attention": sdpa_flop,
-        "aten::_scaled_dot_product_efficient_attention": sdpa_flop,
-        "aten::baddbmm": baddbmm_flop,
+        "aten::scaled_dot_product_attention": "harness:sdpa_flop",
+        "aten::_scaled_dot_product_flash_attention": "harness:sdpa_flop",
+        "aten::_scaled_dot_product_efficient_attention": "harness:sdpa_flop",
+        "aten::baddbmm": "harness:baddbmm_flop",
     }

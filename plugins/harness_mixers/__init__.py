@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import harness
 
-from .attention import attention
-from .lamamba import lamamba
-from .mamba import mamba
-from .scan import selective_scan_d_term_flop, selective_scan_flop
-from .ss2d import ss2d
-from .window import window_attention
-
 
 @harness.hookimpl
 def harness_mixers():
-    return {"attention": attention, "window-attention": window_attention, "mamba": mamba, "ss2d": ss2d,
-            "lamamba": lamamba}
+    return {"attention": "harness_mixers.attention:attention",
+            "window-attention": "harness_mixers.window:window_attention", "mamba": "harness_mixers.mamba:mamba", "ss2d": "harness_mixers.ss2d:ss2d",
+            "lamamba": "harness_mixers.lamamba:lamamba"}
 
 
 @harness.hookimpl
 def harness_flop_handles():
-    return {"prim::PythonOp.SelectiveScanFn": selective_scan_flop,
-            "prim::PythonOp.SelectiveScanDTermFn": selective_scan_d_term_flop}
+    return {"prim::PythonOp.SelectiveScanFn": "harness_mixers.scan:selective_scan_flop",
+            "prim::PythonOp.SelectiveScanDTermFn": "harness_mixers.scan:selective_scan_d_term_flop"}

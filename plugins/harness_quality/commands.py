@@ -12,8 +12,6 @@ from pathlib import Path
 
 from harness import Command, MetricUnavailable, UserError
 
-from .fidelity import WeightsUnavailable
-
 
 def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir1", metavar="SAMPLES", help="image folder or ADM .npz (arr_0: N x H x W x 3 uint8)")
@@ -30,7 +28,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def _run(args) -> int:
     from .evaluate import evaluate, parse_metrics
-    from .fidelity import fid_of_folders
+    from .fidelity import WeightsUnavailable, fid_of_folders  # torch: not for `harness fid --help`
 
     metrics = parse_metrics(args.metrics)
     folders = Path(args.dir1).is_dir() and Path(args.dir2).is_dir()

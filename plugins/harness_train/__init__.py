@@ -7,17 +7,17 @@ other method's."""
 from __future__ import annotations
 
 import harness
-from harness import Stage, TrainSpec, train_model
-
-
-def train_cell(ctx, spec: TrainSpec) -> None:
-    """Train the cell's backbone, then measure its EMA."""
-    result = train_model(ctx, ctx.model, spec)
-    ctx.model = result.pop("ema")
-    ctx.extra["train"] = result
 
 
 @harness.hookimpl
 def harness_stages():
-    return {"train": Stage(schema=TrainSpec, run=train_cell, active=lambda spec: spec.steps > 0,
-                           description="diffusion training (noise prediction), EMA weights measured")}
+    return {"train": harness.Lazy("harness_train.stage:TRAIN",
+                                  "diffusion training (noise prediction), EMA weights measured")}
+
+
+def __getattr__(name):  # PEP 562: the stage's function, for tests and other plugins, loads torch on first use
+    if name == "train_cell":
+        from .stage import train_cell
+
+        return train_cell
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,14 +1,21 @@
 """U-Net backbones: class-conditional ADM-style and Stable Diffusion (diffusers)."""
 from __future__ import annotations
 
-import harness
+import importlib
 
-from .models import PRESETS, ClassUNet, TextUNet, unet
+import harness
 
 
 @harness.hookimpl
 def harness_backbones():
-    return {"unet": unet}
+    return {"unet": "harness_unet.models:unet"}
 
 
 __all__ = ["PRESETS", "ClassUNet", "TextUNet", "unet"]
+_PUBLIC = dict.fromkeys(__all__, ".models")
+
+
+def __getattr__(name):  # PEP 562: the public names above load their module (and torch) on first use
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
