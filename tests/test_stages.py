@@ -392,3 +392,21 @@ def test_a_null_block_is_no_stage_so_a_matrix_compares_with_and_without(tmp_path
     without, with_ = load_records(tmp_path / "r" / "staged")
     assert "scale" not in without and with_["scale"] == {"factor": 3.0}
     assert stage_plugin.ran == ["scale"]
+
+
+# -- the flops command applies any stage that can apply its result, by the stage's name ------------
+def test_flops_applies_a_stage_named_on_the_command_line(tmp_path, capsys):
+    import json
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"skip": ["blocks.1"], "drop": []}))
+    dit = ["flops", "dit", "--size", "tiny", "--input-size", "8", "--depth", "2", "--json"]
+    assert main(dit) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main(dit + ["--prune", str(plan)]) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert pruned["prune"]["plan"] == str(plan) and pruned["options"] == full["options"]
+    assert pruned["params"] < full["params"] and pruned["gflops"] < full["gflops"]
+    assert pruned["prune"]["removed_ratio"] == pytest.approx(1 - pruned["params"] / full["params"])
+    assert main(dit + ["--prune"]) == 2
+    assert "--prune needs a value" in capsys.readouterr().err
