@@ -348,15 +348,13 @@ def _ls_one(kind: str, name: str, as_json: bool) -> int:
         if name not in declared:
             raise UserError(f"unknown {kind} {name!r}{suggest(name, declared)}{reg.broken_note()}")
         entry = declared[name]
-    obj = entry.resolve()
-    if kind in OTHER_KINDS:  # a reference must lead to a Stage or a Command
+    if kind in OTHER_KINDS:  # a reference must lead to a Stage or a Command that keeps its contract
         from .commands import Command
         from .stages import Stage
 
-        expected = Stage if kind == "stage" else Command
-        if not isinstance(obj, expected):
-            raise PluginError(f"{entry.origin} declares {kind} {name!r} as {type(obj).__name__}, expected "
-                              f"{expected.__module__}.{expected.__name__}")
+        obj = reg.checked_object(entry, Stage if kind == "stage" else Command)
+    else:
+        obj = entry.resolve()
     info = {"kind": kind, "name": name, "plugin": entry.plugin, "distribution": entry.distribution,
             "target": entry.declared.target if entry.lazy else _qualname(obj)}
     usage = None
@@ -573,23 +571,28 @@ def cmd_flops(args, extra: list[str]) -> int:
 
     from .commands import backbone_context, parse_options
     from .flops import CONVENTIONS, AbstractCountError, check_convention, count_flops
+    from .plugins import registry
+    from .stages import split_applications
 
     convention = check_convention(args.convention)
+    # `--STAGE VALUE` for a stage that applies its result outside a suite (`--prune PLAN`); the
+    # core knows no stage by name, so which options these are is the registry's to say. Only
+    # the stages named on the line are imported: a broken one elsewhere stays out of the way.
+    stages = registry().stages()
+    named = {a[2:].partition("=")[0] for a in extra if a.startswith("--")}
+    applicable = {n: stages[n] for n in sorted(named) if n in stages and stages[n].apply is not None}
+    applications, extra = split_applications(extra, applicable)
     options = parse_options(extra)
     ctx = backbone_context(args.backbone, options)
     reg = ctx.registry
-    applied: dict = {}
-    if args.prune:  # the pruning stage's result, applied outside a suite
-        stage = reg.stages().get("prune")
-        if stage is None or stage.apply is None:
-            raise UserError("--prune: no installed plugin registers a 'prune' stage that can apply a plan")
+    applied: dict[str, dict] = {}
 
     def build(device):  # counting needs shapes only: the meta device holds no weights
         model = ctx.build_backbone(device=device).eval()
         unpruned = sum(p.numel() for p in model.parameters())
-        if args.prune:
-            applied.clear()
-            applied.update(stage.apply(model, args.prune) or {})
+        applied.clear()
+        for name, value in applications.items():
+            applied[name] = stages[name].apply(model, value) or {}
         ctx.model = model  # its input shape is read from it
         return model, unpruned
 
@@ -610,11 +613,10 @@ def cmd_flops(args, extra: list[str]) -> int:
     result = {"backbone": args.backbone, "options": options, "input": ctx.input_spec, "params": params,
               "gflops": fc.total / 1e9, "batch_size": 1, "convention": CONVENTIONS[convention],
               **fc.record()}
-    result.update(getattr(model, "flops_extra", {}) or {})
-    if args.prune:
-        summary = applied.pop("summary", None)  # the stage's line for people, not for the JSON
-        result["prune"] = {"plan": args.prune, "params_before": unpruned, "removed_ratio": 1 - params / unpruned,
-                           **applied}
+    summaries = {name: info.pop("summary", None) for name, info in applied.items()}  # lines for people
+    for name, value in applications.items():
+        result[name] = {"plan": value, "params_before": unpruned, "removed_ratio": 1 - params / unpruned,
+                        **applied[name]}
     if args.by_module:
         result["by_module"] = {k: {"params": fc.params_by_module[k], "gflops": v / 1e9}
                                for k, v in fc.by_module.items()}
@@ -630,11 +632,10 @@ def cmd_flops(args, extra: list[str]) -> int:
         console.print(f"GMACs   {fc.total / 1e9:.2f}  (batch 1, {CONVENTIONS[convention]})")
         if fc.no_rule_modules:
             console.print(f"counted zero (thop has no rule for them): {', '.join(fc.no_rule_modules)}")
-    if args.prune:
-        prune = result["prune"]
-        console.print(f"pruned  {args.prune}: {prune['removed_ratio']:.1%} of {unpruned:,} parameters removed")
-        if summary:  # what the stage adds (BK-SDM: the published size it matches)
-            console.print(summary)
+    for name, value in applications.items():
+        console.print(f"{name}  {value}: {result[name]['removed_ratio']:.1%} of {unpruned:,} parameters removed")
+        if summaries[name]:  # what the stage adds (BK-SDM: the published size it matches)
+            console.print(summaries[name])
     if fc.method != "meta":
         console.print(f"counted by tracing real tensors: {fc.fallback_reason}")
     if fc.uncounted_ops:
@@ -706,6 +707,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plugins)
 
+    from . import scaffold  # no torch: the templates are text
+
+    np_ = sub.add_parser("new-plugin", help="write a new plugin package with one component of each kind",
+                         description=scaffold.DESCRIPTION)
+    scaffold.arguments(np_)
+    np_.set_defaults(func=scaffold.run)
+
     t = sub.add_parser("table", help="table of the records under a folder")
     t.add_argument("results_dir")
     t.add_argument("--format", default="markdown", choices=["markdown", "latex", "csv", "html"])
@@ -734,11 +742,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("flops", help="params and GFLOPs of one backbone configuration",
                        description="Options after the backbone name are passed to its factory, "
-                                   "e.g. harness flops dit --size XL --patch 2 --input-size 32")
+                                   "e.g. harness flops dit --size XL --patch 2 --input-size 32. A stage that "
+                                   "can apply its result outside a suite takes it as --STAGE VALUE: "
+                                   "--prune bk-sdm-small (a BK-SDM preset) or --prune RUN/pruned/plan.json")
     f.add_argument("backbone")
     f.add_argument("--by-module", action="store_true")
     f.add_argument("--json", action="store_true")
-    f.add_argument("--prune", metavar="PRESET|PLAN", help="measure pruned: bk-sdm-base/small/tiny or a plan.json")
     # not argparse choices: a wrong name gets the one-line error with a suggestion
     f.add_argument("--convention", default="fvcore", metavar="fvcore|thop",
                    help="fvcore (default): every multiply-add of the graph, attention products included (DiT, "
@@ -764,10 +773,7 @@ def add_plugin_commands(p: argparse.ArgumentParser, invoked: str | None = None) 
             continue
         from .commands import Command
 
-        command = entry.resolve()
-        if not isinstance(command, Command):
-            raise PluginError(f"{entry.origin} declares command {name!r} as {type(command).__name__}, expected "
-                              f"harness.commands.Command")
+        command = registry().checked_object(entry, Command)
         c = sub.add_parser(name, help=f"{command.help} [{entry.plugin}]", description=command.description)
         command.arguments(c)
         c.set_defaults(func=_plugin_command(command), takes_extra=command.backbone_options)

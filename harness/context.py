@@ -58,6 +58,9 @@ class CellContext:
         # an object with ``folder`` (one PNG per sample, {i:06d}.png), ``teacher`` (the teacher's
         # folder, or None) and ``prompts`` (the text of each, or None); see harness.hookspecs.harness_stages
         self.samples: Any = None
+        # the calibration set a stage asks units to be scored on (a harness.Calibration, read by
+        # harness.calibration_inputs); None: the defaults
+        self.calibration: Any = None
         self._model: torch.nn.Module | None = None
         self._meta_model: torch.nn.Module | None = None
 
@@ -79,12 +82,13 @@ class CellContext:
 
     @property
     def train(self):
-        """The ``train`` block's settings (defaults without one): how the backbone is trained,
-        and the noise schedule the cell's measurements use."""
+        """The cell's training settings (a :class:`harness.TrainSpec`): how the backbone is
+        trained, and the noise schedule the cell's measurements use. They are the block of
+        whichever stage validates its block as a ``TrainSpec`` (the core asks the schema, not
+        the block's name); the defaults when the cell has none."""
         from .training import TrainSpec
 
-        spec = self.specs.get("train")
-        return spec if isinstance(spec, TrainSpec) else TrainSpec.model_validate(self.config.blocks.get("train", {}))
+        return next((spec for spec in self.specs.values() if isinstance(spec, TrainSpec)), None) or TrainSpec()
 
     # -- data and inputs ---------------------------------------------------------------------
     @functools.cached_property

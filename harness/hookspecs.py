@@ -1,20 +1,34 @@
 """The plugin API of diffusion-harness.
 
-These docstrings are the reference for plugin authors. A plugin is any importable module
-or object with functions decorated by :data:`harness.hookimpl`, announced by an entry point
-in the group ``harness``::
+These docstrings are the reference for plugin authors: each hook says every attribute and
+call the harness makes on a component of its kind, and a component needs nothing beyond
+that. The base classes and protocols of :mod:`harness.kinds` (``harness.Metric``,
+``harness.Loss``, ``harness.Criterion``...) restate them in code; subclassing is optional.
+A plugin is any importable module or object with functions decorated by
+:data:`harness.hookimpl`, announced by an entry point in the group ``harness``::
 
     [project.entry-points.harness]
     my_models = "my_package.harness_plugin"
 
-Every hook below takes no arguments and returns a mapping ``{component name: factory}``.
-Names are global: two plugins that declare the same name of the same kind are an error
-that names both. The first line of a factory's docstring is its description in
-``harness ls``. Factories are called with keyword arguments only; their signature is the
-list of options a suite may give, so unknown options are rejected before any work starts
-(a factory that takes ``**options`` accepts anything and checks for itself).
+Every component hook takes no arguments and returns a mapping ``{component name:
+factory}``. The name is the registry's: a suite refers to it, records are keyed by it, and
+the component is never asked for it. Names are global: two plugins that declare the same
+name of the same kind are an error that names both. The first line of a factory's
+docstring is its description in ``harness ls``. Factories are called with keyword
+arguments only; their signature is the list of options a suite may give, so unknown
+options are rejected before any work starts (a factory that takes ``**options`` accepts
+anything and checks for itself). ``validate_options(options: dict)`` (a static method of
+the factory, any kind) may check option values and raise :class:`harness.UserError`; it
+runs when the suite is validated.
 
-The built-in components are plugins shaped exactly like this (``plugins/harness_*``).
+What a component must declare is checked when its plugin's component is loaded (a suite's
+validation, ``harness.create``; see :mod:`harness.contracts`): a factory that is a class
+is checked at once, what only the built object shows is checked when it is built. A
+violation is refused in one line naming the plugin, the component and what is missing.
+
+Plugins import from the core only what ``harness.__all__`` lists (``from harness import
+...``). The built-in components are plugins shaped exactly like this (``plugins/harness_*``),
+and ``harness new-plugin NAME`` writes a package with one component of each kind.
 
 **Declaring by reference (lazy).** Any value of these mappings may instead be a reference,
 ``"package.module:attr"``, or :class:`harness.Lazy` ``(target, description)``: the harness
@@ -78,7 +92,7 @@ def harness_backbones():
     ``in_channels`` and ``num_classes``: the suite's backbone option when given, else the
     shape of the cell's data set, else the factory's own default when it declares one, else
     the documented default, the 32x32x4 latent of a 256x256 image and 1000 classes
-    (:data:`harness.context.DEFAULT_INPUTS`). A factory whose default is ``None`` lets the
+    (:data:`harness.DEFAULT_INPUTS`). A factory whose default is ``None`` lets the
     built model decide (a preset's native size) and reports it through the model attribute
     of the same name. ``context_dim`` is passed when the data set serves captions.
 
@@ -95,9 +109,16 @@ def harness_backbones():
     - ``learn_sigma: bool``: whether the second half of the output channels is a variance;
     - ``context_dim: int``: the width of the text context it takes (0 or absent: none), and
       ``num_classes``: the class labels it takes (0: unconditional or text);
+    - ``input_size``, ``in_channels``: read back when the factory's default was ``None``;
     - ``null_class: int | None``: the label that stands for "no class", fed when training
       drops labels for classifier-free guidance (DiT: ``num_classes``); ``None`` when the
       model was built without one. Absent: ``num_classes``, the convention of DiT and ADM.
+
+    Otherwise the harness uses it as any ``torch.nn.Module``: ``parameters()``,
+    ``named_modules()`` (pruning finds its units there, see :class:`harness.Unit`),
+    ``state_dict()``, ``to()``, ``train()``/``eval()``. It may be built on the meta device
+    (parameter and FLOP counts need shapes only), so a factory should not read weights'
+    values while it builds unless it loads them (then the harness builds it for real).
 
     Transformer-style backbones take a ``mixer`` option (a mixer name, or a mapping with
     ``name`` and options) and build their token mixers with
@@ -110,7 +131,10 @@ def harness_mixers():
     """Token mixers: ``factory(dim: int, **options) -> torch.nn.Module``.
 
     ``forward(x, hw)`` maps x of shape (B, L, dim) to (B, L, dim), with ``hw = (H, W)`` and
-    H * W == L (tokens in raster order). A mixer may define ``flops_note`` (str) for reports.
+    H * W == L (tokens in raster order). A backbone builds its mixers with
+    :func:`harness.build_mixer`, which also passes what the backbone knows (``num_heads``,
+    ``block_index``...) to a factory whose signature takes it; the suite's own options win.
+    The harness asks a mixer nothing else: its FLOPs are counted from the operations it runs.
 
     A mixer whose operator has several implementations (a fused CUDA kernel, a compiled CPU
     loop, a PyTorch fallback) calls ``harness.kernels.note(kernel, impl)`` each time it
@@ -121,14 +145,17 @@ def harness_mixers():
 
 @hookspec
 def harness_metrics():
-    """Measurements of a cell: ``factory(**options) -> Metric``.
+    """Measurements of a cell: ``factory(**options) -> Metric`` (see :class:`harness.Metric`).
 
-    A Metric has ``name`` (str), ``direction`` ("lower", "higher" or None), ``unit`` (str)
-    and ``__call__(ctx: harness.context.CellContext) -> float | dict``. A dict must hold
-    ``value`` and may add details (spread, batch size, dtype...). Raise
-    :class:`harness.MetricUnavailable` with a reason when the figure cannot be computed
-    here (missing weights offline, say): the record then says so, and no number is made up.
-    Any other exception fails the cell with its error.
+    A Metric is called as ``metric(ctx: harness.CellContext) -> float | dict`` after the
+    cell's stages ran. A dict must hold ``value`` and may add details (spread, batch size,
+    dtype...). Raise :class:`harness.MetricUnavailable` with a reason when the figure cannot
+    be computed here (missing weights offline, say): the record then says so, and no number
+    is made up. Any other exception fails the cell with its error. The record keys the entry
+    by the metric's registered name.
+
+    It must declare ``direction`` (checked at load): ``"lower"`` or ``"higher"`` is better,
+    or ``None`` when neither is. ``unit`` (str, default "") is printed beside the value.
 
     ``role`` is ``"cost"`` for what a method pays (parameters, FLOPs, time, memory) and
     ``"quality"`` (the default) for what it delivers; the record keeps it beside the figure,
@@ -137,9 +164,8 @@ def harness_metrics():
     ``path_options`` (a class attribute, ``{option name: what it is}``) names the options
     that are paths to files the metric reads (``{"prompts": "prompt file"}``): a suite whose
     path does not exist is refused when it is validated, not after hours of work.
-    Likewise ``validate_options(options: dict)`` (a static method of the factory, any
-    component kind) may check option values and raise :class:`harness.UserError`; it runs
-    when the suite is validated (``gflops`` refuses an unknown ``convention`` this way).
+    ``validate_options(options)`` may check option values likewise (``gflops`` refuses an
+    unknown ``convention`` this way).
 
     A metric whose figure depends on having the machine to itself (latency) sets the class
     attribute ``timing_sensitive = True``. The runner then measures it inside the executor's
@@ -151,41 +177,91 @@ def harness_metrics():
 
 @hookspec
 def harness_datasets():
-    """Data sets: ``factory(*, resolution: int, split: str = "train", **options)``.
+    """Data sets: ``factory(*, resolution: int, split: str = "train", seed: int, **options)``.
 
-    Returns an object with ``num_classes`` (0 when unlabelled), ``channels``, ``resolution``,
-    ``__len__`` and ``__getitem__(i) -> (image tensor in [-1, 1] of shape (C, H, W), label)``.
+    ``split`` is ``"train"`` (what training and calibration draw from) or ``"val"`` (held-out
+    figures); ``seed`` is shared by every cell of a suite, for a data set that draws. Returns an
+    object (see :class:`harness.Dataset`) with ``num_classes`` (0 when unlabelled),
+    ``channels``, ``resolution``, ``__len__`` and ``__getitem__(i) -> (image tensor in
+    [-1, 1] of shape (C, H, W), label)``; the label is a class index, or a caption (str).
+    The cell's backbone is built for its ``resolution``, ``channels`` and ``num_classes``
+    unless the suite says otherwise.
+
+    What the harness reads when present:
+
+    - captioned data: ``context_dim`` (the text context's width, passed to the backbone),
+      ``encode_labels(captions) -> tensor or dict`` (a batch's conditioning) and
+      ``null_context`` (the empty prompt's conditioning, fed when training drops captions);
+    - latent data: ``decode(latents) -> images in [-1, 1]``, applied before samples are saved.
+
+    The built-in quality metrics (``fid``...) also read ``uint8_images()`` (the reference
+    images, uint8 (N, 3, H, W)), ``content_hash`` (keys their caches) and ``name`` (shown as
+    the reference in the record); a data set without them is not scored by those metrics.
     """
 
 
 @hookspec
 def harness_pruning_criteria():
-    """Layer-pruning criteria: ``factory(**options) -> Criterion``.
+    """Layer-pruning criteria: ``factory(**options) -> Criterion`` (see :class:`harness.Criterion`).
 
-    ``Criterion.score(model, units, ctx) -> dict[unit name, float]``: the higher the score,
-    the more the unit matters (it is kept first).
+    ``criterion.score(model, units, ctx) -> {unit.name: float}`` scores every unit of
+    ``units``: the higher the score, the more the unit matters (units with the lowest summed
+    scores are removed until the budget is met). ``model`` is the unpruned model in eval
+    mode (a criterion that changes it must restore it); ``ctx`` is the cell's
+    :class:`harness.CellContext`.
+
+    ``units`` are :class:`harness.Unit` objects, the removable units
+    :func:`harness.discover_units` finds: DiT and LaMamba blocks, U-Net ResNets and attention
+    layers, and on U-Nets skip pairs named ``a+b`` (a down ResNet with the up ResNet that
+    consumed its skip). The unit-to-module mapping is ``unit.modules`` (module names; two or
+    more for a pair) and ``unit.submodules(model)`` (the modules, for forward hooks);
+    ``unit.parameters(model)`` gives their weights. ``harness.remove_units(model, units)`` is
+    a context manager with those units removed, to measure what removing them does.
+
+    Calibration data: ``harness.calibration_inputs(ctx, model)`` returns the set the pruning
+    stage asks for (its ``calibration_batch`` images of the cell's training data, noised at
+    ``calibration_timesteps`` steps, text models conditioned as the stage says), one
+    ``{"inputs": forward kwargs, "noise": tensor}`` per timestep. Every criterion of a suite
+    gets the same draw. ``harness.predict_noise(model, batch, harness.noise_channels(ctx))``
+    is a model's noise prediction on one of them.
     """
 
 
 @hookspec
 def harness_distill_losses():
-    """Distillation losses: ``factory(**options) -> Loss``.
+    """Distillation losses: ``factory(**options) -> Loss`` (see :class:`harness.Loss`).
 
-    ``Loss(student_out, teacher_out, noise, student_feats, teacher_feats) -> torch.Tensor``,
-    a scalar; features are dicts of tensors keyed by the teacher's module names.
+    ``loss(student_out, teacher_out, noise, student_feats, teacher_feats) -> torch.Tensor``,
+    a scalar. ``student_out``/``teacher_out`` are the noise predictions (B, C, H, W) (a
+    learned variance's channels dropped), ``noise`` the target of the task loss. Features
+    are dicts ``{teacher module name: output tensor}`` (by default the output of every stage:
+    U-Net down/mid/up blocks, every DiT block; a suite's ``distill.features`` names others),
+    matched between student and teacher by the teacher's module names even after pruning.
+
+    Declarations (checked at load):
+
+    - ``needs_features = True`` on a loss that reads features: only then are the forward
+      hooks installed; otherwise both feature dicts are empty;
+    - ``needs_teacher = False`` on a loss that reads neither ``teacher_out`` nor teacher
+      features (the task loss); any other loss fails without a teacher;
+    - optional ``terms(student_feats, teacher_feats) -> {feature: tensor}``: each feature's
+      term, whose shares the record keeps (a loss that defines it must need features).
+
+    The stage weighs each loss by its ``weight`` and records each term's share under the
+    loss's registered name.
     """
 
 
 @hookspec
 def harness_executors():
-    """Where cells run: ``factory(**options) -> Executor``.
+    """Where cells run: ``factory(**options) -> Executor`` (see :class:`harness.Executor`).
 
-    ``Executor.run(jobs, on_done, on_start=None)`` executes every :class:`harness.runner.CellJob`
-    (each picklable; ``harness.runner.execute_cell(job)`` runs one and writes its record) and
-    calls ``on_done(job, record)`` as each finishes. It must not let one job's failure
-    stop the others. ``jobs`` is an iterator: the runner claims each cell as it is taken
-    (see :mod:`harness.claims`), so take one when a slot is free, or all at once
-    (``list(jobs)``) to submit a batch.
+    ``Executor.run(jobs, on_done, on_start=None)`` executes every :class:`harness.CellJob`
+    (each picklable; ``harness.execute_cell(job)`` runs one and writes its record) and
+    calls ``on_start(job)`` as each starts and ``on_done(job, record)`` as each finishes. It
+    must not let one job's failure stop the others. ``jobs`` is an iterator: the runner
+    claims each cell as it is taken (see :mod:`harness.claims`), so take one when a slot is
+    free, or all at once (``list(jobs)``) to submit a batch.
 
     An executor that can keep other cells off the machine while a timing-sensitive metric
     runs passes ``execute_cell(job, alone=factory)``: ``factory()`` is a context manager,
@@ -225,11 +301,11 @@ def harness_flop_handles():
 def harness_stages():
     """Methods applied to a cell's model before it is measured: ``{block name: Stage}``.
 
-    A :class:`harness.stages.Stage` owns the top-level block of a cell's configuration that
+    A :class:`harness.Stage` owns the top-level block of a cell's configuration that
     bears its name (``train:``, ``prune:``, ``distill:``, a third party's ``quantize:``). Its
     ``schema`` (a pydantic model) validates the block when the suite is validated, and its
     errors carry the suite's file and line. The runner builds the
-    :class:`harness.context.CellContext`, runs every stage whose block the cell has (each
+    :class:`harness.CellContext`, runs every stage whose block the cell has (each
     after those it names in ``after``; one named in another's ``replaces`` is skipped), then
     the metrics. ``run(ctx, spec)`` leaves its model in ``ctx.model`` and what the record
     should keep under ``ctx.extra[<block name>]``; a stage that keeps a reference model for
@@ -239,11 +315,28 @@ def harness_stages():
     ``prompts`` (the text of image i, or None). Draws are seeded through
     ``ctx.seed(purpose)`` (or ``ctx.generator(purpose)``) so that a rerun repeats them.
 
-    What else the context offers a stage: ``ctx.dataset`` (the cell's training data),
-    ``ctx.device``, ``ctx.workdir`` (a folder of the cell's own for checkpoints, which a
-    resumed cell finds again; None outside a suite), ``ctx.train`` (the cell's ``train:`` block, defaults filled
-    in, for stages that train as well) and ``ctx.specs`` (every validated block of the cell,
-    by stage name). ``harness.training.train_model`` is the training loop stages share.
+    What else the context offers a stage (and a metric): ``ctx.model`` (built on first use),
+    ``ctx.dataset`` (the cell's training data, or None), ``ctx.make_dataset(split)``,
+    ``ctx.device``, ``ctx.dtype``, ``ctx.config`` (the validated :class:`harness.CellConfig`),
+    ``ctx.input_spec`` (``input_size``, ``in_channels``, ``num_classes``, ``context_dim``),
+    ``ctx.backbone_options``, ``ctx.build_backbone(device=None)`` (a fresh model from the
+    cell's seed), ``ctx.abstract_model()`` (the model, or a meta-device copy when none was
+    built), ``ctx.example_inputs(batch_size, model=None, device=None, generator=None)``,
+    ``ctx.workdir`` (a folder of the cell's own for checkpoints, which a resumed cell finds
+    again; None outside a suite), ``ctx.registry`` (``create(kind, name, **options)``,
+    ``stages()``, ``flop_handles()``), ``ctx.train`` (the cell's training settings, a
+    :class:`harness.TrainSpec`: the block of whichever stage validates its block as one, else
+    the defaults; its schedule is what the cell's measurements use), ``ctx.specs`` (every
+    validated block of the cell, by stage name) and ``ctx.calibration`` (a
+    :class:`harness.Calibration` a stage that scores units sets, which
+    :func:`harness.calibration_inputs` then draws). ``harness.train_model`` is the training
+    loop stages share.
+
+    ``active(spec) -> bool`` (optional) says whether a block asks for any work (``train:
+    {steps: 0}`` does not: the stage is then skipped); ``description`` is its line in
+    ``harness ls stage``. ``apply(model, value) -> dict`` (optional) applies the stage's result outside a suite:
+    ``harness flops BACKBONE --STAGE VALUE`` calls it (``--prune bk-sdm-small``); a
+    ``"summary"`` entry of the dict is printed, the rest joins the JSON output.
 
     Example, a post-training quantisation::
 
@@ -265,11 +358,12 @@ def harness_stages():
 def harness_commands():
     """Subcommands of the ``harness`` command line: ``{name: Command}``.
 
-    A :class:`harness.commands.Command` gives a one-line ``help``, ``arguments(parser)``
+    A :class:`harness.Command` gives a one-line ``help``, ``arguments(parser)``
     adding its options to an argparse parser, and ``run(args) -> int`` returning the exit
     status. Raise :class:`harness.UserError` for bad input: the command line prints its one
     line and exits 2. A command with ``backbone_options=True`` also receives the
     ``--name value`` pairs after its own arguments as ``args.options`` (a backbone's
-    factory options, see :func:`harness.commands.backbone_context`). Names must not shadow
-    the core's commands (run, validate, ls, plugins, table, leaderboard, plot, flops).
+    factory options, see :func:`harness.backbone_context`). ``description`` (optional) is
+    the longer text of ``harness COMMAND --help``. Names must not shadow
+    the core's commands (run, validate, ls, plugins, table, leaderboard, plot, flops, new-plugin).
     """

@@ -13,6 +13,11 @@ module docstring of :mod:`harness.hookspecs`).
 A plugin that fails to import, a hook that raises and a name declared twice are problems
 of that plugin alone: each is reported once, in one line naming the plugin and its
 distribution, and only what needs that plugin fails.
+
+What a component must declare (:mod:`harness.contracts`) is checked on the object itself,
+so on a reference once it is imported: a factory when the registry hands it out
+(:meth:`Registry.get`: a suite's validation, :func:`harness.create`), what it builds when
+it is built, a stage or a command when it is looked up.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 import pluggy
 
-from . import hookspecs
+from . import contracts, hookspecs
 from .errors import PluginError, UserError, suggest
 
 hookimpl = pluggy.HookimplMarker("harness")
@@ -279,7 +284,9 @@ class Component(Declared):
 
     def __call__(self, **options):
         self.check_options(options)
-        return self.factory(**options)
+        built = self.factory(**options)
+        contracts.check_built(self.kind, self.name, self.plugin, built)
+        return built
 
 
 @functools.lru_cache(maxsize=None)
@@ -334,6 +341,7 @@ class Registry:
         self._clashes: dict[tuple[str, str], str] = {}  # (kind, name) -> the problem's line
         self.problems: list[str] = []
         self.broken: dict[str, str] = {}  # plugin name -> why it is not loaded
+        self._contract_checked: set[tuple[str, str]] = set()  # components whose contract passed
         if load_entrypoints:
             self._load_entrypoints()
 
@@ -373,15 +381,18 @@ class Registry:
                     self.broken[ep.name] = why
                     self._problem(why + "; its components are unavailable")
         self._tables = {}
+        self._contract_checked = set()
 
     def register(self, plugin: object, name: str | None = None) -> str:
         name = self.pm.register(plugin, name=name)
         self._tables = {}
+        self._contract_checked = set()
         return name
 
     def unregister(self, plugin: object | None = None, name: str | None = None) -> None:
         self.pm.unregister(plugin=plugin, name=name)
         self._tables = {}
+        self._contract_checked = set()
 
     def plugins(self) -> list[PluginInfo]:
         out = []
@@ -452,20 +463,34 @@ class Registry:
         return handles
 
     def _checked(self, kind: str, cls: type) -> dict[str, Declared]:
-        """Declarations of ``kind`` whose objects, once imported, must be ``cls`` instances."""
+        """Declarations of ``kind`` whose objects, once imported, must be ``cls`` instances
+        keeping their contract; those declared as objects (imported already) are checked now,
+        references when first looked up."""
         out = self.declared(kind)
         for entry in out.values():
-            if not entry.lazy and not isinstance(entry.declared, cls):
-                raise PluginError(f"{entry.origin} declares {kind} {entry.name!r} as "
-                                  f"{type(entry.declared).__name__}, expected {cls.__module__}.{cls.__name__}")
+            if not entry.lazy:
+                self.checked_object(entry, cls)
         return out
+
+    def checked_object(self, entry: Declared, cls: type) -> Any:
+        """The stage or command ``entry`` declares, imported, of type ``cls`` and checked
+        against its contract (:func:`harness.contracts.check_stage`, ``check_command``) once."""
+        obj = entry.resolve()
+        if not isinstance(obj, cls):
+            raise PluginError(f"{entry.origin} declares {entry.kind} {entry.name!r} as {type(obj).__name__}, "
+                              f"expected {cls.__module__}.{cls.__name__}")
+        if (entry.kind, entry.name) not in self._contract_checked:
+            check = contracts.check_stage if entry.kind == "stage" else contracts.check_command
+            check(entry.name, entry.plugin, obj)
+            self._contract_checked.add((entry.kind, entry.name))
+        return obj
 
     def stages(self) -> Mapping[str, "Stage"]:
         """Every registered stage by the block it owns (see :func:`harness.hookspecs.harness_stages`),
         each imported when first looked up."""
         from .stages import Stage
 
-        return _TypedMapping(self._checked("stage", Stage), Stage)
+        return _TypedMapping(self, self._checked("stage", Stage), Stage)
 
     def stage_plugin(self, name: str) -> str:
         return self.declared("stage")[name].plugin
@@ -475,7 +500,7 @@ class Registry:
         :func:`harness.hookspecs.harness_commands`); :meth:`declared` lists them without importing."""
         from .commands import Command
 
-        commands = _TypedMapping(self._checked("command", Command), Command)
+        commands = _TypedMapping(self, self._checked("command", Command), Command)
         return {name: (commands[name], entry.plugin) for name, entry in self.declared("command").items()}
 
     def components(self, kind: str) -> dict[str, Component]:
@@ -483,13 +508,18 @@ class Registry:
         return dict(self.declared(kind))
 
     def get(self, kind: str, name: str) -> Component:
+        """The component, its factory imported and checked against its kind's contract (once)."""
         _check_kind(kind)
         if isinstance(name, str) and (kind, name) in self._clashes:
             raise PluginError(self._clashes[(kind, name)])
         known = self.components(kind)
         if not isinstance(name, str) or name not in known:
             raise UserError(f"unknown {kind} {name!r}{suggest(str(name), known)}{self.broken_note()}")
-        return known[name]
+        comp = known[name]
+        if (kind, name) not in self._contract_checked:
+            contracts.check_factory(kind, name, comp.plugin, comp.factory)
+            self._contract_checked.add((kind, name))
+        return comp
 
     def broken_note(self) -> str:
         """What an unknown name's error adds when plugins failed to load: one of them may own it."""
@@ -504,19 +534,15 @@ class Registry:
 
 
 class _TypedMapping(LazyMapping):
-    """A :class:`LazyMapping` that checks what a reference leads to."""
+    """A :class:`LazyMapping` that checks what a reference leads to: its type and its contract."""
 
-    def __init__(self, declared: dict[str, Declared], cls: type):
+    def __init__(self, registry: Registry, declared: dict[str, Declared], cls: type):
         super().__init__(declared)
+        self._registry = registry
         self._cls = cls
 
     def __getitem__(self, name: str) -> Any:
-        entry = self._declared[name]
-        obj = entry.resolve()
-        if not isinstance(obj, self._cls):
-            raise PluginError(f"{entry.origin} declares {entry.kind} {name!r} as {type(obj).__name__}, expected "
-                              f"{self._cls.__module__}.{self._cls.__name__}")
-        return obj
+        return self._registry.checked_object(self._declared[name], self._cls)
 
 
 def _core_keys() -> tuple[str, ...]:

@@ -52,7 +52,7 @@ def _now() -> str:
 def _metric_entry(metric, value) -> dict:
     entry = dict(value) if isinstance(value, dict) else {"value": value}
     if "value" not in entry:
-        raise TypeError(f"metric {metric.name!r} returned a dict without 'value'")
+        raise TypeError(f"metric {type(metric).__name__} returned a dict without 'value'")
     entry.setdefault("direction", getattr(metric, "direction", None))
     entry.setdefault("unit", getattr(metric, "unit", ""))
     entry.setdefault("role", metric_role(metric))
@@ -63,8 +63,7 @@ def metric_role(metric) -> str:
     """"cost" or "quality", as the metric declares (see harness.hookspecs.harness_metrics)."""
     role = getattr(metric, "role", None) or "quality"
     if role not in ("cost", "quality"):
-        raise TypeError(f"metric {getattr(metric, 'name', metric)!r} declares role {role!r}; expected 'cost' or "
-                        f"'quality'")
+        raise TypeError(f"metric {type(metric).__name__} declares role {role!r}; expected 'cost' or 'quality'")
     return role
 
 

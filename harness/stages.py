@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from pydantic import BaseModel
 
-from .errors import PluginError
+from .errors import PluginError, UserError
 
 
 @dataclass(frozen=True)
@@ -90,3 +90,25 @@ def run_stages(ctx, specs: dict[str, Any], stages: dict[str, Stage]) -> list[str
     for name in ran:
         stages[name].run(ctx, specs[name])
     return ran
+
+
+def split_applications(args: list[str], stages: dict[str, Stage]) -> tuple[dict[str, str], list[str]]:
+    """``--STAGE VALUE`` (or ``--STAGE=VALUE``) pairs for the given stages, taken out of a
+    command line's extra arguments: ``({stage: value}, the other arguments)``. The value is
+    kept as typed (a plan's path, a preset's name) for the stage's ``apply``."""
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if key in stages:
+            if not eq:
+                if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                    raise UserError(f"--{key} needs a value (what the {key!r} stage applies)")
+                value, i = args[i + 1], i + 1
+            found[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return found, rest

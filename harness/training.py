@@ -211,7 +211,7 @@ def text_conditioning(ds, model):
     if not getattr(model, "context_dim", 0):
         from .errors import UserError
 
-        raise UserError(f"data: {getattr(ds, 'name', 'the data set')} serves captions, but "
+        raise UserError(f"data: the data set serves captions, but "
                         f"{type(model).__name__} is not conditioned on text (use a text U-Net preset)")
     return null
 

@@ -27,7 +27,7 @@ BUILTIN_PLUGINS = ("harness_measure", "harness_mixers", "harness_dit", "harness_
 def ensure_plugins() -> None:
     """Use the installed entry points; from a bare checkout, register the built-ins by hand."""
     import harness
-    from harness.plugins import registry
+    from harness import registry
 
     if "lamamba" in harness.components("backbone"):
         return

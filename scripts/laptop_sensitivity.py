@@ -20,10 +20,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from harness.context import CellContext
-from harness.errors import UserError
-from harness.suite import load_suite
-from harness.suite import CellConfig
+from harness import CellConfig, CellContext, UserError, load_suite
 from harness_compress.metrics import OutputLoss
 from harness_compress.stages import PruneSpec, build_teacher, prune
 

@@ -39,7 +39,8 @@ def _dit():
 def test_objective_trains_a_pruned_student_and_keeps_shares():
     teacher = _dit().eval().requires_grad_(False)
     student = apply_plan(copy.deepcopy(teacher), {"skip": ["blocks.1"], "drop": []}).requires_grad_(True)
-    losses = [(_loss("task"), 1.0), (_loss("output-kd"), 1.0), (_loss("normalized-feature-kd"), 2.0)]
+    losses = [("task", _loss("task"), 1.0), ("output-kd", _loss("output-kd"), 1.0),
+              ("normalized-feature-kd", _loss("normalized-feature-kd"), 2.0)]
     objective = DistillObjective(losses, channels=4, teacher=teacher)
     x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t, y = torch.tensor([10, 700]), torch.tensor([0, 2])
@@ -95,7 +96,7 @@ def test_lamamba_feature_loss_is_the_sum_over_its_stages(loss_name):
         expected = sum(float((s - f).pow(2).mean()) for s, f in pairs)
     else:
         expected = sum(float((f - s).pow(2).sum() / f.pow(2).sum()) for s, f in pairs)
-    objective = DistillObjective([(_loss(loss_name), 1.0)], channels=4, teacher=teacher)
+    objective = DistillObjective([(loss_name, _loss(loss_name), 1.0)], channels=4, teacher=teacher)
     _, terms = objective(student, x_t, t, y, torch.randn(2, 4, 8, 8), x_t, teacher)
     assert expected > 0
     assert float(terms[loss_name]) == pytest.approx(expected, rel=1e-5)

@@ -79,11 +79,22 @@ def lazy_module(tmp_path, monkeypatch):
         IMPORTED = True
 
 
+        class Built:
+            """What the mixer builds: callable, as a mixer's module is (its contract), and
+            keeping the arguments it was built with."""
+
+            def __init__(self, *args):
+                self.args = args
+
+            def __call__(self, x, hw):
+                return x
+
+
         def mixer(dim: int, heads: int = 2, *, gate: "str | None" = None, **extra):
             """A mixer described without importing its module.
 
             Details that `harness ls` leaves out."""
-            return ("mixer", dim, heads, gate)
+            return Built("mixer", dim, heads, gate)
 
 
         class Stages:
@@ -111,17 +122,47 @@ def registry_with(**hooks) -> Registry:
 
 def test_a_reference_is_described_without_import_and_imported_on_first_use(lazy_module):
     reg = registry_with(mixers={"m": f"{lazy_module}:mixer", "d": Lazy(f"{lazy_module}:TABLE.with-dash", "by key"),
-                                "e": (lambda dim: dim)})
+                                "e": (lambda dim: (lambda x, hw: dim))})
     comps = reg.components("mixer")
     assert comps["m"].description == "A mixer described without importing its module."
     assert comps["d"].description == "by key"
     assert lazy_module not in sys.modules  # listing and describing imported nothing
-    assert reg.create("mixer", "m", dim=8, gate="x") == ("mixer", 8, 2, "x")
+    assert reg.create("mixer", "m", dim=8, gate="x").args == ("mixer", 8, 2, "x")
     assert lazy_module in sys.modules
-    assert reg.create("mixer", "d", dim=4) == ("mixer", 4, 2, None)  # a step into a mapping is by key
-    assert reg.create("mixer", "e", dim=3) == 3  # eager factories are unchanged
+    assert reg.create("mixer", "d", dim=4).args == ("mixer", 4, 2, None)  # a step into a mapping is by key
+    assert reg.create("mixer", "e", dim=3)(None, None) == 3  # eager factories are unchanged
     assert [o["name"] for o in comps["m"].options()] == ["dim", "heads", "gate", "**extra"]
     assert comps["m"].options()[1] == {"name": "heads", "default": 2, "annotation": "int"}
+
+
+def test_a_reference_is_checked_against_its_contract_once_imported(tmp_path, monkeypatch):
+    """Listing a reference neither imports nor checks it; looking it up does both, in one line."""
+    name = f"lazy_contract_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent('''
+        import harness
+
+
+        class NoDirection:
+            """A metric that forgot its direction."""
+
+            def __call__(self, ctx):
+                return 1.0
+
+
+        STAGE = harness.Stage(schema=dict, run=lambda ctx, spec: None)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        reg = registry_with(metrics={"bad": f"{name}:NoDirection"}, stages={"odd": Lazy(f"{name}:STAGE", "a stage")})
+        assert "bad" in reg.components("metric") and "odd" in reg.stages()
+        assert name not in sys.modules
+        with pytest.raises(PluginError, match=r"^plugin 'lazy-test': metric 'bad' \(NoDirection\) declares no "
+                                              r"direction"):
+            reg.get("metric", "bad")
+        with pytest.raises(PluginError, match=r"^plugin 'lazy-test': stage 'odd': schema must be a pydantic"):
+            reg.stages()["odd"]
+    finally:
+        sys.modules.pop(name, None)
 
 
 def test_a_reference_that_cannot_be_imported_names_plugin_and_target(lazy_module):

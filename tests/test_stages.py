@@ -57,6 +57,67 @@ def test_plugins_use_each_other_only_through_their_package():
     assert not found, "private imports of another plugin's modules:\n" + "\n".join(found)
 
 
+# what is not plugin source: build folders pip leaves behind, installed copies
+_BUILD = {"build", "dist", ".venv", "__pycache__"}
+
+
+def _outside_code() -> list[Path]:
+    """Every Python file written the way an outside author writes one: the built-in plugins,
+    scripts/ and examples/ (build folders left out)."""
+    files = []
+    for root in ("plugins", "scripts", "examples"):
+        for path in sorted((REPO / root).rglob("*.py")):
+            parts = path.relative_to(REPO).parts
+            if not _BUILD & set(parts) and not any(p.endswith(".egg-info") for p in parts):
+                files.append(path)
+    return files
+
+
+def _core_uses(path: Path):
+    """(line, what) of every use of the core that is not a name of ``harness.__all__``:
+    ``from harness.x import``, ``import harness.x``, ``from harness import <private>``,
+    ``harness.<private>`` on the imported module, and a lazy reference into a core module
+    (``"harness.x:attr"``, imported on use all the same; ``"harness:name"`` is public)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    public = set(harness.__all__)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("harness."):
+                    yield node.lineno, f"import {alias.name}"
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            if node.module.startswith("harness."):
+                yield node.lineno, f"from {node.module} import ..."
+            elif node.module == "harness":
+                for alias in node.names:
+                    if alias.name not in public:
+                        yield node.lineno, f"from harness import {alias.name}"
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "harness":
+            if node.attr not in public and not node.attr.startswith("__"):
+                yield node.lineno, f"harness.{node.attr}"
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            module, colon, attr = node.value.partition(":")
+            if colon and (module.startswith("harness.") or (module == "harness" and attr not in public)):
+                yield node.lineno, f"reference {node.value!r}"
+
+
+def test_plugins_scripts_and_examples_use_only_the_public_api():
+    files = _outside_code()
+    assert any("harness-example" in str(p) for p in files) and any(p.parent.name == "scripts" for p in files)
+    found = [f"{p.relative_to(REPO)}:{line}: {what}" for p in files for line, what in _core_uses(p)]
+    assert not found, "uses of the core outside harness.__all__:\n" + "\n".join(found)
+
+
+def test_the_public_api_test_sees_a_private_use(tmp_path):
+    bad = tmp_path / "m.py"
+    bad.write_text("import harness\nfrom harness.training import train_model\nfrom harness import Unit, _LAZY\n"
+                   "import harness.flops\nx = harness.plugins.registry()\ny = harness.create\n"
+                   "z = {'a': 'harness.flops:sdpa_flop', 'b': 'harness:sdpa_flop', 'c': 'harness:_LAZY'}\n")
+    assert sorted(_core_uses(bad)) == [(2, "from harness.training import ..."), (3, "from harness import _LAZY"),
+                                     (4, "import harness.flops"), (5, "harness.plugins"),
+                                     (7, "reference 'harness.flops:sdpa_flop'"), (7, "reference 'harness:_LAZY'")]
+
+
 def test_the_boundary_test_sees_an_import(tmp_path):
     (tmp_path / "harness_x").mkdir()
     bad = tmp_path / "harness_x" / "m.py"
@@ -331,3 +392,21 @@ def test_a_null_block_is_no_stage_so_a_matrix_compares_with_and_without(tmp_path
     without, with_ = load_records(tmp_path / "r" / "staged")
     assert "scale" not in without and with_["scale"] == {"factor": 3.0}
     assert stage_plugin.ran == ["scale"]
+
+
+# -- the flops command applies any stage that can apply its result, by the stage's name ------------
+def test_flops_applies_a_stage_named_on_the_command_line(tmp_path, capsys):
+    import json
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"skip": ["blocks.1"], "drop": []}))
+    dit = ["flops", "dit", "--size", "tiny", "--input-size", "8", "--depth", "2", "--json"]
+    assert main(dit) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert main(dit + ["--prune", str(plan)]) == 0
+    pruned = json.loads(capsys.readouterr().out)
+    assert pruned["prune"]["plan"] == str(plan) and pruned["options"] == full["options"]
+    assert pruned["params"] < full["params"] and pruned["gflops"] < full["gflops"]
+    assert pruned["prune"]["removed_ratio"] == pytest.approx(1 - pruned["params"] / full["params"])
+    assert main(dit + ["--prune"]) == 2
+    assert "--prune needs a value" in capsys.readouterr().err

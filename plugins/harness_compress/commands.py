@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from harness.commands import Command, backbone_context
+from harness import Command, backbone_context
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -16,12 +16,12 @@ def _run(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .units import discover  # torch: not for `harness prune --help`
+    from harness import discover_units  # torch: not for `harness prune --help`
 
     ctx = backbone_context(args.backbone, args.options)
     model = ctx.build_backbone(device="meta")  # sizes only
     total = sum(p.numel() for p in model.parameters())
-    units = discover(model)
+    units = discover_units(model)
     removable = [u for u in units if u.removable]
     if args.json:
         print(json.dumps({"backbone": args.backbone, "options": args.options, "params": total,
@@ -35,7 +35,7 @@ def _run(args) -> int:
     console = Console(highlight=False, markup=False)  # module names are printed verbatim
     console.print(table)
     # pairs overlap single units, so the removable total counts each module once
-    names = {name for u in removable for name in u.covers}
+    names = {name for u in removable for name in u.modules}
     names = {n for n in names if not any(n.startswith(o + ".") for o in names)}  # nested: count once
     covered = {n: sum(p.numel() for p in model.get_submodule(n).parameters()) for n in names}
     console.print(f"{args.backbone}: {total:,} params; {len(removable)} removable units "

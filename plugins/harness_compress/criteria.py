@@ -1,7 +1,8 @@
 """Layer-pruning criteria: ``score(model, units, ctx) -> {unit: importance}``, higher = keep.
 
 ``laptop`` is LAPTOP-Diff's one-shot criterion (the output loss of the whole model with that
-unit alone removed); the rest are the baselines of its comparison.
+unit alone removed); the rest are the baselines of its comparison. They are written against
+the core's criterion contract (:class:`harness.Criterion`) like any third party's.
 """
 from __future__ import annotations
 
@@ -11,56 +12,48 @@ import re
 import torch
 from torch import nn
 
-from harness.errors import UserError
-
-from .calibration import (calibration_inputs, evaluating, noise_channels, output_loss, predict,
-                          reference_outputs, removed)
-from .units import Unit
+import harness
+from harness import (Calibration, Unit, UserError, calibration_inputs, evaluating, noise_channels, output_loss,
+                     predict_noise, reference_outputs, remove_units)
 
 
 def unit_parameters(model: nn.Module, unit: Unit) -> list[torch.nn.Parameter]:
-    return [p for name in unit.covers for p in model.get_submodule(name).parameters()]
+    return unit.parameters(model)
 
 
-class Criterion:
-    """Base: holds the calibration size that data-driven criteria use."""
+class Criterion(harness.Criterion):
+    """Base: the calibration set of the pruning stage, or one of the size given here."""
 
-    name = ""
-
-    def __init__(self, batch_size: int = 8, timesteps: int = 8):
-        if batch_size < 1 or timesteps < 1:
-            raise UserError(f"criterion {self.name!r}: batch_size and timesteps must be >= 1 "
+    def __init__(self, batch_size: int | None = None, timesteps: int | None = None):
+        if (batch_size is not None and batch_size < 1) or (timesteps is not None and timesteps < 1):
+            raise UserError(f"criterion {type(self).__name__}: batch_size and timesteps must be >= 1 "
                             f"(got {batch_size}, {timesteps})")
         self.batch_size, self.timesteps = batch_size, timesteps
 
-    def batches(self, model, ctx):
-        return calibration_inputs(ctx, model, self.batch_size, self.timesteps)
+    def calibration(self, ctx, model):
+        stage = getattr(ctx, "calibration", None) or Calibration()
+        return calibration_inputs(ctx, model, stage.with_size(self.batch_size, self.timesteps))
 
-    def score(self, model: nn.Module, units: list[Unit], ctx) -> dict[str, float]:
-        raise NotImplementedError
+    batches = calibration  # its first name here
 
 
 class Laptop(Criterion):
     """LAPTOP-Diff one-shot: output loss of the model with the unit alone removed."""
 
-    name = "laptop"
-
     def score(self, model, units, ctx):
         with evaluating(model):
-            batches = self.batches(model, ctx)
+            batches = self.calibration(ctx, model)
             c = noise_channels(ctx)
             refs = reference_outputs(model, batches, c)
             scores = {}
             for unit in units:
-                with removed(model, [unit]) as pruned:
+                with remove_units(model, [unit]) as pruned:
                     scores[unit.name] = output_loss(pruned, batches, refs, c)
         return scores
 
 
 class Random(Criterion):
     """Random scores from a seed (the cell's, unless given)."""
-
-    name = "random"
 
     def __init__(self, seed: int | None = None):
         super().__init__()
@@ -75,8 +68,6 @@ class Random(Criterion):
 
 class Magnitude(Criterion):
     """Mean absolute weight of the unit (weight norm per parameter)."""
-
-    name = "magnitude"
 
     def __init__(self):
         super().__init__()
@@ -93,8 +84,6 @@ class Magnitude(Criterion):
 class Taylor(Criterion):
     """First-order Taylor: sum of |w * dL/dw| of the diffusion loss over the unit's weights."""
 
-    name = "taylor"
-
     def score(self, model, units, ctx):
         c = noise_channels(ctx)
         model.zero_grad(set_to_none=True)
@@ -103,9 +92,10 @@ class Taylor(Criterion):
             p.requires_grad_(True)
         try:
             with torch.enable_grad(), evaluating(model):
-                for batch in self.batches(model, ctx):
-                    loss = torch.mean((predict(model, batch, c) - batch["noise"]) ** 2)
-                    (loss / self.timesteps).backward()
+                batches = self.calibration(ctx, model)
+                for batch in batches:
+                    loss = torch.mean((predict_noise(model, batch, c) - batch["noise"]) ** 2)
+                    (loss / len(batches)).backward()
             out = {}
             for unit in units:
                 total = 0.0
@@ -123,8 +113,6 @@ class Taylor(Criterion):
 class Similarity(Criterion):
     """Angular distance between a unit's input and output: a unit that barely turns its
     input is cheap to remove."""
-
-    name = "similarity"
 
     def score(self, model, units, ctx):
         sums = {u.name: 0.0 for u in units}
@@ -144,11 +132,11 @@ class Similarity(Criterion):
             return fn
 
         for unit in units:
-            for name in unit.covers:  # a pair: the mean over its modules
-                handles.append(model.get_submodule(name).register_forward_hook(hook(unit.name), with_kwargs=True))
+            for module in unit.submodules(model):  # a pair: the mean over its modules
+                handles.append(module.register_forward_hook(hook(unit.name), with_kwargs=True))
         try:
             with torch.no_grad(), evaluating(model):
-                for batch in self.batches(model, ctx):
+                for batch in self.calibration(ctx, model):
                     model(**batch["inputs"])
         finally:
             for h in handles:
@@ -159,8 +147,6 @@ class Similarity(Criterion):
 class BKSDM(Criterion):
     """BK-SDM's handcrafted order: second units of down stages and middle units of up stages
     first, then the mid block, then the innermost stage (U-Nets only)."""
-
-    name = "bk-sdm"
 
     def __init__(self):
         super().__init__()
@@ -190,4 +176,5 @@ class BKSDM(Criterion):
         return out
 
 
-CRITERIA = {c.name: c for c in (Laptop, Random, Magnitude, Taylor, Similarity, BKSDM)}
+CRITERIA = {"laptop": Laptop, "random": Random, "magnitude": Magnitude, "taylor": Taylor,
+            "similarity": Similarity, "bk-sdm": BKSDM}

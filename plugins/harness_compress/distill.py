@@ -1,9 +1,10 @@
 """Distillation losses and the objective that combines them with weights.
 
-A loss (hook ``harness_distill_losses``) is called as
+A loss (:class:`harness.Loss`, hook ``harness_distill_losses``) is called as
 ``loss(student_out, teacher_out, noise, student_feats, teacher_feats) -> scalar``; features
-are dicts keyed by the teacher's module names. Feature losses also give ``terms(...)``: one
-value per feature, which is where LAPTOP-Diff sees a few large terms dominate.
+are dicts keyed by the teacher's module names, collected for losses that declare
+``needs_features``. Feature losses also give ``terms(...)``: one value per feature, which is
+where LAPTOP-Diff sees a few large terms dominate.
 """
 from __future__ import annotations
 
@@ -14,31 +15,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .units import origin_names, tag_origins
+import harness
+from harness import origin_names, tag_origins
 
 
-class TaskLoss:
+class TaskLoss(harness.Loss):
     """Denoising loss: MSE(student, noise)."""
 
-    name, needs_features = "task", False
+    needs_teacher = False
 
     def __call__(self, student_out, teacher_out, noise, student_feats, teacher_feats):
         return F.mse_loss(student_out, noise)
 
 
-class OutputKD:
+class OutputKD(harness.Loss):
     """Output distillation: MSE(student, teacher)."""
-
-    name, needs_features = "output-kd", False
 
     def __call__(self, student_out, teacher_out, noise, student_feats, teacher_feats):
         return F.mse_loss(student_out, teacher_out)
 
 
-class FeatureKD:
+class FeatureKD(harness.Loss):
     """BK-SDM feature distillation: sum over hooked features of MSE(student, teacher)."""
 
-    name, needs_features = "feature-kd", True
+    needs_features = True
 
     def term(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(s, t)
@@ -56,8 +56,6 @@ class FeatureKD:
 class NormalizedFeatureKD(FeatureKD):
     """LAPTOP-Diff: each feature term ||F_T - F_S||^2 / ||F_T||^2 (norm reconstructed)."""
 
-    name = "normalized-feature-kd"
-
     def __init__(self, eps: float = 1e-8):
         self.eps = eps
 
@@ -65,7 +63,8 @@ class NormalizedFeatureKD(FeatureKD):
         return (t - s).pow(2).sum() / (t.pow(2).sum() + self.eps)
 
 
-LOSSES = {c.name: c for c in (TaskLoss, OutputKD, FeatureKD, NormalizedFeatureKD)}
+LOSSES = {"task": TaskLoss, "output-kd": OutputKD, "feature-kd": FeatureKD,
+          "normalized-feature-kd": NormalizedFeatureKD}
 
 
 # -- features -----------------------------------------------------------------------------------
@@ -117,15 +116,17 @@ class FeatureTap:
 
 class DistillObjective:
     """Weighted sum of losses, as ``loss_fn(model, x0, t, y, noise, x_t, teacher)`` for
-    ``harness.training.train_model``. It runs the teacher (no grad) and the student with
-    feature hooks, and accumulates each term's magnitude so the record can show its share."""
+    :func:`harness.train_model`. It runs the teacher (no grad) and the student with feature
+    hooks when a loss declares ``needs_features``, and accumulates each term's magnitude so the
+    record can show its share. ``losses`` are ``(registered name, loss, weight)``: the name
+    keys the record's shares (a loss never has to know it)."""
 
-    def __init__(self, losses: list[tuple[object, float]], channels: int, teacher: nn.Module | None = None,
+    def __init__(self, losses: list[tuple[str, object, float]], channels: int, teacher: nn.Module | None = None,
                  features: list[str] | None = None):
         self.losses = losses
         self.channels = channels
         self.features = features
-        self.needs_features = any(getattr(l, "needs_features", False) for l, _ in losses)
+        self.needs_features = any(getattr(l, "needs_features", False) for _, l, _ in losses)
         self.sums: dict[str, float] = defaultdict(float)
         self.steps = 0
         self._taps: dict[int, FeatureTap] = {}
@@ -159,17 +160,17 @@ class DistillObjective:
         s_feats = s_tap.pop() if s_tap else {}
         total = s_out.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
-        for loss, weight in self.losses:
-            if t_out is None and loss.name != "task":
-                raise ValueError(f"distillation loss {loss.name!r} needs a teacher")
+        for name, loss, weight in self.losses:
+            if t_out is None and getattr(loss, "needs_teacher", True):
+                raise ValueError(f"distillation loss {name!r} needs a teacher")
             value = loss(s_out, t_out, noise, s_feats, t_feats)
             total = total + weight * value
-            terms[loss.name] = weight * value.detach()
-            self.sums[loss.name] += float(terms[loss.name])
+            terms[name] = weight * value.detach()
+            self.sums[name] += float(terms[name])
             if hasattr(loss, "terms"):
                 with torch.no_grad():
                     for k, v in loss.terms(s_feats, t_feats).items():
-                        self.sums[f"{loss.name}/{k}"] += float(weight * v)
+                        self.sums[f"{name}/{k}"] += float(weight * v)
         self.steps += 1
         return total, terms
 

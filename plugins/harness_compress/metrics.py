@@ -1,12 +1,13 @@
 """``output_loss``: how far the cell's (pruned) model strays from its teacher."""
 from __future__ import annotations
 
-from harness.errors import MetricUnavailable, UserError
+import harness
+from harness import MetricUnavailable, UserError, evaluating, noise_channels, output_loss, reference_outputs
 
-from .calibration import calibration_inputs, evaluating, noise_channels, output_loss, reference_outputs
+from .calibration import calibration_inputs
 
 
-class OutputLoss:
+class OutputLoss(harness.Metric):
     """E||eps_student - eps_teacher||^2 over images x timesteps spread across the schedule.
 
     ``held_out`` (default): images of the validation split, noise from a seed stream of its
@@ -16,7 +17,7 @@ class OutputLoss:
     ``prompts`` (a file) encoded by ``pipeline``'s text encoder when both are given, else on
     a random context."""
 
-    name, direction, unit = "output_loss", "lower", "mse"
+    direction, unit = "lower", "mse"
     path_options = {"prompts": "prompt file"}
 
     def __init__(self, batch_size: int = 64, timesteps: int = 16, held_out: bool = True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from harness.errors import UserError
+from harness import UserError
 
 SELECTIONS = ("knapsack", "greedy")
 
@@ -30,7 +30,7 @@ def select_units(scores: dict[str, float], weights: dict[str, float], target: fl
         return _knapsack(names, scores, weights, target, clashes)
     if method == "greedy":
         return _greedy(names, scores, weights, target, clashes=clashes)
-    from harness.errors import suggest
+    from harness import suggest
 
     raise UserError(f"unknown selection {method!r}{suggest(method, SELECTIONS)}")
 

@@ -26,14 +26,12 @@ from typing import Any, Literal, Optional, Union
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from harness.errors import UserError, suggest
-from harness.flops import DEFAULT_CONVENTION
-from harness.stages import Stage
-from harness.suite import ComponentSpec
-from harness.training import train_model, training_checkpoint
+from harness import (DEFAULT_CONVENTION, ComponentSpec, Stage, UserError, apply_plan, calibration_inputs,
+                     noise_channels, output_loss, reference_outputs, registry, suggest, train_model,
+                     training_checkpoint)
 
-from .calibration import calibration_inputs, noise_channels, output_loss, reference_outputs
-from .units import BKSDM_PRESETS, apply_plan, bksdm_plan, bksdm_reference, save_pruned, untie
+from .calibration import stage_calibration
+from .units import BKSDM_PRESETS, bksdm_plan, bksdm_reference, save_pruned, untie
 
 
 # -- the blocks ---------------------------------------------------------------------------------
@@ -67,8 +65,6 @@ class PruneSpec(BaseModel):
     @field_validator("criterion")
     @classmethod
     def _known(cls, v):
-        from harness.plugins import registry
-
         spec = ComponentSpec(name=v) if isinstance(v, str) else v
         if spec is not None:
             try:
@@ -129,8 +125,6 @@ class DistillSpec(BaseModel):
     @field_validator("losses")
     @classmethod
     def _known(cls, v):
-        from harness.plugins import registry
-
         for term in v:
             spec = DistillTerm(name=term) if isinstance(term, str) else term
             try:
@@ -149,7 +143,7 @@ def prune_cell(ctx, spec: PruneSpec) -> None:
     student = copy.deepcopy(teacher).requires_grad_(True)
     ctx.teacher = teacher
     plan, info = prune(ctx, student, teacher, spec)
-    batches = calibration_inputs(ctx, teacher, spec.calibration_batch, spec.calibration_timesteps)
+    batches = calibration_inputs(ctx, teacher)
     c = noise_channels(ctx)
     student.eval()
     info["one_shot_output_loss"] = output_loss(student, batches, reference_outputs(teacher, batches, c), c)
@@ -229,7 +223,7 @@ def build_teacher(ctx) -> torch.nn.Module:
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     cache = Path(ctx.workdir).parent / "teachers" / f"{key}.safetensors" if ctx.workdir else None
     if cache is not None and cache.is_file():
-        from harness.weights import load_cache
+        from harness import load_cache
 
         state = load_cache(cache, device=str(ctx.device))  # None when torn or changed: trained again
         if state is not None and set(state) == set(model.state_dict()):
@@ -240,7 +234,7 @@ def build_teacher(ctx) -> torch.nn.Module:
     model = result.pop("ema")
     ctx.extra["teacher"] = {"cache": str(cache) if cache else None, "trained_here": True, **result}
     if cache is not None:
-        from harness.weights import save_cache
+        from harness import save_cache
 
         # atomic, with a digest of its content: a parallel cell never reads a torn file, nor anyone a changed one
         save_cache(cache, untie({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}),
@@ -252,12 +246,13 @@ def build_teacher(ctx) -> torch.nn.Module:
 # -- prune --------------------------------------------------------------------------------------
 def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tuple[dict, dict]:
     """Choose and remove units from ``student`` in place; return (plan, record)."""
-    from .calibration import removed
-    from .selection import select_units
-    from .units import conflicts, discover, merge_plans
+    from harness import conflicts, discover_units, merge_plans
 
+    from .selection import select_units
+
+    ctx.calibration = stage_calibration(spec)  # what every criterion scores on
     total_params = sum(p.numel() for p in student.parameters())
-    units = discover(student)
+    units = discover_units(student)
     candidates = [u for u in units if u.removable]
     info: dict = {"params_before": total_params, "units": len(units), "removable": len(candidates),
                   "unremovable": {u.name: u.reason for u in units if not u.removable}}
@@ -268,13 +263,7 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
         if not candidates:
             raise UserError(f"{type(student).__name__} has no removable unit to prune")
         crit_spec = spec.criterion_spec()
-        comp = ctx.registry.get("criterion", crit_spec.name)
-        options = dict(crit_spec.options)
-        accepted = comp.defaults()
-        for key, value in (("batch_size", spec.calibration_batch), ("timesteps", spec.calibration_timesteps)):
-            if key in accepted:
-                options.setdefault(key, value)
-        criterion = comp(**options)
+        criterion = ctx.registry.create("criterion", crit_spec.name, **crit_spec.options)
         student.eval()
         scores = criterion.score(student, candidates, ctx)
         if spec.budget == "params":
@@ -290,22 +279,23 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
                     budget_total=total, budget_removed=sum(weights[n] for n in chosen), scores=scores)
         if spec.additivity:
             info["additivity"] = _additivity(ctx, student, candidates, scores if crit_spec.name == "laptop" else None,
-                                             spec, removed)
+                                             spec)
     apply_plan(student, plan)
     after = sum(p.numel() for p in student.parameters())
     info.update(removed=chosen if spec.preset is None else [], plan=plan, params_after=after, removed_params_ratio=1 - after / total_params)
     return plan, info
 
 
-def _additivity(ctx, model, candidates, laptop_scores, spec, removed) -> dict:
+def _additivity(ctx, model, candidates, laptop_scores, spec) -> dict:
+    from harness import conflicts, remove_units
+
     from .criteria import Laptop
     from .selection import additivity
-    from .units import conflicts
 
     by_name = {u.name: u for u in candidates}
     names = list(by_name)
-    single = laptop_scores or Laptop(spec.calibration_batch, spec.calibration_timesteps).score(model, candidates, ctx)
-    batches = calibration_inputs(ctx, model, spec.calibration_batch, spec.calibration_timesteps)
+    single = laptop_scores or Laptop().score(model, candidates, ctx)
+    batches = calibration_inputs(ctx, model)
     c = noise_channels(ctx)
     refs = reference_outputs(model, batches, c)
 
@@ -317,7 +307,7 @@ def _additivity(ctx, model, candidates, laptop_scores, spec, removed) -> dict:
         return kept
 
     def loss_of_set(chosen):
-        with removed(model, [by_name[n] for n in chosen]) as pruned:
+        with remove_units(model, [by_name[n] for n in chosen]) as pruned:
             return output_loss(pruned, batches, refs, c)
 
     return additivity(names, single, loss_of_set, subsets=spec.additivity, compatible=compatible,
@@ -330,7 +320,7 @@ def unit_flops(ctx, model: torch.nn.Module, units: list,
     or thop's): one count (on the meta device) and its per-module breakdown, whatever the number
     of units. A skip pair weighs what both its modules do (it was weighed 0 when looked up by
     its joined name)."""
-    from harness.flops import count_flops
+    from harness import count_flops
 
     inputs = ctx.example_inputs(1, model=model, generator=ctx.generator("flops-inputs", shared=True))
     was_training = model.training
@@ -338,7 +328,7 @@ def unit_flops(ctx, model: torch.nn.Module, units: list,
         fc = count_flops(model.eval(), inputs, ctx.registry.flop_handles(), convention=convention)
     finally:
         model.train(was_training)
-    return {u.name: float(sum(fc.modules.get(m, 0) for m in u.covers)) for u in units}, float(fc.total)
+    return {u.name: float(sum(fc.modules.get(m, 0) for m in u.modules)) for u in units}, float(fc.total)
 
 
 # -- distill ------------------------------------------------------------------------------------
@@ -346,7 +336,7 @@ def distill(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> to
     from .distill import DistillObjective
 
     terms = spec.terms()
-    losses = [(ctx.registry.create("loss", t.name, **t.options), t.weight) for t in terms]
+    losses = [(t.name, ctx.registry.create("loss", t.name, **t.options), t.weight) for t in terms]
     objective = DistillObjective(losses, noise_channels(ctx), teacher=teacher, features=spec.features)
     update = {"steps": spec.steps, "ema": spec.ema}
     if spec.batch_size:

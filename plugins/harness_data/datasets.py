@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from harness.errors import UserError
+from harness import UserError
 
 from .text import maybe_captioned
 
@@ -123,7 +123,7 @@ def shape_caption(label: int) -> str:
 def _render_shapes(resolution: int, split: str, seed: int, n: int, num_classes: int):
     # Each image draws from its own generator keyed by (seed, split, index): the set is the
     # same whatever its size, and the held-out split never repeats a training image.
-    from harness.context import derive_seed
+    from harness import derive_seed
 
     labels = torch.arange(n) % num_classes
     images = torch.stack([_render_shape(int(labels[i]), resolution,
@@ -169,7 +169,7 @@ def image_folder(*, resolution: int = 32, split: str = "train", seed: int = 0, r
     n_val = max(1, round(len(files) * val_fraction))
     chosen = sorted(perm[:n_val] if split == "val" else perm[n_val:])
     images, labels = [], []
-    from harness.files import open_regular
+    from harness import open_regular
 
     for i in chosen:
         # open_regular: a FIFO named like an image would block forever, a device never end
@@ -207,7 +207,7 @@ def cifar10(*, resolution: int = 32, split: str = "train", seed: int = 0, root: 
         if not download:
             raise UserError(f"cifar10: no data under {where / 'cifar-10-batches-py'}; download {CIFAR_URL}, "
                             f"extract it in {where} (or set data.root / $HARNESS_DATA)") from None
-        from harness.weights import network_timeout
+        from harness import network_timeout
 
         try:
             with network_timeout():  # torchvision's urlopen has no timeout: a stalled server must not hang the cell

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import UserError
+from harness import UserError
 
 
 @lru_cache(maxsize=4)
@@ -54,7 +54,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.name = f"{source.name}-latent"
 
     def _load_or_encode(self, path: Path, batch_size: int) -> torch.Tensor:
-        from harness.weights import load_cache, save_cache
+        from harness import load_cache, save_cache
 
         cached = load_cache(path)  # None when missing, torn or changed since written: encoded again
         if cached is not None and "latents" in cached and len(cached["latents"]) == len(self.source):

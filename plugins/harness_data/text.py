@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 import torch
 
-from harness.errors import UserError
+from harness import UserError
 
 MEMORY_ENV = "HARNESS_CAPTION_MEMORY_GB"
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.mixers import build_mixer
+from harness import build_mixer
 
 # size -> (depth, hidden size, heads). "tiny" is ours, for CPU runs; the rest are the paper's.
 DIT_SIZES = {
@@ -227,7 +227,7 @@ def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
 def load_checkpoint(model: nn.Module, path: str, key: str | None = None) -> None:
     """A local .pt/.pth/.safetensors file or an http(s) URL, read without running pickled code:
     a state dict, or the ``key`` entry of a train.py checkpoint (``ema`` unless told otherwise)."""
-    from harness.weights import load_into
+    from harness import load_into
 
     load_into(model, path, key=key, what="pretrained")
 
@@ -242,7 +242,7 @@ def dit(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000, 
     ``pretrained``: a state dict or a facebookresearch/DiT ``train.py`` checkpoint (file or URL);
     of the latter ``checkpoint_key`` picks ``ema`` (the default, what DiT samples with) or ``model``."""
     if size not in DIT_SIZES:
-        from harness.errors import UserError, suggest
+        from harness import UserError, suggest
 
         raise UserError(f"unknown DiT size {size!r}{suggest(size, DIT_SIZES)}")
     if context_dim:

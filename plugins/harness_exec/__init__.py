@@ -2,7 +2,7 @@
 
 ``local`` runs them one after another in this process, ``process`` in parallel worker
 processes of this machine, ``submitit`` as Slurm jobs. All three call
-``harness.runner.execute_cell``, so records land in the same place whichever is used.
+``harness.execute_cell``, so records land in the same place whichever is used.
 """
 from __future__ import annotations
 

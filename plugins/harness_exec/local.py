@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 
-from harness.runner import execute_cell
+from harness import execute_cell
 
 
 def _alone():

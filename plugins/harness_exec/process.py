@@ -21,10 +21,7 @@ import time
 from contextlib import contextmanager
 from multiprocessing.connection import wait
 
-from harness.errors import UserError
-from harness.plugins import registry
-from harness.records import environment, read_record, write_record
-from harness.runner import CellJob, execute_cell
+from harness import CellJob, UserError, environment, execute_cell, read_record, registry, write_record
 
 
 # Messages of the worker's pipe besides the final record (a dict).

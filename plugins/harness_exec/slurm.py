@@ -22,8 +22,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.errors import UserError, suggest
-from harness.runner import CellJob, execute_cell, execute_cell_on_ranks
+from harness import CellJob, UserError, execute_cell, execute_cell_on_ranks, suggest
 
 from .process import failed_record, stamp
 

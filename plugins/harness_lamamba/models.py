@@ -33,8 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.errors import UserError, suggest
-from harness.mixers import build_mixer
+from harness import UserError, build_mixer, suggest
 from harness_dit import LabelEmbedder, Mlp, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
 
 
@@ -310,7 +309,7 @@ def lamamba(*, input_size: int = 32, in_channels: int = 4, num_classes: int = 10
 def load_pretrained(model: LaMambaDiff, source: str, key: str | None = None) -> None:
     """A state dict or training checkpoint of ours or of the official code, read without running
     pickled code (harness.weights), into ``model`` strictly."""
-    from harness.weights import load_state_dict, load_state_into
+    from harness import load_state_dict, load_state_into
 
     from .official import from_official, is_official
 

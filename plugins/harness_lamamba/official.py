@@ -30,7 +30,7 @@ import re
 
 import torch
 
-from harness.errors import UserError
+from harness import UserError
 
 # Top-level names of the official model, none of which ours uses: how a checkpoint is recognised.
 OFFICIAL_PREFIXES = ("patch_embed.", "layers.", "mid_layer.", "layers_up.", "final_up.", "final_condition_projection.")

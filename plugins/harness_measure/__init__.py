@@ -22,6 +22,6 @@ def harness_flop_handles():
         **dict.fromkeys(("aten::scaled_dot_product_attention", "aten::_scaled_dot_product_flash_attention",
                          "aten::_scaled_dot_product_flash_attention_for_cpu",
                          "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
-                         "aten::_scaled_dot_product_attention_math"), "harness.flops:sdpa_flop"),
-        "aten::baddbmm": "harness.flops:baddbmm_flop",
+                         "aten::_scaled_dot_product_attention_math"), "harness:sdpa_flop"),
+        "aten::baddbmm": "harness:baddbmm_flop",
     }

@@ -7,10 +7,8 @@ import time
 
 import torch
 
-from harness import kernels
-from harness.context import DTYPES, CellContext
-from harness.flops import (CONVENTIONS, DEFAULT_CONVENTION, AbstractCountError, check_convention, count_flops,
-                           is_small)
+from harness import (CONVENTIONS, DEFAULT_CONVENTION, DTYPES, AbstractCountError, CellContext, check_convention,
+                     count_flops, is_small, kernels)
 
 
 class Params:

@@ -7,7 +7,7 @@ One generation of a batch has three parts, each timed on its own (synchronised o
 - ``text``: the prompts through the pipeline's text encoder(s) (``harness_t2i.encode_prompts``,
   the pipeline's own ``encode_prompt``), for text-conditioned U-Nets only;
 - ``denoise``: ``steps`` steps of the cell's model as it stands (trained, pruned, distilled)
-  with a diffusers scheduler, through :func:`harness.sampling.sample_batch`, the loop the
+  with a diffusers scheduler, through :func:`harness.sample_batch`, the loop the
   harness samples with (classifier-free guidance included: two model calls per step);
 - ``decode``: the VAE decoder of a latent backbone: the data block's VAE, else the text
   pipeline's, else the ``vae`` option; pixel-space models have no decode part.
@@ -27,11 +27,7 @@ from pathlib import Path
 
 import torch
 
-from harness import kernels
-from harness.context import DTYPES
-from harness.errors import MetricUnavailable, UserError
-from harness.sampling import SAMPLERS, sample_batch
-from harness.training import model_learns_sigma
+from harness import DTYPES, SAMPLERS, MetricUnavailable, UserError, kernels, model_learns_sigma, sample_batch
 
 from .metrics import _load_average
 

@@ -30,7 +30,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
-from harness.errors import UserError
+from harness import UserError
 
 
 class Statistics(NamedTuple):
@@ -212,7 +212,7 @@ def npz_members(path: str | Path, what: str = "npz") -> dict[str, Member]:
     input is refused before any work. Object arrays (pickles) are refused here."""
     import zipfile
 
-    from harness.files import open_regular
+    from harness import open_regular
 
     path = Path(path)
     members = {}

@@ -10,8 +10,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.commands import Command
-from harness.errors import MetricUnavailable, UserError
+from harness import Command, MetricUnavailable, UserError
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

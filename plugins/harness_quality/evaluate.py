@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from harness.errors import UserError
+from harness import UserError
 
 from . import adm
 from .features import FEATURES_LIST, DinoFeatures, Features, extract, extract_dinov2, probabilities
@@ -88,7 +88,7 @@ def _read_image(path: str) -> np.ndarray:
 
 def _save_npz(path: Path, **arrays) -> None:
     """Atomically; a full disk is one line naming the cache folder (harness.files)."""
-    from harness.files import atomic_write
+    from harness import atomic_write
 
     atomic_write(path, lambda fh: np.savez(fh, **arrays), what=f"the feature cache {path.name}",
                  needed=sum(np.asarray(a).nbytes for a in arrays.values()))
@@ -170,7 +170,7 @@ def resolve_extractors(metrics, weights: Optional[str] = None, option: str = "--
 
 
 def parse_metrics(text: str) -> list[str]:
-    from harness.errors import suggest
+    from harness import suggest
 
     names = [m.strip() for m in text.split(",") if m.strip()]
     if not names:

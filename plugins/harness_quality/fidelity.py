@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from harness.errors import MetricUnavailable, UserError
+from harness import MetricUnavailable, UserError
 
 INCEPTION = "inception-v3-compat"
 DINOV2 = "dinov2-vit-l-14"                     # torch-fidelity's name for torch.hub's dinov2_vitl14
@@ -60,7 +60,7 @@ def file_hash(path: str | Path) -> str:
 
 @lru_cache(maxsize=2)
 def _read_weights(path: str, mtime: float, size: int, what: str) -> dict:
-    from harness.weights import load_state_dict
+    from harness import load_state_dict
 
     return load_state_dict(path, what=what)
 
@@ -88,7 +88,7 @@ def resolve_extractor(name: str = INCEPTION, weights: Optional[str] = None,
     import torch_fidelity.registry as reg
 
     if name not in reg.FEATURE_EXTRACTORS_REGISTRY:
-        from harness.errors import suggest
+        from harness import suggest
 
         raise UserError(f"FID extractor {name!r} is not registered{suggest(name, reg.FEATURE_EXTRACTORS_REGISTRY)}")
     if name != INCEPTION:  # another registered extractor brings its own weights
@@ -140,7 +140,7 @@ def resolve_dinov2() -> Extractor:
 def build_dinov2(ext: Extractor, cuda: bool):
     """torch-fidelity's DINOv2 extractor; torch.hub failing to fetch or import it (network,
     a partial cache) makes the metric unavailable rather than the run crash."""
-    from harness.weights import network_timeout
+    from harness import network_timeout
 
     from .features import DINOV2_FEATURES
 
@@ -171,13 +171,13 @@ def build_extractor(ext: Extractor, features, cuda: bool):
     """torch-fidelity's extractor ``ext.name`` with the weights read safely here.
 
     Its constructors ``torch.load(path, weights_only=False)``; they get instead an in-memory
-    file holding only the tensors :func:`harness.weights.load_state_dict` read, so what they
+    file holding only the tensors :func:`harness.load_state_dict` read, so what they
     unpickle is what we wrote. The default Inception file is downloaded once into torch.hub's
     checkpoint folder, where torch-fidelity keeps it too.
     """
     import torch_fidelity.registry as reg
 
-    from harness.weights import load_state_dict
+    from harness import load_state_dict
 
     cls = reg.FEATURE_EXTRACTORS_REGISTRY[ext.name]
     kwargs = {}
@@ -233,7 +233,7 @@ def _cached_features(cache: Path, name: str, layers, compute) -> dict:
     """Features per layer from ``cache/<name>-features-<layer>.safetensors``, else computed and
     stored there (atomically, with a digest of their content). An entry that is unreadable,
     truncated or no longer matches its digest is recomputed: it is ours, not the user's."""
-    from harness.weights import load_cache, save_cache
+    from harness import load_cache, save_cache
 
     files = {layer: cache / f"{name}-features-{layer}.safetensors" for layer in layers}
     if all(f.is_file() for f in files.values()):
@@ -304,7 +304,7 @@ def _check_folder(folder: str, arg: str) -> list[str]:
     if len(files) < 2:
         raise UserError(f"fid: {arg} {folder!r} holds {len(files)} .png/.jpg/.jpeg image(s); FID needs at least 2 "
                         f"per folder")
-    from harness.files import open_regular
+    from harness import open_regular
 
     first = None
     for f in files:  # headers only: cheap next to Inception, and a bad file is named before any work

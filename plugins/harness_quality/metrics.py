@@ -22,9 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness.context import CellContext
-from harness.errors import MetricUnavailable, UserError
-from harness.sampling import sample_to_folder
+from harness import CellContext, MetricUnavailable, UserError, sample_to_folder
 
 from .fidelity import fidelity_metrics, resolve_extractor
 
@@ -40,7 +38,7 @@ class ValLoss:
         self.num_timesteps, self.max_samples, self.batch_size = num_timesteps, max_samples, batch_size
 
     def __call__(self, ctx: CellContext) -> dict:
-        from harness.training import make_scheduler, map_labels, stack_labels, text_conditioning
+        from harness import make_scheduler, map_labels, stack_labels, text_conditioning
 
         ds = ctx.make_dataset("val")
         if ds is None:

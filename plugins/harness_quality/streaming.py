@@ -129,7 +129,7 @@ class Extractors:
         ``weights`` options must agree (one set of features serves them all). A network that
         cannot be had (offline without its weights) is left out and named in ``unavailable``:
         its metrics then say so in the record, as they would without a sample block."""
-        from harness.errors import MetricUnavailable, UserError
+        from harness import MetricUnavailable, UserError
 
         from .evaluate import resolve_extractors
 

@@ -37,8 +37,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from harness.errors import UserError
-from harness.sampling import sample_batch, to_uint8
+from harness import UserError, sample_batch, to_uint8
 
 
 @dataclass

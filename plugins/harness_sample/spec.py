@@ -89,7 +89,7 @@ class SampleSpec(BaseModel):
             if self.sampler is None:
                 self.sampler = "ddpm"
             if self.sampler not in CLASS_SAMPLERS:
-                from harness.errors import suggest
+                from harness import suggest
 
                 raise ValueError(f"sampler {self.sampler!r} is not one of {', '.join(CLASS_SAMPLERS)}"
                                  f"{suggest(self.sampler, CLASS_SAMPLERS)}")

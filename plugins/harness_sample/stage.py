@@ -1,7 +1,7 @@
 """The stage itself: one block, two kinds of cell."""
 from __future__ import annotations
 
-from harness.stages import Stage
+from harness import Stage
 
 from .spec import SampleSpec
 

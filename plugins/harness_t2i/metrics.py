@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import statistics
 
-from harness.errors import MetricUnavailable
+from harness import MetricUnavailable
 
 from . import scoring
 

@@ -21,8 +21,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from harness.errors import UserError
-from harness.files import check_regular, read_regular
+from harness import UserError, check_regular, read_regular
 
 
 class PromptSet(BaseModel):

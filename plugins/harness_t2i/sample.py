@@ -34,9 +34,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness.errors import UserError, suggest
-from harness.sampling import image_intact, save_png
-from harness.stages import Stage
+from harness import Stage, UserError, image_intact, save_png, suggest
 
 from .prompts import PromptSet
 

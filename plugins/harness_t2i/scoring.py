@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import MetricUnavailable, UserError
+from harness import MetricUnavailable, UserError
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"

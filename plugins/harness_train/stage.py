@@ -2,8 +2,7 @@
 imports neither torch nor the training loop."""
 from __future__ import annotations
 
-from harness.stages import Stage
-from harness.training import TrainSpec, train_model
+from harness import Stage, TrainSpec, train_model
 
 
 def train_cell(ctx, spec: TrainSpec) -> None:

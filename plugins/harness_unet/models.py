@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.errors import UserError, suggest
+from harness import UserError, suggest
 
 # -- presets ---------------------------------------------------------------------------------
 SD15 = dict(

@@ -5,6 +5,7 @@ set (``backbone: {name: uvit, depth: 5}``), and a misspelt one is rejected befor
 """
 import harness
 
+from .compress import CosineKD, UpdateNorm
 from .models import dwconv, uvit
 
 
@@ -16,3 +17,13 @@ def harness_backbones():
 @harness.hookimpl
 def harness_mixers():
     return {"dwconv": dwconv}
+
+
+@harness.hookimpl
+def harness_pruning_criteria():
+    return {"update-norm": UpdateNorm}
+
+
+@harness.hookimpl
+def harness_distill_losses():
+    return {"cosine-kd": CosineKD}

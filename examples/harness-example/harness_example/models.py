@@ -13,13 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.mixers import build_mixer
+from harness import build_mixer
 
 
 class DWConvMixer(nn.Module):
     """Depthwise k x k conv over the token grid, then a pointwise projection: linear in tokens."""
-
-    flops_note = "depthwise conv: k*k*dim multiply-adds per token, plus dim*dim for the projection"
 
     def __init__(self, dim: int, kernel_size: int = 7):
         super().__init__()

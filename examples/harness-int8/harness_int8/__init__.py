@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 import harness
-from harness.errors import UserError
-from harness.stages import Stage
+from harness import Stage, UserError
 
 
 class QuantizeSpec(BaseModel):
