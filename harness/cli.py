@@ -105,11 +105,71 @@ def _print_costs(jobs) -> None:
             note = "pretrained: counted when the cell runs"
         table.add_row(job.label, *costs[key], note)
     _console().print(table)
-    from .costs import sample_costs
+    for stage_table in _stage_costs(jobs):  # blocks that say what they cost: the sample block's images...
+        _console().print(stage_table)
 
-    sampled = sample_costs(jobs)  # cells with a sample block: images, passes, PFLOPs, disk (harness.costs)
-    if sampled is not None:
-        _console().print(sampled)
+
+def _stage_costs(jobs) -> list:
+    """One table per stage with a ``costs`` hook (:attr:`harness.Stage.costs`), a row per cell that
+    has its block. The denoiser is counted once per distinct backbone, on the meta device, from the
+    suite's options (a ``pretrained`` checkpoint's own config is not read: costing a run needs no
+    weights)."""
+    import torch
+    from rich.table import Table
+
+    from .context import CellContext
+    from .flops import AbstractCountError, count_flops
+    from .plugins import registry
+    from .stages import order
+    from .suite import CellConfig
+
+    stages = {name: stage for name, stage in registry().stages().items() if stage.costs is not None}
+    rows: dict[str, list[tuple[str, dict]]] = {}
+    counted: dict[str, tuple] = {}
+    for job in jobs:
+        present = [name for name in stages if (job.config or {}).get(name) is not None]
+        if not present:
+            continue
+        raw = dict(job.config)
+        pretrained = raw["backbone"].get("pretrained")
+        raw["backbone"] = {k: v for k, v in raw["backbone"].items() if k != "pretrained"}
+        config = CellConfig.model_validate(raw)
+        key = repr(config.backbone.model_dump())
+        if key not in counted:
+            ctx = CellContext(job.suite, job.cell, job.seed, config)
+            notes = []
+            try:
+                model = ctx.abstract_model().eval()
+                with torch.no_grad():
+                    gflops = count_flops(model, ctx.example_inputs(1, model=model),
+                                         ctx.registry.flop_handles()).total / 1e9
+            except AbstractCountError:
+                gflops = None
+                notes.append("denoiser GFLOPs depend on data: not counted")
+            counted[key] = (gflops, int(ctx.input_spec["input_size"]), notes, ctx.specs)
+        gflops, size, base_notes, specs = counted[key]
+        ran = order(registry().stages(), specs)
+        for name in present:
+            notes = list(base_notes)
+            if pretrained:
+                notes.append("denoiser counted from the suite's options, not the checkpoint's config")
+            before = [n for n in ran[:ran.index(name)]] if name in ran else []
+            if before:
+                notes.append(f"denoiser before {', '.join(before)} (an upper bound)")
+            row = stages[name].costs(config, specs[name], gflops, size)
+            if row is None:
+                continue
+            row = dict(row)
+            row["note"] = "; ".join(n for n in notes + [row.get("note", "")] if n)
+            rows.setdefault(name, []).append((job.label, row))
+    tables = []
+    for name, cells in rows.items():
+        columns = list(dict.fromkeys(k for _, row in cells for k in row if k != "note")) + ["note"]
+        table = Table("cell", *columns, title=f"what the {name} block costs", box=None)
+        for label, row in cells:
+            table.add_row(label, *(str(row.get(c, "")) for c in columns))
+        tables.append(table)
+    return tables
 
 
 def cmd_run(args) -> int:

@@ -48,6 +48,12 @@ class Stage:
             names, shapes, dtypes), that rank runs those stages itself, then takes rank 0's
             weights. Then every rank runs this stage and the ones after it; metrics run on rank 0.
             Such a stage runs after every stage of the cell that is not one (see :func:`order`).
+        costs: optional ``costs(config, spec, model_gflops, input_size) -> dict[str, str] | None``,
+            what the block will cost before anything runs, for ``harness validate --costs``:
+            ``config`` is the cell's :class:`harness.CellConfig`, ``model_gflops`` the backbone's
+            GFLOPs per image as the suite builds it (None when it cannot be counted on meta) and
+            ``input_size`` its input side. The returned columns (column title -> text, a
+            ``note`` column last) make one row of the block's cost table.
     """
 
     schema: type[BaseModel]
@@ -58,6 +64,7 @@ class Stage:
     apply: Optional[Callable[[Any, Any], dict]] = None
     description: str = field(default="")
     every_rank: bool = False
+    costs: Optional[Callable[[Any, Any, Optional[float], int], Optional[dict]]] = None
 
     def wants(self, spec: Any) -> bool:
         return True if self.active is None else bool(self.active(spec))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness.cli import main
-from harness.costs import VAEDecode, decode_gflops, sample_cost
+from harness_sample.costs import VAEDecode, decode_gflops, sample_cost
 from harness.flops import count_flops
 from harness.plugins import registry
 from harness.suite import CellConfig
@@ -29,10 +29,16 @@ def _config(vae, **sample):
         "sample": {"num_samples": 100, "steps": 10, "cfg_scale": 1.5, "vae": str(vae), **sample}})
 
 
+def _cost(config, gflops, size):
+    """The sample stage's cost of ``config``'s block, validated as the suite validates it."""
+    spec = registry().stages()["sample"].schema.model_validate(config.blocks["sample"])
+    return sample_cost(config, spec, gflops, size)
+
+
 def test_passes_pflops_and_disk_follow_the_block(tiny_vae):
     from diffusers import AutoencoderKL
 
-    cost = sample_cost(_config(tiny_vae), 0.5, 8)
+    cost = _cost(_config(tiny_vae), 0.5, 8)
     assert cost.images == 100 and cost.passes_per_image == 20 and cost.forward_passes == 2000  # 10 steps x 2 (cfg)
     # the decoder counted independently: the real (tiny) VAE on a 1x4x8x8 latent
     vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
@@ -42,9 +48,9 @@ def test_passes_pflops_and_disk_follow_the_block(tiny_vae):
     assert cost.decode_gflops == pytest.approx(real, rel=1e-9) and real > 0
     assert cost.pflops == pytest.approx((0.5 * 2000 + real * 100) / 1e6, rel=1e-12)
     assert cost.resolution == 16 and cost.disk_bytes == 100 * 16 * 16 * 3  # 8x8 latent, VAE factor 2
-    unguided = sample_cost(_config(tiny_vae, cfg_scale=1.0, keep="none"), 0.5, 8)
+    unguided = _cost(_config(tiny_vae, cfg_scale=1.0, keep="none"), 0.5, 8)
     assert unguided.forward_passes == 1000 and unguided.disk_bytes == 0
-    assert sample_cost(_config(tiny_vae, keep="npz"), 0.5, 8).disk_bytes == 2 * 100 * 16 * 16 * 3  # parts + npz
+    assert _cost(_config(tiny_vae, keep="npz"), 0.5, 8).disk_bytes == 2 * 100 * 16 * 16 * 3  # parts + npz
     assert decode_gflops(dict(AutoencoderKL.load_config(tiny_vae)), 8) == pytest.approx(real, rel=1e-9)
 
 
@@ -56,5 +62,5 @@ def test_validate_costs_prints_the_sampling_table(tiny_vae, tmp_path, capsys, mo
                      f"  metrics: [params]\n  device: cpu\n")
     assert main(["validate", str(suite), "--costs"]) == 0
     out = capsys.readouterr().out
-    assert "sampling (sample block)" in out and "50,000" in out and "25M (500/image)" in out, out
+    assert "what the sample block costs" in out and "50,000" in out and "25M (500/image)" in out, out
     assert "0 (keep: none)" in out

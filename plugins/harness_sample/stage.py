@@ -19,6 +19,14 @@ def sample_cell(ctx, spec: SampleSpec) -> None:
     sample_classes(ctx, spec)
 
 
+def sample_costs(config, spec: SampleSpec, model_gflops, input_size: int) -> dict:
+    """Images, denoiser passes, PFLOPs and disk of the block (``harness validate --costs``)."""
+    from .costs import stage_costs
+
+    return stage_costs(config, spec, model_gflops, input_size)
+
+
 STAGES = {"sample": Stage(schema=SampleSpec, run=sample_cell, after=("train", "prune", "distill"), every_rank=True,
+                          costs=sample_costs,
                           description="make the cell's images once for every quality metric: class labels "
                                       "(DDPM/DDIM, keep png|npz|none) or prompts through a diffusers pipeline")}

@@ -1,4 +1,5 @@
-"""What a cell's ``sample`` block costs, before anything runs (``harness validate --costs``).
+"""What a cell's ``sample`` block costs, before anything runs (``harness validate --costs``,
+through :attr:`harness.Stage.costs`).
 
 For a cell that makes images once for its quality metrics (``sample:``):
 
@@ -117,8 +118,7 @@ def decode_gflops(config: dict, latent_size: int) -> float:
     """GFLOPs of one VAE decode of a (1, C, latent_size, latent_size) latent, on the meta device."""
     from diffusers import AutoencoderKL
 
-    from .flops import count_flops
-    from .plugins import registry
+    from harness import count_flops, registry
 
     keys = set(AutoencoderKL.extract_init_dict(config)[0]) if hasattr(AutoencoderKL, "extract_init_dict") else None
     cfg = {k: v for k, v in config.items() if not k.startswith("_") and (keys is None or k in keys)}
@@ -146,18 +146,9 @@ def _prompt_count(spec) -> tuple[int, Optional[str]]:
     return (min(n, spec.num_samples) if spec.num_samples else n), None
 
 
-def sample_cost(config, model_gflops: Optional[float], input_size: int) -> Optional[SampleCost]:
-    """The cost of ``config``'s sample block (None without one). ``model_gflops``: the denoiser's
+def sample_cost(config, spec, model_gflops: Optional[float], input_size: int) -> SampleCost:
+    """The cost of ``config``'s sample block, ``spec`` validated. ``model_gflops``: the denoiser's
     GFLOPs per image (None when it could not be counted); ``input_size``: its latent side."""
-    from .plugins import registry
-
-    block = config.blocks.get("sample")
-    if block is None:
-        return None
-    stage = registry().stages().get("sample")
-    if stage is None:
-        return None
-    spec = stage.schema.model_validate(block)
     notes = []
     if getattr(spec, "text", False) or getattr(spec, "prompts", None) is not None:
         t2i = spec.t2i() if hasattr(spec, "t2i") else spec
@@ -168,8 +159,8 @@ def sample_cost(config, model_gflops: Optional[float], input_size: int) -> Optio
         resolution = t2i.resolution or input_size * vae_factor(vae)
         keep = "png"
         latent = resolution // vae_factor(vae)
-        if getattr(t2i, "teacher", False) and config.blocks.keys() & {"prune", "distill"}:
-            notes.append("plus the teacher's images, once per suite")
+        if getattr(t2i, "teacher", False) and set(config.blocks) - {"sample"}:
+            notes.append("plus the teacher's images (when a stage before keeps one), once per suite")
     else:
         images = spec.num_samples
         guided = spec.cfg_scale != 1.0
@@ -215,51 +206,8 @@ def describe(cost: Any) -> str:
     return "; ".join(cost.notes) if cost is not None else ""
 
 
-HEADER = ("cell", "images", "denoiser passes", "PFLOPs", "disk", "note")
-
-
-def sample_costs(jobs):
-    """For ``harness validate --costs``: a table of what each cell's sampling costs (a rich
-    Table), or None when no cell has a sample block. The denoiser is counted once per
-    distinct backbone, on the meta device, from the suite's options (a ``pretrained``
-    checkpoint's own config is not read: its weights are not needed to cost a run)."""
-    from .context import CellContext
-    from .flops import AbstractCountError, count_flops
-    from .suite import CellConfig
-
-    if not any("sample" in (job.config or {}) and job.config["sample"] is not None for job in jobs):
-        return None
-    from rich.table import Table
-
-    table = Table(*HEADER, title="sampling (sample block)", box=None)
-    counted: dict[str, tuple[Optional[float], int, list[str]]] = {}
-    for job in jobs:
-        raw = dict(job.config)
-        pretrained = raw["backbone"].get("pretrained")
-        raw["backbone"] = {k: v for k, v in raw["backbone"].items() if k != "pretrained"}
-        config = CellConfig.model_validate(raw)
-        key = repr(config.backbone.model_dump())
-        if key not in counted:
-            ctx = CellContext(job.suite, job.cell, job.seed, config)
-            notes = []
-            try:
-                model = ctx.abstract_model().eval()
-                with torch.no_grad():
-                    gflops = count_flops(model, ctx.example_inputs(1, model=model),
-                                         ctx.registry.flop_handles()).total / 1e9
-            except AbstractCountError:
-                gflops = None
-                notes.append("denoiser GFLOPs depend on data: not counted")
-            counted[key] = (gflops, int(ctx.input_spec["input_size"]), notes)
-        gflops, size, notes = counted[key]
-        notes = list(notes)
-        if pretrained:
-            notes.append("denoiser counted from the suite's options, not the checkpoint's config")
-        before = sorted(set(config.blocks) & {"prune", "distill"})
-        if before:
-            notes.append(f"denoiser before {', '.join(before)} (an upper bound)")
-        cost = sample_cost(config, gflops, size)
-        if cost is not None:
-            cost.notes = notes + cost.notes
-        table.add_row(job.label, *columns(cost), describe(cost))
-    return table
+def stage_costs(config, spec, model_gflops: Optional[float], input_size: int) -> dict[str, str]:
+    """:attr:`harness.Stage.costs` of the sample stage: one row of the costs table."""
+    cost = sample_cost(config, spec, model_gflops, input_size)
+    images, passes, pflops, disk = columns(cost)
+    return {"images": images, "denoiser passes": passes, "PFLOPs": pflops, "disk": disk, "note": describe(cost)}
