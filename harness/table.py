@@ -197,12 +197,11 @@ def _label_parts(label: str) -> list[tuple[str, str]]:
 
 
 def _lookup(config: dict, dotted: str) -> Any:
-    node: Any = config
-    for k in dotted.split("."):
-        if not isinstance(node, dict) or k not in node:
-            return None
-        node = node[k]
-    return node
+    """The value at a dotted configuration path, None where the record has none."""
+    from .suite import _MISSING, _get  # the suite's own reading of a dotted path
+
+    value = _get(config, dotted)
+    return None if value is _MISSING else value
 
 
 def short_label(record: dict, level: int = 0) -> str:
