@@ -78,3 +78,27 @@ def with_site(monkeypatch):
         where = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or []), None)
         if where and any(str(where).startswith(site + os.sep) for site in added):
             del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def random_inception():
+    """torch-fidelity's Inception with its random initialisation (no weights offline), random BN
+    statistics so that features differ: real Inception features of random weights."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from harness_quality.features import FEATURES_LIST
+
+    class Random(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:  # nothing to download: the weights stay random
+        mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+        model = Random("inception-v3-compat", list(FEATURES_LIST))
+    for m in model.modules():  # random BN statistics, so features are not all alike
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.normal_(0, 0.1)
+    return model

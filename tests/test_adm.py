@@ -142,30 +142,7 @@ def test_read_npz_missing_and_junk(tmp_path):
         adm.read_npz(tmp_path / "junk.npz")
 
 
-# -- features -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def random_inception():
-    """torch-fidelity's Inception with its random initialisation (no weights offline)."""
-    import torch
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    from harness_quality.features import FEATURES_LIST
-
-    class Random(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
-            return None
-
-    torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as mp:  # nothing to download: the weights stay random
-        mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
-        model = Random("inception-v3-compat", list(FEATURES_LIST))
-    for m in model.modules():  # random BN statistics, so features are not all alike
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
-            m.running_mean.normal_(0, 0.1)
-    return model
-
-
+# -- features (random_inception: tests/conftest.py) ----------------------------------------
 def test_features_are_pool3_mixed6d_conv_first7_and_unbiased_logits(random_inception):
     import torch
 

@@ -29,29 +29,13 @@ def own_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
+def inception_file(tmp_path_factory, random_inception):
     """torch-fidelity's Inception with its random initialisation, saved as a weights file
     (nothing to download: the features are real Inception features of random weights)."""
-    import torch
     from safetensors.torch import save_file
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from harness_quality.features import FEATURES_LIST
-
-    class Random(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
-            return None
-
-    torch.manual_seed(0)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
-        model = Random("inception-v3-compat", list(FEATURES_LIST))
-    for m in model.modules():  # random BN statistics, so features are not all alike
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
-            m.running_mean.normal_(0, 0.1)
     path = tmp_path_factory.mktemp("inception") / "inception-random.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in random_inception.state_dict().items()}, str(path))
     return str(path)
 
 
