@@ -102,3 +102,13 @@ def random_inception():
             m.running_var.uniform_(0.5, 2.0)
             m.running_mean.normal_(0, 0.1)
     return model
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory, random_inception):
+    """``random_inception`` saved as a weights file (nothing to download)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("inception") / "inception-random.safetensors"
+    save_file({k: v.contiguous() for k, v in random_inception.state_dict().items()}, str(path))
+    return str(path)

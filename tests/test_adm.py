@@ -178,17 +178,6 @@ def test_read_npz_maps_stored_images_and_reads_compressed_ones(tmp_path):
 
 
 # -- harness fid --metrics: the ADM protocol end to end ---------------------------------------
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory, random_inception):
-    import torch
-
-    path = tmp_path_factory.mktemp("inception") / "inception-random.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in random_inception.state_dict().items()}, str(path))
-    return str(path)
-
-
 def _png_folder(path, n, seed, size=(24, 24)):
     from PIL import Image
 

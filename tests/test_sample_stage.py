@@ -28,17 +28,6 @@ def own_cache(tmp_path, monkeypatch):
     return tmp_path / "harness-cache"
 
 
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory, random_inception):
-    """torch-fidelity's Inception with its random initialisation, saved as a weights file
-    (nothing to download: the features are real Inception features of random weights)."""
-    from safetensors.torch import save_file
-
-    path = tmp_path_factory.mktemp("inception") / "inception-random.safetensors"
-    save_file({k: v.contiguous() for k, v in random_inception.state_dict().items()}, str(path))
-    return str(path)
-
-
 def reference(path: Path, n: int = 8, size: int = 8, seed: int = 1) -> str:
     np.savez(path, np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
     return str(path)

@@ -15,7 +15,6 @@ from harness_t2i import read_prompt_set
 from harness_t2i.sample import sample_images
 
 # fixtures: a tiny CLIP and SD pipeline saved to disk (test_pickscore), a random Inception (test_adm)
-from test_adm import inception_file, random_inception  # noqa: F401
 from test_pickscore import tiny_clip, tiny_pipeline  # noqa: F401
 
 @pytest.fixture(scope="module")
