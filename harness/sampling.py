@@ -99,7 +99,8 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x[:, :3].permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the running torch.distributed group; (0, 1) outside one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -116,7 +117,7 @@ def sample_to_folder(model, folder: str | Path, num_samples: int, *, batch_size:
     returns after all ranks have finished (a barrier), when a process group is running."""
     from PIL import Image
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     device = sample_kwargs.get("device", "cpu")
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                      num_classes=ds.num_classes, seed=args.seed, sampler=args.sampler, steps=args.steps,
                      cfg_scale=args.cfg_scale, guided_channels=None if args.guided_channels < 0 else args.guided_channels,
                      schedule=spec.schedule, timesteps=spec.timesteps, learn_sigma=spec.learn_sigma, device=device)
-    if args.npz and _rank_world()[0] == 0:
+    if args.npz and rank_world()[0] == 0:
         export_npz(args.out, args.npz, args.num_samples)
     if world > 1:
         dist.destroy_process_group()

@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from harness import UserError, sample_batch, to_uint8
+from harness import UserError, rank_world, sample_batch, to_uint8
 
 
 @dataclass
@@ -53,14 +53,6 @@ class ClassSamples:
     npz: Optional[Path] = None       # keep: npz
     prompts: None = None             # no text: the text-to-image metrics do not apply
     teacher: None = None
-
-
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
@@ -159,7 +151,7 @@ def quality_metrics(ctx) -> list:
 def sample_classes(ctx, spec) -> None:
     from harness_quality import Extractors, StreamedFeatures, merge_shards
 
-    rank, world = _rank_world()
+    rank, world = rank_world()
     metrics = quality_metrics(ctx)
     if spec.keep == "none" and not metrics:
         raise UserError("sample: keep: none writes no image and the cell has no quality metric (fid, sfid, isc, "

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness import Stage, UserError, image_intact, save_png, suggest
+from harness import UserError, image_intact, rank_world, save_png, suggest
 
 from .prompts import PromptSet
 
@@ -140,14 +139,6 @@ def image_size(pipe, resolution: Optional[int]) -> int:
     return int(size) * int(pipe.vae_scale_factor)
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], folder: str | Path, *, steps: int = 25, guidance_scale: float = 7.5,
                   resolution: Optional[int] = None, batch_size: int = 8, seed: int = 0,
@@ -157,7 +148,7 @@ def sample_images(pipe, prompts: list[str], folder: str | Path, *, steps: int = 
     ``rank``/``world`` default to the torch.distributed group's (0/1 without one); every rank
     waits for the others at the end when a group is running."""
     if rank is None or world is None:
-        rank, world = _rank_world()
+        rank, world = rank_world()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     size = image_size(pipe, resolution)
@@ -173,7 +164,7 @@ def sample_images(pipe, prompts: list[str], folder: str | Path, *, steps: int = 
         for path, image in zip(paths, out.images):
             save_png(image, path)  # atomic: a reader never sees half an image
         made += len(idx)
-    if world > 1 and _rank_world()[1] > 1:
+    if world > 1 and rank_world()[1] > 1:
         import torch.distributed as dist
 
         dist.barrier()
@@ -187,7 +178,7 @@ def same_weights_on_every_rank(module: Optional[torch.nn.Module], device=None) -
     Each rank ran the stages before ``sample`` itself (training, pruning, distillation): seeded
     alike, yet GPU kernels (atomic adds in backward passes) need not give the same bits, and a
     set sampled by several slightly different U-Nets is not one model's images."""
-    if module is None or _rank_world()[1] < 2:
+    if module is None or rank_world()[1] < 2:
         return
     import torch.distributed as dist
 
@@ -243,7 +234,7 @@ def sample_cell(ctx, spec: SampleSpec) -> None:
             t0 = time.perf_counter()
             made[name] = sample_images(pipe, prompts, folder, **kwargs)
             seconds[name] = round(time.perf_counter() - t0, 3)
-            if _rank_world()[0] == 0:
+            if rank_world()[0] == 0:
                 (folder / "prompts.json").write_text(json.dumps(prompts))  # the folder says what it shows
     finally:
         for module, dtype in dtypes.items():  # the metrics after this stage see the model as it was
@@ -254,7 +245,7 @@ def sample_cell(ctx, spec: SampleSpec) -> None:
         "pipeline_class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "steps": spec.steps,
         "guidance_scale": spec.guidance_scale, "resolution": size, "seed": seed, "batch_size": spec.batch_size,
         "folder": str(folders["cell"]), "teacher_folder": str(folders["teacher"]) if "teacher" in folders else None,
-        "generated": made, "seconds": seconds, "world_size": _rank_world()[1]}
+        "generated": made, "seconds": seconds, "world_size": rank_world()[1]}
     del pipe
 
 
