@@ -1,0 +1,7 @@
+"""Training-free acceleration of sampling: the ``deepcache`` and ``tome`` stages.
+
+They change how the denoiser computes a step, not its weights, so what the sampling metrics
+(``sample_latency``, ``throughput``) and the quality metrics measure is the accelerated
+sampler; each stage says so in the record.
+"""
+from __future__ import annotations
