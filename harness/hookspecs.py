@@ -337,6 +337,9 @@ def harness_stages():
     ``harness ls stage``. ``apply(model, value) -> dict`` (optional) applies the stage's result outside a suite:
     ``harness flops BACKBONE --STAGE VALUE`` calls it (``--prune bk-sdm-small``); a
     ``"summary"`` entry of the dict is printed, the rest joins the JSON output.
+    ``check(config, spec)`` (optional) is called when the suite is validated and raises
+    :class:`harness.UserError` when the block cannot apply to the cell's backbone, so a suite
+    fails at that line before any work (the ``prune`` stage asks its criterion's ``check``).
 
     Example, a post-training quantisation::
 

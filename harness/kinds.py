@@ -110,6 +110,12 @@ class Criterion:
     covers (two or more for a U-Net's skip pair), ``unit.submodules(model)`` returns them.
     A data-driven criterion scores on :meth:`calibration` (the set the pruning stage asks
     for: the same images, noise and timesteps for every criterion of a suite).
+
+    Optional ``check(config)``, a static or class method of the factory: called when a
+    suite is validated, with the cell's :class:`harness.CellConfig`; it raises
+    :class:`harness.UserError` with one line when the criterion's definition cannot apply to
+    the cell (BK-SDM's order on a backbone without U-Net stages), so that the suite fails
+    before any work and not after its teacher has trained.
     """
 
     def score(self, model: "torch.nn.Module", units: list["Unit"], ctx: "CellContext") -> dict[str, float]:

@@ -54,6 +54,12 @@ class Stage:
             GFLOPs per image as the suite builds it (None when it cannot be counted on meta) and
             ``input_size`` its input side. The returned columns (column title -> text, a
             ``note`` column last) make one row of the block's cost table.
+        check: optional ``check(config, spec) -> None``, called when the suite is validated,
+            after the cell's backbone, data and metrics are known to exist: raise
+            :class:`harness.UserError` with one line when the block cannot apply to this cell
+            (a method defined for U-Nets on a DiT). ``config`` is the cell's
+            :class:`harness.CellConfig`, ``spec`` the validated block. The error is shown at
+            the block's line, or at its key ``exc.option`` when the error sets one.
     """
 
     schema: type[BaseModel]
@@ -65,6 +71,7 @@ class Stage:
     description: str = field(default="")
     every_rank: bool = False
     costs: Optional[Callable[[Any, Any, Optional[float], int], Optional[dict]]] = None
+    check: Optional[Callable[[Any, Any], None]] = None
 
     def wants(self, spec: Any) -> bool:
         return True if self.active is None else bool(self.active(spec))

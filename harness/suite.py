@@ -461,6 +461,7 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
         raise _located(suite, cell, (), exc) from None
     reg = registry()
     stages = reg.stages()
+    specs: dict[str, Any] = {}
     for name, block in parsed.blocks.items():
         if name not in stages:
             known = list(CORE_KEYS) + list(stages)
@@ -468,7 +469,7 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
                             + ("" if stages else " (no installed plugin registers a stage)"))
         schema = stages[name].schema
         try:
-            schema.model_validate(block)
+            specs[name] = schema.model_validate(block)
         except ValidationError as exc:
             raise _located(suite, cell, (name,), exc, schema) from None
     checks = [(("backbone",), "backbone", parsed.backbone)]
@@ -508,6 +509,17 @@ def validate_cell(suite: Suite, cell: Cell) -> CellConfig:
             if isinstance(path, str) and not Path(path).exists():
                 raise UserError(f"{suite.locate(cell, loc + (key,))}: {_fmt_loc(loc + (key,))}: {what} {path!r} "
                                 f"not found (paths are relative to the directory harness runs in)")
+    # Whether each method applies to this cell (a U-Net-only stage on a DiT), now and not after hours of work.
+    for name, spec in specs.items():
+        check = stages[name].check
+        if check is None:
+            continue
+        try:
+            check(parsed, spec)
+        except (UserError, ValueError) as exc:
+            option = getattr(exc, "option", None)
+            loc = (name,) + ((option,) if isinstance(option, str) else tuple(option or ()))
+            raise UserError(f"{suite.locate(cell, loc)}: {_fmt_loc(loc)}: {exc}") from None
     return parsed
 
 

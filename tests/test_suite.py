@@ -223,3 +223,16 @@ def test_dry_run_lists_cells_and_writes_nothing(tmp_path, capsys):
     ids = [c.id for c in load_suite(tmp_path / "suite.yaml").cells()]
     assert code == 0 and all(i in out for i in ids) and '"patch": 4' in out
     assert not (tmp_path / "r").exists()
+
+
+def test_a_method_that_cannot_apply_to_the_backbone_fails_validation_at_its_line(tmp_path, capsys):
+    # Stage.check: BK-SDM's order needs U-Net stages, so on a DiT the suite stops before any
+    # teacher trains, at the criterion's line; on the U-Net it validates.
+    text = GOOD.replace("  metrics: [params]\n", "  metrics: [params]\n  prune: {criterion: bk-sdm, ratio: 0.3}\n")
+    path = write(tmp_path, text)
+    err = _one_clean_line(*run_cli(["validate", str(path)], capsys))
+    assert f"{path}:6: prune.criterion: criterion 'bk-sdm': BK-SDM's order is defined on a diffusers U-Net" in err
+    unet = text.replace("{name: dit, size: tiny, patch: 4, input_size: 8}", "{name: unet, preset: adm-tiny}")
+    unet = unet.replace("  backbone.patch: [2, 4]\n  backbone.mixer: [attention]\n", "  prune.ratio: [0.3]\n")
+    code, _, err = run_cli(["validate", str(write(tmp_path, unet, "unet.yaml"))], capsys)
+    assert code == 0, err

@@ -151,6 +151,12 @@ class BKSDM(Criterion):
     def __init__(self):
         super().__init__()
 
+    @staticmethod
+    def check(config):
+        if config.backbone.name in ("dit", "lamamba"):
+            raise UserError(f"BK-SDM's order is defined on a diffusers U-Net's down/mid/up stages; "
+                            f"backbone {config.backbone.name!r} has none (use it with backbone 'unet')")
+
     def score(self, model, units, ctx):
         stages = [int(m.group(1)) for u in units if (m := re.search(r"down_blocks\.(\d+)\.", u.name))]
         if not stages:

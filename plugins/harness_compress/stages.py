@@ -200,8 +200,23 @@ def apply(model: torch.nn.Module, value: str) -> dict:
     return out
 
 
+def check(config, spec: PruneSpec) -> None:
+    """The criterion's own ``check(config)``, when it has one: whether it applies to this backbone."""
+    crit = spec.criterion_spec()
+    if crit is None:
+        return
+    applies = getattr(registry().get("criterion", crit.name).factory, "check", None)
+    if applies is not None:
+        try:
+            applies(config)
+        except UserError as exc:
+            err = UserError(f"criterion {crit.name!r}: {exc}")
+            err.option = "criterion"
+            raise err from None
+
+
 STAGES = {
-    "prune": Stage(schema=PruneSpec, run=prune_cell, after=("train",), replaces=("train",), apply=apply,
+    "prune": Stage(schema=PruneSpec, run=prune_cell, after=("train",), replaces=("train",), apply=apply, check=check,
                    description="layer pruning: a criterion and a budget, or a BK-SDM preset"),
     "distill": Stage(schema=DistillSpec, run=distill_cell, after=("train", "prune"), replaces=("train",),
                      description="retrain the student against the teacher with weighted losses"),
