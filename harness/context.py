@@ -61,6 +61,8 @@ class CellContext:
         # the calibration set a stage asks units to be scored on (a harness.Calibration, read by
         # harness.calibration_inputs); None: the defaults
         self.calibration: Any = None
+        # stage name -> how it changed what a sampling step computes (see change_sampling)
+        self.sampling_changes: dict[str, str] = {}
         self._model: torch.nn.Module | None = None
         self._meta_model: torch.nn.Module | None = None
 
@@ -73,6 +75,12 @@ class CellContext:
         return torch.Generator(device=device).manual_seed(self.seed(purpose, shared))
 
     # -- stages ------------------------------------------------------------------------------
+    def change_sampling(self, stage: str, what: str) -> None:
+        """Say that ``stage`` changed how a sampling step is computed (``what``: one sentence,
+        e.g. "deep features reused on 2 of every 3 steps"). The entry of every metric that
+        samples (``Metric.samples``) then carries ``sampling_changed_by: {stage: what}``."""
+        self.sampling_changes[stage] = what
+
     @functools.cached_property
     def specs(self) -> dict[str, Any]:
         """The cell's stage blocks, validated by the schemas of the stages that own them."""

@@ -172,6 +172,13 @@ def harness_metrics():
     ``alone`` context and adds to its entry ``ran_alone`` (True: no other cell of the run ran
     meanwhile; False: some did; None: the executor cannot tell) and ``interval`` (ISO start
     and end of the measurement).
+
+    A metric that runs the cell's sampler or scores the images it made (sample latency,
+    throughput, FID, CLIP score) sets ``samples = True``. A stage that changes how a sampling
+    step is computed without changing the weights (DeepCache's feature reuse, token merging)
+    says so with ``ctx.change_sampling(stage, what)``, and the runner adds to the entry of
+    every such metric ``sampling_changed_by: {stage: what}``, so that a figure measured on an
+    accelerated sampler never reads as the plain model's.
     """
 
 

@@ -64,6 +64,7 @@ class Metric:
     role: ClassVar[str] = "quality"
     timing_sensitive: ClassVar[bool] = False  # measured with the machine to itself (latency)
     path_options: ClassVar[dict[str, str]] = {}  # options that name files: checked at validation
+    samples: ClassVar[bool] = False  # runs the sampler or scores its images: see CellContext.change_sampling
 
     def __call__(self, ctx: "CellContext") -> float | dict:
         """The figure: a number, or a dict holding ``value`` and any details. Raise

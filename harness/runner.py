@@ -120,7 +120,9 @@ def execute_cell(job: CellJob, alone: Callable[[], AbstractContextManager] | Non
                 stages.run_stages(ctx, ctx.specs, reg.stages())
             for spec in config.metric_specs():
                 metric = reg.create("metric", spec.name, **spec.options)
-                record["metrics"][spec.name] = _measure(metric, ctx, alone)
+                entry = record["metrics"][spec.name] = _measure(metric, ctx, alone)
+                if getattr(metric, "samples", False) and ctx.sampling_changes:
+                    entry["sampling_changed_by"] = dict(ctx.sampling_changes)
             published.annotate(record["metrics"], config.published)  # the paper's figure beside ours
             record.update(ctx.extra)
             record["status"] = "ok"

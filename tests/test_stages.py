@@ -410,3 +410,43 @@ def test_flops_applies_a_stage_named_on_the_command_line(tmp_path, capsys):
     assert pruned["prune"]["removed_ratio"] == pytest.approx(1 - pruned["params"] / full["params"])
     assert main(dit + ["--prune"]) == 2
     assert "--prune needs a value" in capsys.readouterr().err
+
+
+class CountSteps(harness.Metric):
+    """A metric that samples (``samples = True``); ``params`` beside it does not."""
+
+    direction, samples = None, True
+
+    def __call__(self, ctx):
+        return 1.0
+
+
+class SamplingPlugin:
+    """``reuse:`` changes how a step is computed, not the weights (a DeepCache-like stage)."""
+
+    def reuse(self, ctx, spec):
+        ctx.change_sampling("reuse", f"deep features reused: {spec.note}")
+
+    @harness.hookimpl
+    def harness_stages(self):
+        return {"reuse": Stage(schema=MarkSpec, run=self.reuse)}
+
+    @harness.hookimpl
+    def harness_metrics(self):
+        return {"count_steps": CountSteps}
+
+
+def test_a_stage_that_changes_sampling_is_named_in_every_entry_that_samples(tmp_path):
+    plugin = SamplingPlugin()
+    registry().register(plugin, name="sampling-test")
+    try:
+        suite = SUITE.replace("metrics: [params]", "metrics: [params, count_steps]")
+        suite = suite.replace("  - mark: {note: hello}\n    scale: {factor: 2.0}\n", "  - reuse: {note: 2 of 3}\n")
+        results = tmp_path / "results"
+        assert main(["run", str(write(tmp_path, suite)), "--results", str(results)]) == 0
+        plain, reused = load_records(results / "staged")
+    finally:
+        registry().unregister(plugin)
+    assert reused["metrics"]["count_steps"]["sampling_changed_by"] == {"reuse": "deep features reused: 2 of 3"}
+    assert "sampling_changed_by" not in reused["metrics"]["params"]  # a weight count is not a sampled figure
+    assert "sampling_changed_by" not in plain["metrics"]["count_steps"]

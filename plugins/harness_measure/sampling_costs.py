@@ -209,6 +209,7 @@ class _SamplingCost:
     its own signature: the signature is what a suite may give, checked before any work.)"""
 
     name = ""
+    samples = True  # times the cell's sampler: a stage that changes it is named in the entry
 
     def __init__(self, steps: int = 25, sampler: str = "ddim", cfg_scale: float = 1.0, prompt: str = DEFAULT_PROMPT,
                  pipeline: str | None = None, vae: str | None = None, dtype: str | None = None):

@@ -81,6 +81,7 @@ class _SampleMetric:
     name = direction = unit = ""
     key = ""
     path_options = {"reference": "reference"}
+    samples = True  # scores the cell's samples: a stage that changes the sampler is named in the entry
 
     def __init__(self, num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
                  guided_channels: int | None = 3, batch_size: int = 50, reference_split: str = "train",

@@ -21,6 +21,7 @@ from . import scoring
 class _T2IScore:
     name = direction = unit = ""
     path_options = {"prompts": "prompt file"}
+    samples = True  # scores the cell's samples: a stage that changes the sampler is named in the entry
     default_model: str = ""
     default_processor: str | None = None
 
