@@ -182,11 +182,14 @@ def _to(inputs: dict, device) -> dict:
 def _load_pretrained(cls, source: str):
     """A pipeline's ``unet/`` subfolder, or a bare U-Net folder, from a local path or the hub.
 
-    Built on the meta device (a count of parameters or FLOPs, ``harness validate --costs``),
-    only the folder's ``config.json`` is read: the structure is the checkpoint's own (BK-SDM's
-    U-Nets have fewer blocks than the SD preset they come from) and no weights are loaded."""
+    Built on the meta device only to be counted (:func:`harness.structure_only`: ``harness
+    validate --costs``), only the folder's ``config.json`` is read: the structure is the
+    checkpoint's own (BK-SDM's U-Nets have fewer blocks than the SD preset they come from) and
+    no weights are loaded."""
+    from harness import structure_only
+
     path = Path(source)
-    on_meta = torch.get_default_device().type == "meta"
+    on_meta = torch.get_default_device().type == "meta" and structure_only()
 
     def load(sub):
         if on_meta:
