@@ -1,5 +1,6 @@
 """Sample-quality metrics (validation loss, FID, KID, IS, the ADM evaluator's sFID, precision,
-recall, and EDM2's FD_DINOv2) and the ``harness fid`` command.
+recall, and EDM2's FD_DINOv2; Naeem et al.'s density and coverage; CMMD of CLIP embeddings) and
+the ``harness fid`` command.
 
 Public API for other plugins: ``evaluate_images`` (:func:`harness_quality.evaluate.evaluate`:
 the ADM metrics of an image folder or npz against a reference), :func:`image_size`,
@@ -7,7 +8,7 @@ the ADM metrics of an image folder or npz against a reference), :func:`image_siz
 ``sample`` stage): :class:`~harness_quality.streaming.Extractors`,
 :class:`~harness_quality.streaming.StreamedFeatures`, :func:`~harness_quality.streaming.merge_shards`
 and ``STREAMED_METRICS`` (the metric names that score such features). A stage that generates images (``ctx.samples``, see
-:func:`harness.hookspecs.harness_stages`) has them scored by fid/kid/isc/sfid/precision/recall/fd_dinov2."""
+:func:`harness.hookspecs.harness_stages`) has them scored by fid/kid/isc/sfid/precision/recall/fd_dinov2/density/coverage/cmmd."""
 from __future__ import annotations
 
 import importlib
@@ -25,7 +26,8 @@ _PUBLIC = {"Extractors": ".streaming", "StreamedFeatures": ".streaming", "merge_
 def harness_metrics():
     return {name: f"harness_quality.metrics:{cls}" for name, cls in (
         ("val_loss", "ValLoss"), ("fid", "FID"), ("kid", "KID"), ("isc", "ISC"), ("sfid", "SFID"),
-        ("precision", "Precision"), ("recall", "Recall"), ("fd_dinov2", "FDDinoV2"))}
+        ("precision", "Precision"), ("recall", "Recall"), ("fd_dinov2", "FDDinoV2"), ("density", "Density"),
+        ("coverage", "Coverage"), ("cmmd", "CMMD"))}
 
 
 @harness.hookimpl
