@@ -100,8 +100,10 @@ def test_the_metrics_are_registered_with_their_k_option():
         harness.create("metric", "coverage", k=0)
 
 
-@pytest.mark.slow  # Inception on 6 samples and 7 reference images, once each
+@pytest.mark.slow  # a cell: DiT sampling, Inception on 6 samples and 7 reference images
 def test_in_a_cell_beside_precision_recall_one_pass_unchanged_figures(tmp_path, inception_file, monkeypatch):
+    from prdc import compute_prdc
+
     from harness.runner import execute_cell, plan
     from harness.suite import load_suite
     from harness_quality import adm, evaluate
@@ -111,36 +113,33 @@ def test_in_a_cell_beside_precision_recall_one_pass_unchanged_figures(tmp_path, 
     monkeypatch.setattr(evaluate, "extract", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(adm, "frechet_distance", lambda a, b: float(len(a.mu)))  # seconds at 2048-d; not tested here
     np.savez(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8))
-    opts = {"num_samples": 6, "steps": 2, "batch_size": 6, "reference": str(tmp_path / "ref.npz")}
-
-    def run(names, suite, k=None):
-        metrics = [{"name": m, **opts, **({"k": k} if k and m in ("density", "coverage") else {})} for m in names]
-        doc = {"suite": suite, "seed": 0,
-               "base": {"backbone": {"name": "dit", "size": "tiny", "patch": 4, "depth": 1, "hidden_size": 32,
-                                     "num_heads": 2},
-                        "data": {"name": "shapes", "resolution": 16, "size": 24, "cache_dir": str(tmp_path / suite)},
-                        "metrics": metrics, "device": "cpu"}}
-        (tmp_path / f"{suite}.yaml").write_text(json.dumps(doc))
-        (job,) = plan(load_suite(tmp_path / f"{suite}.yaml"), tmp_path / "results")
-        rec = execute_cell(job)
-        assert rec["status"] == "ok", rec.get("traceback")
-        return rec["metrics"]
-
-    monkeypatch.setenv("HARNESS_FID_WEIGHTS", inception_file)
-    before = run(("fid", "precision", "recall"), "without")
-    assert len(calls) == 2  # the samples and the reference
-    calls.clear()  # the next cell caches its features in a folder of its own: nothing read from this one
-    after = run(("fid", "precision", "recall", "density", "coverage"), "with", k=3)
-    assert len(calls) == 2  # still one pass over each: density/coverage read the same pool features
-    assert {m: after[m]["value"] for m in before} == {m: before[m]["value"] for m in before}
-    d, c = after["density"], after["coverage"]
+    opts = {"num_samples": 6, "steps": 2, "batch_size": 6, "reference": str(tmp_path / "ref.npz"),
+            "weights": inception_file}
+    metrics = [{"name": m, **opts, **({"k": 3} if m in ("density", "coverage") else {})}
+               for m in ("fid", "precision", "recall", "density", "coverage")]
+    doc = {"suite": "dc", "seed": 0,
+           "base": {"backbone": {"name": "dit", "size": "tiny", "patch": 4, "depth": 1, "hidden_size": 32,
+                                 "num_heads": 2},
+                    "data": {"name": "shapes", "resolution": 16, "size": 24, "cache_dir": str(tmp_path / "c")},
+                    "metrics": metrics, "device": "cpu"}}
+    (tmp_path / "dc.yaml").write_text(json.dumps(doc))
+    (job,) = plan(load_suite(tmp_path / "dc.yaml"), tmp_path / "results")
+    rec = execute_cell(job)
+    assert rec["status"] == "ok", rec.get("traceback")
+    m = rec["metrics"]
+    assert len(calls) == 2  # one Inception pass over the samples, one over the reference, for all five metrics
+    # the features that pass gave, as cached in chunks: reference and samples by their content keys
+    chunks = {p.parent.name.split("-")[0]: np.load(p)["pool"] for p in (tmp_path / "c").rglob("adm/*/*.npz")}
+    fake = chunks[evaluate.Source(next((tmp_path / "results").rglob("samples-*")), "s").content_key()]
+    real_pool = chunks[evaluate.Source(tmp_path / "ref.npz", "r").content_key()]
+    assert (len(real_pool), len(fake)) == (7, 6)
+    # precision/recall are the evaluator's figures of those features, as without density/coverage
+    assert (m["precision"]["value"], m["recall"]["value"]) == adm.precision_recall(real_pool, fake)
+    assert m["fid"]["value"] == 2048  # fid read the same pool_3 features
+    # density/coverage are prdc's on the same features (reals: the reference's; fakes: the samples')
+    want = compute_prdc(real_pool.astype(np.float64), fake.astype(np.float64), nearest_k=3)
+    d, c = m["density"], m["coverage"]
+    assert (d["value"], c["value"]) == (want["density"], want["coverage"])
     assert d["nearest_k"] == c["nearest_k"] == 3 and d["feature"].startswith("pool_3")
     assert (d["real_features"], d["fake_features"]) == (7, 6) and d["reference"] == str(tmp_path / "ref.npz")
-    # the figures are those of the cell's features: the cached chunks, read back, through prdc
-    from prdc import compute_prdc
-
-    chunks = {p.parent.name.split("-")[0]: np.load(p)["pool"] for p in (tmp_path / "with").rglob("adm/*/*.npz")}
-    smp = evaluate.Source(next((tmp_path / "results" / "with").rglob("samples-*")), "s").content_key()
-    refk = evaluate.Source(tmp_path / "ref.npz", "r").content_key()
-    want = compute_prdc(chunks[refk].astype(np.float64), chunks[smp].astype(np.float64), nearest_k=3)
-    assert (d["value"], c["value"]) == (want["density"], want["coverage"])
+    assert d["direction"] == c["direction"] == "higher"

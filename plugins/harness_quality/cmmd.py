@@ -105,7 +105,7 @@ class ClipEmbedder:
         model = self.model.to(device)
         out = []
         for s in range(0, len(images), batch_size):
-            chunk = [np.asarray(im, dtype=np.uint8) for im in images[s:s + batch_size]]
+            chunk = [np.array(im, dtype=np.uint8) for im in images[s:s + batch_size]]  # a copy: maps are read-only
             pixels = self.processor(images=chunk, return_tensors="pt")["pixel_values"].to(device)
             emb = model(pixel_values=pixels.to(next(model.parameters()).dtype)).image_embeds.float()
             out.append((emb / emb.norm(dim=-1, keepdim=True)).cpu().numpy())
