@@ -108,9 +108,11 @@ def test_in_a_cell_beside_precision_recall_one_pass_unchanged_figures(tmp_path, 
     from harness.suite import load_suite
     from harness_quality import adm, evaluate
 
-    calls = []
+    calls, knn = [], []
     real = evaluate.extract
     monkeypatch.setattr(evaluate, "extract", lambda *a, **k: calls.append(1) or real(*a, **k))
+    knn_real = manifolds.density_coverage
+    monkeypatch.setattr(manifolds, "density_coverage", lambda *a, **k: knn.append(1) or knn_real(*a, **k))
     monkeypatch.setattr(adm, "frechet_distance", lambda a, b: float(len(a.mu)))  # seconds at 2048-d; not tested here
     np.savez(tmp_path / "ref.npz", np.random.default_rng(0).integers(0, 256, (7, 16, 16, 3), dtype=np.uint8))
     opts = {"num_samples": 6, "steps": 2, "batch_size": 6, "reference": str(tmp_path / "ref.npz"),
@@ -128,6 +130,7 @@ def test_in_a_cell_beside_precision_recall_one_pass_unchanged_figures(tmp_path, 
     assert rec["status"] == "ok", rec.get("traceback")
     m = rec["metrics"]
     assert len(calls) == 2  # one Inception pass over the samples, one over the reference, for all five metrics
+    assert len(knn) == 1  # and one k-NN computation for the two entries
     # the features that pass gave, as cached in chunks: reference and samples by their content keys
     chunks = {p.parent.name.split("-")[0]: np.load(p)["pool"] for p in (tmp_path / "c").rglob("adm/*/*.npz")}
     fake = chunks[evaluate.Source(next((tmp_path / "results").rglob("samples-*")), "s").content_key()]

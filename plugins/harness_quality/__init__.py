@@ -33,8 +33,8 @@ def harness_metrics():
 @harness.hookimpl
 def harness_commands():
     return {"fid": harness.Lazy("harness_quality.commands:COMMANDS.fid",
-                                "FID, sFID, IS, precision, recall (the ADM evaluator's protocol), FD_DINOv2 of "
-                                "image folders or .npz batches")}
+                                "FID, sFID, IS, precision, recall (the ADM evaluator's protocol), density, coverage, "
+                                "FD_DINOv2 of image folders or .npz batches")}
 
 
 def __getattr__(name):  # PEP 562: the public names load their module (and torch) on first use

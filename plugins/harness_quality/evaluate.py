@@ -332,8 +332,7 @@ def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, bat
             out[m] = _kid(smp.points("pool"), other.points("pool"))
         elif m in ("density", "coverage") and "density" not in out:
             # reals = the reference's pool features, fakes = the samples'; the k-NN balls are the reals'
-            out["density"], out["coverage"] = manifolds.density_coverage(other.points("pool"), smp.points("pool"),
-                                                                         k=nearest_k)
+            out["density"], out["coverage"] = _density_coverage(other.points("pool"), smp.points("pool"), nearest_k)
     result = {**{m: out[m] for m in metrics}, "samples": smp.count, "reference_images": ref.count if ref else 0}
     if knn:
         result.update(nearest_k=nearest_k, feature="pool_3 (2048-d Inception)", real_features=ref.count,
@@ -348,6 +347,20 @@ def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, bat
     if "dinov2" in exts:
         result["dinov2_extractor"] = exts["dinov2"].identity
     return result
+
+
+_LAST_DENSITY_COVERAGE: dict = {}
+
+
+def _density_coverage(real: np.ndarray, fake: np.ndarray, k: int) -> manifolds.DensityCoverage:
+    """Density and coverage, remembered for the last pair of feature sets: a cell's ``density``
+    and ``coverage`` entries each ask for the pair, and at 50,000 x 50,000 it takes minutes."""
+    key = (hashlib.sha256(np.ascontiguousarray(real).tobytes()).hexdigest(),
+           hashlib.sha256(np.ascontiguousarray(fake).tobytes()).hexdigest(), real.shape, fake.shape, k)
+    if key not in _LAST_DENSITY_COVERAGE:
+        _LAST_DENSITY_COVERAGE.clear()
+        _LAST_DENSITY_COVERAGE[key] = manifolds.density_coverage(real, fake, k=k)
+    return _LAST_DENSITY_COVERAGE[key]
 
 
 def _kid(samples: np.ndarray, reference: np.ndarray) -> float:

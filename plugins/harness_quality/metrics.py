@@ -448,4 +448,4 @@ def _dataset_npz(ds, limit: int | None, folder: Path) -> Path:
 # the base class's, plus k.
 _base = inspect.signature(_SampleMetric.__init__)
 _NearestNeighbours.__init__.__signature__ = _base.replace(parameters=[
-    *_base.parameters.values(), inspect.Parameter("k", inspect.Parameter.KEYWORD_ONLY, default=5)])
+    *_base.parameters.values(), inspect.Parameter("k", inspect.Parameter.KEYWORD_ONLY, default=5, annotation="int")])
