@@ -138,6 +138,12 @@ def test_in_a_cell_beside_precision_recall_one_pass_unchanged_figures(tmp_path, 
     assert (len(real_pool), len(fake)) == (7, 6)
     # precision/recall are the evaluator's figures of those features, as without density/coverage
     assert (m["precision"]["value"], m["recall"]["value"]) == adm.precision_recall(real_pool, fake)
+    folder = next((tmp_path / "results").rglob("samples-*"))
+    ask = lambda names: evaluate.evaluate(folder, tmp_path / "ref.npz", names, weights=inception_file,  # noqa: E731
+                                          cuda=False, cache_root=tmp_path / "c" / "adm", nearest_k=3)
+    without, with_them = ask(["fid", "precision", "recall"]), ask(["fid", "precision", "recall", "density", "coverage"])
+    assert {k: with_them[k] for k in without} == without  # adding them changes no other figure
+    assert len(calls) == 2  # those two read the cached features: still one pass per input
     assert m["fid"]["value"] == 2048  # fid read the same pool_3 features
     # density/coverage are prdc's on the same features (reals: the reference's; fakes: the samples')
     want = compute_prdc(real_pool.astype(np.float64), fake.astype(np.float64), nearest_k=3)
