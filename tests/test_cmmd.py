@@ -194,3 +194,18 @@ def test_a_model_that_cannot_be_loaded_is_unavailable_with_its_reason(tmp_path, 
     assert entry["status"] == "unavailable" and "cannot load CLIP vision model" in entry["reason"]
     assert missing in entry["reason"]
     assert "cmmd" in harness.components("metric")
+
+
+def test_the_sample_stage_embeds_with_one_clip_model_and_leaves_a_missing_one_to_the_metric(tmp_path):
+    from types import SimpleNamespace as Spec
+
+    from harness.errors import UserError
+    from harness_quality import STREAMED_METRICS, Extractors
+
+    assert "cmmd" in STREAMED_METRICS
+    with pytest.raises(UserError, match="one CLIP model; the cmmd entries name a, b"):
+        Extractors.for_metrics([Spec(name="cmmd", options={"model": "a"}), Spec(name="cmmd", options={"model": "b"})],
+                               cuda=False)
+    missing = str(tmp_path / "no-such-model")
+    ext = Extractors.for_metrics([Spec(name="cmmd", options={"model": missing})], cuda=False)
+    assert "clip" not in ext.resolved and "cannot load CLIP vision model" in ext.unavailable["cmmd"]

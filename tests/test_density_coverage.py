@@ -152,3 +152,25 @@ def test_in_a_cell_beside_precision_recall_one_pass_unchanged_figures(tmp_path, 
     assert d["nearest_k"] == c["nearest_k"] == 3 and d["feature"].startswith("pool_3")
     assert (d["real_features"], d["fake_features"]) == (7, 6) and d["reference"] == str(tmp_path / "ref.npz")
     assert d["direction"] == c["direction"] == "higher"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--metrics", "density", "--nearest-k", "5"], "density needs more than k = 5 images in REFERENCE"),
+    (["--metrics", "coverage", "--nearest-k", "0"], "coverage: k must be a positive integer"),
+    (["--metrics", "precision,densty"], "'densty' is not one of .* did you mean 'density'"),
+])
+def test_harness_fid_density_bad_input_is_one_line_before_any_work(tmp_path, capsys, args, message):
+    import re
+
+    from PIL import Image
+
+    from harness.cli import main
+
+    (tmp_path / "s").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / "s" / f"{i}.png")
+    np.savez(tmp_path / "ref.npz", np.zeros((5, 8, 8, 3), np.uint8))  # 5 images: not more than k = 5
+    assert main(["fid", str(tmp_path / "s"), str(tmp_path / "ref.npz"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert re.search(message, err), err
