@@ -144,6 +144,11 @@ def test_in_a_cell_beside_precision_recall_one_pass_unchanged_figures(tmp_path, 
     without, with_them = ask(["fid", "precision", "recall"]), ask(["fid", "precision", "recall", "density", "coverage"])
     assert {k: with_them[k] for k in without} == without  # adding them changes no other figure
     assert len(calls) == 2  # those two read the cached features: still one pass per input
+    # the reference's radii are cached on disk (every cell of a suite shares them): read back, not recomputed
+    (radii,) = (tmp_path / "c" / "adm" / "radii").glob("*-7x2048-k3-*.safetensors")
+    evaluate._LAST_DENSITY_COVERAGE.clear()
+    monkeypatch.setattr(manifolds, "real_radii", None)
+    assert ask(["density", "coverage"])["density"] == m["density"]["value"]
     assert m["fid"]["value"] == 2048  # fid read the same pool_3 features
     # density/coverage are prdc's on the same features (reals: the reference's; fakes: the samples')
     want = compute_prdc(real_pool.astype(np.float64), fake.astype(np.float64), nearest_k=3)

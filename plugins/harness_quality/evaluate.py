@@ -332,7 +332,8 @@ def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, bat
             out[m] = _kid(smp.points("pool"), other.points("pool"))
         elif m in ("density", "coverage") and "density" not in out:
             # reals = the reference's pool features, fakes = the samples'; the k-NN balls are the reals'
-            out["density"], out["coverage"] = _density_coverage(other.points("pool"), smp.points("pool"), nearest_k)
+            out["density"], out["coverage"] = _density_coverage(other.points("pool"), smp.points("pool"), nearest_k,
+                                                                cache)
     result = {**{m: out[m] for m in metrics}, "samples": smp.count, "reference_images": ref.count if ref else 0}
     if knn:
         result.update(nearest_k=nearest_k, feature="pool_3 (2048-d Inception)", real_features=ref.count,
@@ -352,14 +353,24 @@ def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, bat
 _LAST_DENSITY_COVERAGE: dict = {}
 
 
-def _density_coverage(real: np.ndarray, fake: np.ndarray, k: int) -> manifolds.DensityCoverage:
+def _density_coverage(real: np.ndarray, fake: np.ndarray, k: int, cache: Path) -> manifolds.DensityCoverage:
     """Density and coverage, remembered for the last pair of feature sets: a cell's ``density``
-    and ``coverage`` entries each ask for the pair, and at 50,000 x 50,000 it takes minutes."""
-    key = (hashlib.sha256(np.ascontiguousarray(real).tobytes()).hexdigest(),
-           hashlib.sha256(np.ascontiguousarray(fake).tobytes()).hexdigest(), real.shape, fake.shape, k)
+    and ``coverage`` entries each ask for the pair, and at 50,000 x 50,000 it takes minutes. The
+    reference's k-NN radii, half of that work and the same for every cell of a suite, are cached
+    on disk by the features' content and k (``.safetensors`` with a digest, :func:`harness.save_cache`)."""
+    from harness import load_cache, save_cache
+
+    real_key = hashlib.sha256(np.ascontiguousarray(real).tobytes()).hexdigest()[:24]
+    key = (real_key, hashlib.sha256(np.ascontiguousarray(fake).tobytes()).hexdigest(), real.shape, fake.shape, k)
     if key not in _LAST_DENSITY_COVERAGE:
+        path = cache / "radii" / f"{real_key}-{real.shape[0]}x{real.shape[1]}-k{k}-v{ADM_VERSION}.safetensors"
+        entry = load_cache(path)  # None when missing, torn or altered: computed again
+        radii = entry["radii"].numpy() if entry is not None and entry["radii"].shape == (len(real),) else None
+        if radii is None:
+            radii = manifolds.real_radii(real, k)
+            save_cache(path, {"radii": torch.from_numpy(radii)}, what=f"the k-NN radii cache {path.name}")
         _LAST_DENSITY_COVERAGE.clear()
-        _LAST_DENSITY_COVERAGE[key] = manifolds.density_coverage(real, fake, k=k)
+        _LAST_DENSITY_COVERAGE[key] = manifolds.density_coverage(real, fake, k=k, radii=radii)
     return _LAST_DENSITY_COVERAGE[key]
 
 
