@@ -6,9 +6,11 @@ Public API for other plugins: ``evaluate_images`` (:func:`harness_quality.evalua
 the ADM metrics of an image folder or npz against a reference), :func:`image_size`,
 :func:`resized_folder`, and for a stage that extracts features as it makes images (the
 ``sample`` stage): :class:`~harness_quality.streaming.Extractors`,
-:class:`~harness_quality.streaming.StreamedFeatures`, :func:`~harness_quality.streaming.merge_shards`
-and ``STREAMED_METRICS`` (the metric names that score such features). A stage that generates images (``ctx.samples``, see
-:func:`harness.hookspecs.harness_stages`) has them scored by fid/kid/isc/sfid/precision/recall/fd_dinov2/density/coverage/cmmd."""
+:class:`~harness_quality.streaming.StreamedFeatures`,
+:func:`~harness_quality.streaming.merge_shards` and ``STREAMED_METRICS`` (the metric names that
+score such features). A stage that generates images (``ctx.samples``, see
+:func:`harness.hookspecs.harness_stages`) has them scored by fid, kid, isc, sfid, precision,
+recall, fd_dinov2, density, coverage and cmmd."""
 from __future__ import annotations
 
 import importlib
