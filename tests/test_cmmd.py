@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from harness_quality import cmmd
+from test_pickscore import tiny_clip  # noqa: F401 - a whole tiny CLIP (text and vision) saved to a folder
 
 
 def google_research_mmd(x, y):
@@ -209,3 +210,23 @@ def test_the_sample_stage_embeds_with_one_clip_model_and_leaves_a_missing_one_to
     missing = str(tmp_path / "no-such-model")
     ext = Extractors.for_metrics([Spec(name="cmmd", options={"model": missing})], cuda=False)
     assert "clip" not in ext.resolved and "cannot load CLIP vision model" in ext.unavailable["cmmd"]
+
+
+def test_a_whole_clip_checkpoint_loads_and_embeds_as_clip_s_own_image_features(tiny_clip):
+    """The default model is a whole CLIP repository (text tower too), as openai/clip-vit-large-patch14-336
+    is: the vision tower and projection load from it, and the embedding is CLIPModel's
+    get_image_features, normalised."""
+    import torch
+    from transformers import CLIPModel
+
+    from harness_t2i import scoring
+
+    images = np.random.default_rng(2).integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
+    got = cmmd.load_embedder(tiny_clip)(images)
+    clip, processor = scoring.load_clip(tiny_clip)
+    assert isinstance(clip, CLIPModel)
+    with torch.no_grad():
+        pixels = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        want = scoring._features(clip.get_image_features(pixel_values=pixels))
+    want = (want / want.norm(dim=-1, keepdim=True)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -116,11 +116,19 @@ class ClipEmbedder:
 def load_embedder(source: str = DEFAULT_MODEL) -> ClipEmbedder:
     """The CLIP vision model and image processor at ``source`` (hub id or local folder); offline
     without them, MetricUnavailable with the reason, as pickscore and clip_score report it."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from harness_t2i import load_pretrained
 
-    model = load_pretrained("CLIP vision model", CLIPVisionModelWithProjection.from_pretrained, source)
+    config = found = load_pretrained("CLIP vision model", AutoConfig.from_pretrained, source)
+    if getattr(found, "model_type", None) == "clip":
+        # A whole CLIP repository (the paper's model is one): its vision tower and projection are
+        # read from it, and the projection's width is the top-level projection_dim, which the
+        # vision sub-config need not carry (its own default, 512, would misshape the projection).
+        config = found.vision_config
+        config.projection_dim = found.projection_dim
+    model = load_pretrained("CLIP vision model",
+                            lambda s: CLIPVisionModelWithProjection.from_pretrained(s, config=config), source)
     processor = load_pretrained("CLIP image processor", CLIPImageProcessor.from_pretrained, source)
     return ClipEmbedder(source, model, processor)
 
