@@ -18,7 +18,7 @@ from harness.errors import UserError
 METRICS = ("fid", "sfid", "isc", "precision", "recall")
 # A Fréchet distance of 2048-d statistics takes seconds on 2 cores: the tests of ranks and resumption
 # compare these figures and the shards' float64 sums themselves, bit for bit
-POINT_METRICS = ("isc", "precision", "recall")
+POINT_METRICS = ("isc", "precision", "recall", "density", "coverage")
 
 
 @pytest.fixture(autouse=True)

@@ -18,10 +18,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir2", metavar="REFERENCE", help="image folder or .npz; its mu/sigma (mu_s/sigma_s) are "
                                                      "used for fid (sfid) when present")
     p.add_argument("--metrics", default="fid", help="comma-separated: fid, sfid, isc, precision, recall, kid, "
-                                                    "fd_dinov2 (DINOv2 ViT-L/14 via torch.hub; default: fid)")
+                                                    "density, coverage, fd_dinov2 (DINOv2 ViT-L/14 via torch.hub; "
+                                                    "default: fid)")
     p.add_argument("--weights", help="local Inception weights (default: $HARNESS_FID_WEIGHTS, else download); "
                                      "not for fd_dinov2")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--nearest-k", type=int, default=5, metavar="K",
+                   help="k of density and coverage (Naeem et al. 2020; default 5)")
     p.add_argument("--cpu", action="store_true", help="do not use CUDA even when present")
     p.add_argument("--json", action="store_true")
 
@@ -39,7 +42,7 @@ def _run(args) -> int:
         else:
             with _feature_progress() as progress:
                 result = evaluate(args.dir1, args.dir2, metrics, weights=args.weights, batch_size=args.batch_size,
-                                  cuda=False if args.cpu else None, progress=progress)
+                                  cuda=False if args.cpu else None, progress=progress, nearest_k=args.nearest_k)
     except WeightsUnavailable as exc:  # on the command line, missing weights is the user's to fix
         raise UserError(f"fid: {exc} (or pass --weights PATH)") from None
     except MetricUnavailable as exc:  # DINOv2: torch.hub's cache or a network, no file of the user's
@@ -76,6 +79,6 @@ def _feature_progress():
 
 
 COMMANDS = {
-    "fid": Command(help="FID, sFID, IS, precision, recall (the ADM evaluator's protocol), FD_DINOv2 of image "
-                        "folders or .npz batches", arguments=_arguments, run=_run),
+    "fid": Command(help="FID, sFID, IS, precision, recall (the ADM evaluator's protocol), density, coverage, "
+                        "FD_DINOv2 of image folders or .npz batches", arguments=_arguments, run=_run),
 }

@@ -21,10 +21,10 @@ import torch
 
 from harness import UserError
 
-from . import adm
+from . import adm, manifolds
 from .features import FEATURES_LIST, DinoFeatures, Features, extract, extract_dinov2, probabilities
 
-INCEPTION_METRICS = ("fid", "sfid", "isc", "precision", "recall", "kid")
+INCEPTION_METRICS = ("fid", "sfid", "isc", "precision", "recall", "kid", "density", "coverage")
 METRICS = INCEPTION_METRICS + ("fd_dinov2",)
 CHUNK = 2048          # images per cached feature chunk: the unit an interrupted run resumes at
 ADM_VERSION = 1       # in every cache key: bump when what a chunk holds changes
@@ -184,25 +184,29 @@ def parse_metrics(text: str) -> list[str]:
 def evaluate(samples: str | Path, reference: str | Path, metrics=("fid",), *, weights: Optional[str] = None,
              cuda: Optional[bool] = None, batch_size: int = 64, cache_root: Optional[str | Path] = None,
              progress: Optional[Callable[[str, int, int], None]] = None, split_size: int = 5000,
-             samples_arg: str = "SAMPLES", reference_arg: str = "REFERENCE", option: str = "--weights") -> dict:
-    """The ADM metrics (and fd_dinov2) of ``samples`` against ``reference``; every input checked
-    and every extractor resolved before work."""
+             samples_arg: str = "SAMPLES", reference_arg: str = "REFERENCE", option: str = "--weights",
+             nearest_k: int = manifolds.DEFAULT_K) -> dict:
+    """The ADM metrics (and fd_dinov2, density, coverage) of ``samples`` against ``reference``;
+    every input checked and every extractor resolved before work. ``nearest_k``: the k of
+    density and coverage (precision/recall keep the evaluator's 3)."""
     smp = Source(samples, samples_arg)
     if smp.count < 2:
         raise UserError(f"{samples_arg} {str(smp.path)!r} holds {smp.count} image(s); at least 2 are needed")
     return _score(_Images(smp, own_statistics=False), Source(reference, reference_arg), list(metrics),
                   weights=weights, cuda=cuda, batch_size=batch_size, cache_root=cache_root, progress=progress,
-                  split_size=split_size, samples_arg=samples_arg, reference_arg=reference_arg, option=option)
+                  split_size=split_size, samples_arg=samples_arg, reference_arg=reference_arg, option=option,
+                  nearest_k=nearest_k)
 
 
 def score_features(samples, reference: Optional[str | Path], metrics=("fid",), *, weights: Optional[str] = None,
                    cuda: Optional[bool] = None, batch_size: int = 64, cache_root: Optional[str | Path] = None,
                    progress: Optional[Callable[[str, int, int], None]] = None, split_size: int = 5000,
                    samples_arg: str = "samples", reference_arg: str = "reference",
-                   option: str = "weights option") -> dict:
+                   option: str = "weights option", nearest_k: int = manifolds.DEFAULT_K) -> dict:
     """The same figures as :func:`evaluate` for images whose features were extracted as they were
     made (``samples``: a :class:`harness_quality.streaming.StreamedFeatures`, the ``sample``
-    stage's): Fréchet statistics from its merged sums, precision/recall/KID/IS from its chunks.
+    stage's): Fréchet statistics from its merged sums, precision/recall/density/coverage/KID/IS
+    from its chunks.
     ``reference`` may be None for ``isc`` alone."""
     count = samples.count
     if count < 2:
@@ -210,7 +214,7 @@ def score_features(samples, reference: Optional[str | Path], metrics=("fid",), *
     ref = Source(reference, reference_arg) if reference is not None else None
     return _score(_Streamed(samples, count), ref, list(metrics), weights=weights, cuda=cuda, batch_size=batch_size,
                   cache_root=cache_root, progress=progress, split_size=split_size, samples_arg=samples_arg,
-                  reference_arg=reference_arg, option=option)
+                  reference_arg=reference_arg, option=option, nearest_k=nearest_k)
 
 
 class _Images:
@@ -256,7 +260,7 @@ class _Streamed:
 
 
 def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, batch_size, cache_root, progress,
-           split_size, samples_arg, reference_arg, option) -> dict:
+           split_size, samples_arg, reference_arg, option, nearest_k=manifolds.DEFAULT_K) -> dict:
     from .fidelity import build_dinov2, build_extractor
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -269,7 +273,7 @@ def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, bat
         used = {"pool": "fid", "spatial": "sfid"}
         adm.check_statistics(ref.npz, {k: d for k, d in INCEPTION_DIMS.items() if used[k] in metrics}, ref.path,
                              reference_arg)
-    need_ref_images = [m for m in metrics if m in ("precision", "recall", "kid", "fd_dinov2")
+    need_ref_images = [m for m in metrics if m in ("precision", "recall", "kid", "fd_dinov2", "density", "coverage")
                        or (m == "fid" and pool_stats is None) or (m == "sfid" and spatial_stats is None)]
     if need_ref_images and ref.count < 2:
         # its mu/sigma are Inception's: nothing fd_dinov2 could use
@@ -280,6 +284,13 @@ def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, bat
         if m in metrics and min(smp.count, ref.count) <= 3:
             raise UserError(f"{m} needs more than 3 images in each of {samples_arg} and {reference_arg} "
                             f"(k = 3 nearest neighbours)")
+    knn = [m for m in metrics if m in ("density", "coverage")]
+    if knn:
+        if isinstance(nearest_k, bool) or not isinstance(nearest_k, int) or nearest_k < 1:
+            raise UserError(f"{knn[0]}: k must be a positive integer, got {nearest_k!r}")
+        if ref.count <= nearest_k:
+            raise UserError(f"{knn[0]} needs more than k = {nearest_k} images in {reference_arg} (the radii are "
+                            f"the distances to each real image's k-th nearest other one); it holds {ref.count}")
     exts = resolve_extractors(metrics, weights, option=option)
     cuda = torch.cuda.is_available() if cuda is None else cuda
     device = torch.device("cuda" if cuda else "cpu")
@@ -319,7 +330,14 @@ def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, bat
             out["precision"], out["recall"] = adm.precision_recall(other.points("pool"), smp.points("pool"))
         elif m == "kid":
             out[m] = _kid(smp.points("pool"), other.points("pool"))
+        elif m in ("density", "coverage") and "density" not in out:
+            # reals = the reference's pool features, fakes = the samples'; the k-NN balls are the reals'
+            out["density"], out["coverage"] = _density_coverage(other.points("pool"), smp.points("pool"), nearest_k,
+                                                                cache)
     result = {**{m: out[m] for m in metrics}, "samples": smp.count, "reference_images": ref.count if ref else 0}
+    if knn:
+        result.update(nearest_k=nearest_k, feature="pool_3 (2048-d Inception)", real_features=ref.count,
+                      fake_features=smp.count)
     if "inception" in exts:
         result.update({
             "reference_statistics": ("from the reference npz (mu/sigma" + ("/mu_s/sigma_s" if spatial_stats else "")
@@ -330,6 +348,30 @@ def _score(smp, ref: Optional[Source], metrics: list[str], *, weights, cuda, bat
     if "dinov2" in exts:
         result["dinov2_extractor"] = exts["dinov2"].identity
     return result
+
+
+_LAST_DENSITY_COVERAGE: dict = {}
+
+
+def _density_coverage(real: np.ndarray, fake: np.ndarray, k: int, cache: Path) -> manifolds.DensityCoverage:
+    """Density and coverage, remembered for the last pair of feature sets: a cell's ``density``
+    and ``coverage`` entries each ask for the pair, and at 50,000 x 50,000 it takes minutes. The
+    reference's k-NN radii, half of that work and the same for every cell of a suite, are cached
+    on disk by the features' content and k (``.safetensors`` with a digest, :func:`harness.save_cache`)."""
+    from harness import load_cache, save_cache
+
+    real_key = hashlib.sha256(np.ascontiguousarray(real).tobytes()).hexdigest()[:24]
+    key = (real_key, hashlib.sha256(np.ascontiguousarray(fake).tobytes()).hexdigest(), real.shape, fake.shape, k)
+    if key not in _LAST_DENSITY_COVERAGE:
+        path = cache / "radii" / f"{real_key}-{real.shape[0]}x{real.shape[1]}-k{k}-v{ADM_VERSION}.safetensors"
+        entry = load_cache(path)  # None when missing, torn or altered: computed again
+        radii = entry["radii"].numpy() if entry is not None and entry["radii"].shape == (len(real),) else None
+        if radii is None:
+            radii = manifolds.real_radii(real, k)
+            save_cache(path, {"radii": torch.from_numpy(radii)}, what=f"the k-NN radii cache {path.name}")
+        _LAST_DENSITY_COVERAGE.clear()
+        _LAST_DENSITY_COVERAGE[key] = manifolds.density_coverage(real, fake, k=k, radii=radii)
+    return _LAST_DENSITY_COVERAGE[key]
 
 
 def _kid(samples: np.ndarray, reference: np.ndarray) -> float:

@@ -11,10 +11,13 @@ cell's PNGs against ``reference``, optionally resized first (``resize: 256``, BK
 protocol), with the teacher's images beside them (``teacher`` and ``change`` in the entry).
 ``fd_dinov2`` is EDM2's Fréchet distance of DINOv2 ViT-L/14 features, through the same
 ADM-protocol path (:func:`harness_quality.evaluate.evaluate`) as sfid, precision and recall.
+``density`` and ``coverage`` (Naeem et al. 2020) read the same pool features as precision and
+recall; ``cmmd`` (:mod:`harness_quality.cmmd`) reads CLIP embeddings of the same images.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -119,7 +122,12 @@ class _SampleMetric:
     @property
     def adm(self) -> bool:
         """The ADM evaluator's protocol: a reference folder/npz, or a metric only it defines."""
-        return self.reference is not None or self.key in ("sfid", "precision", "recall", "fd_dinov2")
+        return self.reference is not None or self.key in ("sfid", "precision", "recall", "fd_dinov2", "density",
+                                                          "coverage")
+
+    def _options(self) -> dict:
+        """Keyword arguments of the ADM-path functions this metric adds to the shared ones."""
+        return {}
 
     def __call__(self, ctx: CellContext) -> dict:
         if getattr(ctx, "samples", None) is not None:
@@ -177,7 +185,7 @@ class _SampleMetric:
             return evaluate(folder, self.reference or folder, [self.key], weights=self.weights,
                             cuda=ctx.device.type == "cuda", batch_size=self.batch_size,
                             cache_root=cache_root() / "adm", samples_arg=f"{self.name} samples",
-                            reference_arg=f"{self.name} reference", option="weights option")
+                            reference_arg=f"{self.name} reference", option="weights option", **self._options())
 
         out = score(images.folder)
         entry = {"value": out.pop(self.key), **out, "protocol": "ADM evaluator", "reference": self.reference,
@@ -218,7 +226,7 @@ class _SampleMetric:
         out = score_features(images.features, reference, [self.key], weights=self.weights,
                              cuda=ctx.device.type == "cuda", batch_size=self.batch_size, cache_root=root / "adm",
                              samples_arg=f"{self.name} samples", reference_arg=f"{self.name} reference",
-                             option="weights option")
+                             option="weights option", **self._options())
         kept = images.folder or images.npz
         return {"value": out.pop(self.key), **out, "protocol": "ADM evaluator", "reference": described,
                 "images": str(kept) if kept else None, "features": "streamed by the sample stage"}
@@ -239,7 +247,7 @@ class _SampleMetric:
         out = evaluate(folder, reference, [self.key], weights=self.weights, cuda=ctx.device.type == "cuda",
                        batch_size=self.batch_size, cache_root=root / "adm",
                        samples_arg=f"{self.name} samples", reference_arg=f"{self.name} reference",
-                       option="weights option")
+                       option="weights option", **self._options())
         return {"value": out.pop(self.key), **out, **self.sample_opts, "protocol": "ADM evaluator",
                 "reference": self.reference or f"{getattr(ds, 'name', '?')} images"}
 
@@ -294,6 +302,109 @@ class Recall(_SampleMetric):
     name, direction, unit, key = "recall", "higher", "", "recall"
 
 
+class _NearestNeighbours(_SampleMetric):
+    """Density/coverage (Naeem et al. 2020): k-NN balls on the reference's Inception pool
+    features, the same features (and the same single extraction) as precision/recall."""
+
+    def __init__(self, *args, k: int = 5, **kwargs):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"{self.name}: k (nearest neighbours) must be a positive integer, got {k!r}")
+        super().__init__(*args, **kwargs)
+        self.k = k
+
+    def _options(self) -> dict:
+        return {"nearest_k": self.k}
+
+
+class Density(_NearestNeighbours):
+    """Density (Naeem et al. 2020, k=5): samples per real k-NN ball, over k; about 1 when alike."""
+
+    name, direction, unit, key = "density", "higher", "", "density"
+
+
+class Coverage(_NearestNeighbours):
+    """Coverage (Naeem et al. 2020, k=5): real k-NN balls that hold at least one sample."""
+
+    name, direction, unit, key = "coverage", "higher", "", "coverage"
+
+
+class CMMD(_SampleMetric):
+    """CMMD (Jayasumana et al. 2024): 1000 x squared MMD of CLIP ViT-L/14@336 embeddings, sigma 10."""
+
+    name, direction, unit, key = "cmmd", "lower", "", "cmmd"
+
+    def __init__(self, model: str = "openai/clip-vit-large-patch14-336", batch_size: int = 32,
+                 reference: str | None = None, reference_split: str = "train", reference_size: int | None = None,
+                 num_samples: int = 1000, sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0,
+                 guided_channels: int | None = 3):
+        for key, value in (("batch_size", batch_size), ("num_samples", num_samples), ("steps", steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "num_samples" else 1):
+                raise ValueError(f"cmmd: {key} must be an integer >= {2 if key == 'num_samples' else 1}, got "
+                                 f"{value!r}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"cmmd: model must be a hub id or a folder, got {model!r}")
+        self.model, self.reference, self.resize = model, reference, None
+        self.batch_size, self.reference_split, self.reference_size = batch_size, reference_split, reference_size
+        # the sampling options of fid & co. (same defaults): without a sample block, the same images
+        self.sample_opts = {"num_samples": num_samples, "sampler": sampler, "steps": steps,
+                            "cfg_scale": cfg_scale, "guided_channels": guided_channels}
+
+    def __call__(self, ctx: CellContext) -> dict:
+        from harness_data import cache_root
+
+        from .cmmd import SCALE, SIGMA, load_embedder, mmd
+        from .evaluate import Source
+
+        embedder = load_embedder(self.model)  # offline without it: unavailable, before any sampling
+        samples = getattr(ctx, "samples", None)
+        data = ctx.config.data.options.get("cache_dir") if ctx.config.data is not None else None
+        root = cache_root(data)
+        entry: dict = {}
+        if samples is None:
+            if getattr(ctx.dataset, "null_context", None) is not None:
+                raise MetricUnavailable("cmmd of a text U-Net scores the images of a sample block (prompts); this "
+                                        "cell has none")
+            if ctx.dataset is None:
+                raise ValueError("cmmd needs a data block to sample and to compare against, or a sample block")
+            folder = self._samples(ctx, ctx.dataset)  # fid & co.'s folder when their sampling options agree
+            fake = self._embed(Source(folder, "cmmd samples"), embedder, ctx, root)
+            entry.update(images=str(folder), **self.sample_opts)
+        elif getattr(samples, "features", None) is not None:  # the sample stage embedded each batch as it made it
+            if f"clip:{embedder.identity}" not in samples.features.identity:
+                raise ValueError(f"cmmd: the sample stage's features are not {self.model!r}'s CLIP embeddings "
+                                 f"({samples.features.identity})")
+            fake = samples.features.points("clip")
+            kept = samples.folder or samples.npz
+            entry.update(images=str(kept) if kept else None, features="streamed by the sample stage")
+        else:
+            fake = self._embed(Source(samples.folder, "cmmd samples"), embedder, ctx, root)
+            entry["images"] = str(samples.folder)
+        reference, described = self.reference, self.reference
+        if reference is None:
+            ds = ctx.make_dataset(self.reference_split) if self.reference_split != "train" else ctx.dataset
+            if ds is None:
+                raise ValueError("cmmd needs reference: (a folder or .npz of real images) or a data block")
+            reference = str(_dataset_npz(ds, self.reference_size, root / "adm-reference"))
+            described = f"{getattr(ds, 'name', '?')} images"
+        real = self._embed(Source(reference, "cmmd reference"), embedder, ctx, root)
+        out = {"value": mmd(real, fake), **entry, "reference": described, "model": self.model,
+               "embedding": f"CLIP image embedding, {real.shape[1]}-d, unit length ({embedder.identity})",
+               "sigma": SIGMA, "scale": SCALE, "estimator": "biased: every pair, diagonals included (google-research)",
+               "samples": len(fake), "reference_images": len(real)}
+        if getattr(samples, "teacher", None) is not None:
+            teacher = mmd(real, self._embed(Source(samples.teacher, "cmmd teacher samples"), embedder, ctx, root))
+            out["teacher"] = teacher
+            out["change"] = (out["value"] - teacher) / teacher if teacher else None
+        return out
+
+    def _embed(self, source, embedder, ctx, root):
+        from .cmmd import cached_embeddings
+
+        if source.count < 2:
+            raise UserError(f"{source.arg} {str(source.path)!r} holds {source.count} image(s); cmmd needs at least 2")
+        return cached_embeddings(source, embedder, cache=root / "cmmd", device=ctx.device, batch_size=self.batch_size)
+
+
 class FDDinoV2(_SampleMetric):
     """FD_DINOv2 (EDM2): Frechet distance of DINOv2 ViT-L/14 features (torch-fidelity's extractor)."""
 
@@ -332,3 +443,10 @@ def _dataset_npz(ds, limit: int | None, folder: Path) -> Path:
     if not path.is_file():
         _save_npz(path, arr_0=images.permute(0, 2, 3, 1).contiguous().numpy().astype(np.uint8))
     return path
+
+
+# The options a suite may give are the factory's signature (unknown ones are refused at validation):
+# the base class's, plus k.
+_base = inspect.signature(_SampleMetric.__init__)
+_NearestNeighbours.__init__.__signature__ = _base.replace(parameters=[
+    *_base.parameters.values(), inspect.Parameter("k", inspect.Parameter.KEYWORD_ONLY, default=5, annotation="int")])

@@ -7,8 +7,9 @@ fixed shard of samples it keeps:
 - for each Fréchet distance (pool for FID, spatial for sFID, DINOv2 for FD_DINOv2) the exact
   float64 sums ``count``, ``Σx`` and ``Σxxᵀ``; merged in shard order, they give the mean and
   the unbiased covariance of the whole set, whatever the number of ranks that made the shards;
-- the pool features themselves (precision, recall and KID compare points, not moments) and the
-  Inception logits (IS), as per-shard chunks read back one after the other.
+- the pool features themselves (precision, recall, density, coverage and KID compare points, not
+  moments), the Inception logits (IS) and, for CMMD, the CLIP embeddings of the same images, as
+  per-shard chunks read back one after the other.
 
 A shard is written atomically once complete: a killed run resumes at the first shard missing.
 When every shard exists, their sums are merged once into ``moments.npz`` beside them and
@@ -30,10 +31,11 @@ from .features import FEATURES_LIST, extract, extract_dinov2
 
 VERSION = 1  # in every shard folder's key: bump when what a shard holds changes
 MOMENTS = ("pool", "spatial", "dinov2")   # features whose Fréchet statistics are kept as sums
-POINTS = ("pool", "logits")               # features kept whole (precision/recall/KID, IS)
+POINTS = ("pool", "logits", "clip")       # features kept whole (precision/recall/density/coverage/KID, IS, CMMD)
 # what each metric reads from the shards
 NEEDS = {"fid": {"inception"}, "sfid": {"inception"}, "isc": {"inception"}, "precision": {"inception"},
-         "recall": {"inception"}, "kid": {"inception"}, "fd_dinov2": {"dinov2"}}
+         "recall": {"inception"}, "kid": {"inception"}, "fd_dinov2": {"dinov2"}, "density": {"inception"},
+         "coverage": {"inception"}, "cmmd": {"clip"}}
 
 
 class Moments(NamedTuple):
@@ -113,14 +115,15 @@ def shard_arrays(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class Extractors:
-    """The networks a cell's quality metrics read (Inception's, DINOv2's), built once, applied
-    to each batch of generated images as it is made."""
+    """The networks a cell's quality metrics read (Inception's, DINOv2's, CMMD's CLIP), built
+    once, applied to each batch of generated images as it is made."""
 
     def __init__(self, resolved: dict, cuda: bool):
         self.resolved, self.cuda = resolved, cuda
         self.device = torch.device("cuda" if cuda else "cpu")
         self._models: dict = {}
         self.unavailable: dict[str, str] = {}
+        self.clip_batch = 32  # images per CLIP forward (cmmd's batch_size)
         self.identity = "+".join(f"{k}:{v.identity}" for k, v in sorted(resolved.items())) + f"-v{VERSION}"
 
     @classmethod
@@ -133,13 +136,14 @@ class Extractors:
 
         from .evaluate import resolve_extractors
 
-        weights = {m.options.get("weights") for m in specs if m.name != "fd_dinov2"}
+        on = lambda net: [m for m in specs if NEEDS.get(m.name) == {net}]  # noqa: E731 - the metrics of one network
+        weights = {m.options.get("weights") for m in on("inception")}
         if len(weights) > 1:
             raise UserError(f"metrics: with a sample block every Inception metric reads the same features; they "
                             f"name different weights ({', '.join(sorted(map(str, weights)))})")
         resolved, unavailable = {}, {}
-        inception = [m.name for m in specs if m.name != "fd_dinov2"]
-        for names in (inception, [m.name for m in specs if m.name == "fd_dinov2"]):
+        inception = [m.name for m in on("inception")]
+        for names in (inception, [m.name for m in on("dinov2")]):
             if not names:
                 continue
             try:
@@ -147,8 +151,23 @@ class Extractors:
                                                    option="weights option"))
             except MetricUnavailable as exc:
                 unavailable[", ".join(names)] = str(exc)
+        clip = on("clip")
+        if clip:
+            from .cmmd import DEFAULT_MODEL, load_embedder
+
+            models = {m.options.get("model") or DEFAULT_MODEL for m in clip}
+            if len(models) > 1:
+                raise UserError(f"metrics: with a sample block the images are embedded once, by one CLIP model; the "
+                                f"cmmd entries name {', '.join(sorted(models))}")
+            try:
+                resolved["clip"] = load_embedder(models.pop())
+            except MetricUnavailable as exc:
+                unavailable["cmmd"] = str(exc)
+            batch = min({m.options.get("batch_size") or 32 for m in clip})
         out = cls(resolved, cuda)
         out.unavailable = unavailable
+        if clip:
+            out.clip_batch = batch
         return out
 
     def _model(self, name: str):
@@ -168,6 +187,8 @@ class Extractors:
             out.update(pool=f.pool, spatial=f.spatial, logits=f.logits)
         if "dinov2" in self.resolved:
             out["dinov2"] = extract_dinov2(self._model("dinov2"), [images], device=self.device).dinov2
+        if "clip" in self.resolved:  # a harness_quality.cmmd.ClipEmbedder, already loaded
+            out["clip"] = self.resolved["clip"](images, batch_size=self.clip_batch, device=self.device)
         return out
 
     def save_shard(self, path: Path, batches: list[dict], count: int, size: tuple[int, int]) -> None:

@@ -110,6 +110,8 @@ def check_references(ctx, metrics, decode) -> None:
             return
         side *= factor
     for i, m in enumerate(metrics):
+        if m.name == "cmmd":  # CLIP resizes every image to its own input size: any reference size will do
+            continue
         ref = m.options.get("reference")
         if isinstance(ref, str):
             got = image_size(ref, f"{m.name} reference")
@@ -155,7 +157,8 @@ def sample_classes(ctx, spec) -> None:
     metrics = quality_metrics(ctx)
     if spec.keep == "none" and not metrics:
         raise UserError("sample: keep: none writes no image and the cell has no quality metric (fid, sfid, isc, "
-                        "precision, recall, kid, fd_dinov2) to score them; add one or keep png/npz")
+                        "precision, recall, kid, fd_dinov2, density, coverage, cmmd) to score them; add one or keep "
+                        "png/npz")
     extractors = Extractors.for_metrics(metrics, cuda=ctx.device.type == "cuda")
     if spec.keep == "none" and not extractors.resolved:
         raise UserError(f"sample: keep: none keeps only features, and no feature network can be had here "

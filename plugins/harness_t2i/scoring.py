@@ -37,7 +37,10 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     return prompts[:limit] if limit else prompts
 
 
-def _load(what: str, loader, source: str):
+def load_pretrained(what: str, loader, source: str):
+    """``loader(source)`` (a ``from_pretrained``), or MetricUnavailable naming ``what``, ``source`` and
+    the loader's first line when the files cannot be had (offline without them, a wrong id): how
+    every hub-model metric reports a model it cannot load."""
     try:
         return loader(source)
     except (OSError, ValueError) as exc:  # offline without the files, or a wrong id
@@ -48,8 +51,8 @@ def load_clip(model: str, processor: str | None = None, device="cpu"):
     """``(CLIPModel, processor)`` from hub ids or local folders (the processor defaults to the model's)."""
     from transformers import AutoProcessor, CLIPModel
 
-    clip = _load("CLIP model", CLIPModel.from_pretrained, model).eval().to(device)
-    proc = _load("processor", AutoProcessor.from_pretrained, processor or model)
+    clip = load_pretrained("CLIP model", CLIPModel.from_pretrained, model).eval().to(device)
+    proc = load_pretrained("processor", AutoProcessor.from_pretrained, processor or model)
     return clip, proc
 
 
@@ -130,7 +133,7 @@ def context_bytes(source: str, count: int) -> int:
 def load_pipeline(source: str, device="cpu", dtype=torch.float32):
     from diffusers import DiffusionPipeline
 
-    pipe = _load("pipeline", lambda s: DiffusionPipeline.from_pretrained(s, dtype=dtype), source)
+    pipe = load_pretrained("pipeline", lambda s: DiffusionPipeline.from_pretrained(s, dtype=dtype), source)
     if getattr(pipe, "safety_checker", None) is not None:  # it blanks images; scores must see them
         pipe.safety_checker = None
     pipe.set_progress_bar_config(disable=True)
