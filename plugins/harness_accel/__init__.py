@@ -5,3 +5,13 @@ They change how the denoiser computes a step, not its weights, so what the sampl
 sampler; each stage says so in the record.
 """
 from __future__ import annotations
+
+import harness
+
+
+@harness.hookimpl
+def harness_stages():
+    return {
+        "tome": harness.Lazy("harness_accel.tome:STAGE", "ToMe: merge similar tokens in a diffusers U-Net's "
+                             "transformer blocks (tomesd; ratio)"),
+    }
