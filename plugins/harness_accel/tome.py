@@ -217,6 +217,9 @@ def tome_cell(ctx, spec: ToMeSpec) -> None:
 def describe(spec: ToMeSpec, merging: int, blocks: int, gflops: float, unmerged: float) -> str:
     where = [w for w, on in (("self-attention", spec.merge_attn), ("cross-attention", spec.merge_crossattn),
                              ("feed-forward", spec.merge_mlp)) if on]
+    if not merging:  # SDXL at max_downsample 1: its full-resolution level has no transformer block
+        return (f"ToMe (tomesd) patched {blocks} transformer blocks, but none merges at this input size with "
+                f"max_downsample {spec.max_downsample}: the steps compute as the plain model's")
     return (f"ToMe (tomesd): {spec.ratio:.0%} of the tokens merged before {', '.join(where) or 'nothing'} in "
             f"{merging} of {blocks} transformer blocks; {gflops:.4g} GFLOPs per forward instead of {unmerged:.4g}")
 
