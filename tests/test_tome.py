@@ -87,12 +87,22 @@ def test_half_ratio_merges_tokens_before_attention_lowers_gflops_and_changes_out
     assert record["gflops_unmerged"] == pytest.approx(plain_gflops)  # counted as harness.count_flops counts
     assert record["gflops"] < record["gflops_unmerged"]
     assert record["blocks"] == len(plain_tokens) and record["blocks_merging"] == len(full)
-    assert {n: t[1] for n, t in record["tokens"].items()} == {n: t // 2 if n in full else t
-                                                             for n, t in plain_tokens.items()}
+    assert {n: t["self_attention"] for n, t in record["tokens"].items()} == {n: t // 2 if n in full else t
+                                                                             for n, t in plain_tokens.items()}
+    assert all(t["cross_attention"] == t["feed_forward"] == t["in"] for t in record["tokens"].values())
     # tomesd's matching ops have no fvcore rule: they are named, not hidden
     assert "aten::argsort" in record["uncounted_ops"]
     assert ctx.sampling_changes["tome"].startswith(f"ToMe (tomesd): 50% of the tokens merged before "
                                                    f"self-attention in {len(full)} of {len(plain_tokens)}")
+
+
+def test_each_part_merges_only_when_asked_and_is_counted_where_it_merges():
+    model = unet()
+    tome.patch(model, tome.ToMeSpec(ratio=0.5, merge_attn=False, merge_mlp=True), seed=0)
+    _, tokens = tome.count(model, inputs(model, 1))
+    merged = {n: t for n, t in tokens.items() if t["in"] == 8 * 8}
+    assert merged and all(t == {"in": 64, "self_attention": 64, "cross_attention": 64, "feed_forward": 32}
+                          for t in merged.values())
 
 
 def test_the_same_seed_draws_the_same_destinations():

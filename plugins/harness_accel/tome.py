@@ -162,17 +162,22 @@ def is_patched(model: torch.nn.Module) -> bool:
 # -- measuring what it changed ------------------------------------------------------------------
 def count(model: torch.nn.Module, inputs: dict, handles: dict | None = None) -> tuple[Any, dict]:
     """The FLOP count of one forward (harness.count_flops, fvcore's convention) and, for every
-    transformer block, the tokens it receives and those its self-attention receives."""
+    transformer block, the tokens it receives and those each of its parts (self-attention,
+    cross-attention, feed-forward) receives."""
     unet = transformer_unet(model)
-    tokens: dict[str, list[int]] = {}
+    tokens: dict[str, dict[str, int]] = {}
+
+    def note(name: str, part: str):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            tokens.setdefault(name, {})[part] = x.shape[1]
+        return hook
+
     hooks = []
     for name, block in transformer_blocks(unet) if unet is not None else []:
-        hooks.append(block.register_forward_pre_hook(
-            lambda m, args, kwargs, name=name: tokens.setdefault(name, [0, 0]).__setitem__(
-                0, (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True))
-        hooks.append(block.attn1.register_forward_pre_hook(
-            lambda m, args, kwargs, name=name: tokens.setdefault(name, [0, 0]).__setitem__(
-                1, (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True))
+        parts = {"in": block, "self_attention": block.attn1, "cross_attention": block.attn2, "feed_forward": block.ff}
+        hooks += [m.register_forward_pre_hook(note(name, part), with_kwargs=True)
+                  for part, m in parts.items() if m is not None]
     was_training = model.training
     model.eval()
     try:
@@ -202,12 +207,12 @@ def tome_cell(ctx, spec: ToMeSpec) -> None:
     seed = ctx.seed("tome")
     patch(model, spec, seed, what)
     merged, tokens = count(model, inputs, handles)
-    merging = sorted(name for name, (into, attended) in tokens.items() if attended < into)
+    merging = sorted(name for name, seen in tokens.items() if min(seen.values()) < seen["in"])
     ctx.extra["tome"] = {
         **spec.settings(), "seed": seed, "package": f"tomesd {_version()}",
         "blocks": len(tokens), "blocks_merging": len(merging),
-        # per block at the cell's input size: tokens in, tokens its self-attention sees
-        "tokens": {name: list(pair) for name, pair in sorted(tokens.items())},
+        # per block at the cell's input size: the tokens it receives ("in") and those each part sees
+        "tokens": dict(sorted(tokens.items())),
         **_flops_record(merged), "gflops_unmerged": plain.total / 1e9, "batch_size": 1,
         "apply": {**spec.settings(), "seed": seed},  # what the other ranks of a run apply (Stage.apply)
     }
