@@ -260,7 +260,9 @@ def check(config, spec: ToMeSpec) -> None:
     A ``pretrained`` backbone is loaded only when the cell runs, and checked then."""
     if "pretrained" in config.backbone.options:
         return
-    ctx = CellContext("validate", "tome-check", 0, config)
+    # The data block only sets input shapes, which decide no block type; left out, validating
+    # builds no data set (a latent one encodes its images first).
+    ctx = CellContext("validate", "tome-check", 0, config.model_copy(update={"data": None}))
     try:
         with torch.random.fork_rng(devices=[]):
             model = ctx.build_backbone(device="meta")
