@@ -27,6 +27,20 @@ def unet(preset: str = "sd-tiny", seed: int = 0):
     return harness.create("backbone", "unet", preset=preset, input_size=8).eval()
 
 
+def small_unet():
+    """Smaller than sd-tiny (two levels, one transformer block per down level): the tests
+    that need no preset run in a fraction of the time."""
+    from diffusers import UNet2DConditionModel
+    from harness_unet import TextUNet
+
+    torch.manual_seed(0)
+    return TextUNet(UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )).eval()
+
+
 def inputs(model, batch: int = 2) -> dict:
     return model.example_inputs(batch, generator=torch.Generator().manual_seed(1))
 
@@ -97,7 +111,7 @@ def test_half_ratio_merges_tokens_before_attention_lowers_gflops_and_changes_out
 
 
 def test_each_part_merges_only_when_asked_and_is_counted_where_it_merges():
-    model = unet()
+    model = small_unet()
     tome.patch(model, tome.ToMeSpec(ratio=0.5, merge_attn=False, merge_mlp=True), seed=0)
     _, tokens = tome.count(model, inputs(model, 1))
     merged = {n: t for n, t in tokens.items() if t["in"] == 8 * 8}
@@ -105,9 +119,9 @@ def test_each_part_merges_only_when_asked_and_is_counted_where_it_merges():
                           for t in merged.values())
 
 
-def test_the_same_seed_draws_the_same_destinations():
+def test_the_same_seed_draws_the_same_destinations(tiny_pipeline):  # noqa: F811
     spec = tome.ToMeSpec(ratio=0.5, use_rand=True)
-    model = unet()
+    model = small_unet()
     tome.patch(model, spec, seed=7)
     first = forward(model)
     tome.patch(model, spec, seed=7)  # reapplying restarts tomesd's generator from the seed
@@ -117,7 +131,7 @@ def test_the_same_seed_draws_the_same_destinations():
     # a rerun of the same cell: the stage seeds from the cell, so its outputs repeat
     runs = []
     for _ in range(2):
-        ctx = cell({"name": "unet", "preset": "sd-tiny", "input_size": 8}, tome={"ratio": 0.5})
+        ctx = cell({"name": "unet", "preset": "sd-tiny", "pretrained": tiny_pipeline}, tome={"ratio": 0.5})
         harness.run_stages(ctx, ctx.specs, ctx.registry.stages())
         runs.append(forward(ctx.model.eval()))
     assert torch.equal(*runs)
@@ -126,7 +140,7 @@ def test_the_same_seed_draws_the_same_destinations():
 def test_remove_restores_the_diffusers_blocks_and_apply_patches_again():
     from diffusers.models.attention import BasicTransformerBlock
 
-    model = unet()
+    model = small_unet()
     plain = forward(model)
     spec = tome.ToMeSpec(ratio=0.5)
     tome.patch(model, spec, seed=3)
@@ -151,7 +165,7 @@ def test_options_are_tomesds_and_bad_ones_are_one_line():
     with pytest.raises(ValueError, match="extra"):
         tome.ToMeSpec.model_validate({"ratios": 0.5})
     with pytest.raises(harness.UserError, match="--tome 'oops': Input should be a valid dictionary"):
-        tome.apply(unet(), "oops")
+        tome.apply(small_unet(), "oops")
 
 
 # -- in a suite -----------------------------------------------------------------------------------
