@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .plugins import Registry, registry
-from .suite import CellConfig, ComponentSpec
+from .suite import CellConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -262,8 +262,19 @@ def load_state_dict(source: str | Path, *, key: Optional[str] = None, what: str 
 
 def load_into(model: torch.nn.Module, source: str | Path, *, key: Optional[str] = None,
               what: str = "pretrained", key_option: str = "checkpoint_key") -> None:
-    """``load_state_dict`` into ``model`` strictly; a mismatch is one line naming the first keys."""
+    """``load_state_dict`` into ``model`` strictly; a mismatch is one line naming the first keys.
+
+    A model built on the meta device (to count its parameters or FLOPs) holds no values, so
+    nothing is read or downloaded for it: the checkpoint is read, and checked against the
+    model, when the model is built for real."""
+    if _abstract(model):
+        return
     load_state_into(model, load_state_dict(source, key=key, what=what, key_option=key_option), source, what=what)
+
+
+def _abstract(model: torch.nn.Module) -> bool:
+    params = list(model.parameters())
+    return bool(params) and all(p.is_meta for p in params)
 
 
 def load_state_into(model: torch.nn.Module, state: dict, source: str | Path, *, what: str = "pretrained") -> None:

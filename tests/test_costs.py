@@ -59,7 +59,7 @@ def test_validate_costs_prints_the_sampling_table(tiny_vae, tmp_path, capsys, mo
     suite = tmp_path / "s.yaml"
     suite.write_text(f"suite: s\nbase:\n  backbone: {{name: dit, size: tiny, patch: 2, input_size: 8}}\n"
                      f"  sample: {{num_samples: 50000, steps: 250, cfg_scale: 1.5, vae: {tiny_vae}, keep: none}}\n"
-                     f"  metrics: [params]\n  device: cpu\n")
+                     f"  metrics: [params, isc]\n  device: cpu\n")
     assert main(["validate", str(suite), "--costs"]) == 0
     out = capsys.readouterr().out
     assert "what the sample block costs" in out and "50,000" in out and "25M (500/image)" in out, out

@@ -203,3 +203,20 @@ def test_a_yacs_config_is_read_as_plain_dicts_without_importing_yacs(tmp_path, m
     assert type(got).__name__ == "OrderedDict" and type(got["MODEL"]["VSSM"]).__name__ == "OrderedDict"
     assert got == {"MODEL": {"VSSM": {"SSM_D_STATE": 1, "DEPTHS": [2, 2, 2, 2]}}, "BETAS": (0.9, 0.999)}
     assert torch.equal(load_state_dict(path, key_option="checkpoint_key")["w"], torch.ones(2))
+
+
+def test_a_meta_model_reads_no_checkpoint(tmp_path, monkeypatch):
+    # A count on the meta device needs no weights: a DiT with `pretrained` builds there without
+    # the file being read (here it does not even exist, and a URL would not be fetched).
+    import harness_dit.models as dit_models
+
+    from harness import backbone_context
+
+    read = []
+    monkeypatch.setattr("harness.weights.read_tensors", lambda *a, **k: read.append(a) or {})
+    ctx = backbone_context("dit", {"size": "tiny", "patch": 4, "input_size": 8,
+                                   "pretrained": str(tmp_path / "missing.pt")})
+    meta = ctx.abstract_model()
+    assert all(p.is_meta for p in meta.parameters()) and not read
+    with pytest.raises(harness.UserError):  # built for real, the checkpoint is read and checked
+        dit_models.dit(size="tiny", patch=4, input_size=8, pretrained=str(tmp_path / "missing.pt"))

@@ -12,6 +12,8 @@ import harness
 @harness.hookimpl
 def harness_stages():
     return {
+        "deepcache": harness.Lazy("harness_accel.deepcache:STAGE", "DeepCache: reuse deep U-Net features (or DiT "
+                                  "middle blocks) across sampling steps (interval N, branch B)"),
         "tome": harness.Lazy("harness_accel.tome:STAGE", "ToMe: merge similar tokens in a diffusers U-Net's "
                              "transformer blocks (tomesd; ratio)"),
     }
