@@ -176,6 +176,7 @@ base:
   backbone: {name: unet, preset: sd-tiny, pretrained: PIPE}
   metrics:
     - params
+    - gflops
     - {name: sample_latency, steps: 1, warmup: 0, runs: 1, batch_size: 2, pipeline: PIPE}
   device: cpu
 matrix:
@@ -202,6 +203,9 @@ def test_a_cell_with_tome_says_so_in_every_sampling_metric(tmp_path, tiny_pipeli
     assert "sampling_changed_by" not in plain["metrics"]["sample_latency"]
     assert merged["tome"]["blocks_merging"] >= 1 and merged["tome"]["gflops"] < merged["tome"]["gflops_unmerged"]
     assert merged["metrics"]["params"]["value"] == plain["metrics"]["params"]["value"]
+    # the cell's own gflops metric counts the patched model: the stage's figures, before and after
+    assert merged["metrics"]["gflops"]["value"] == pytest.approx(merged["tome"]["gflops"])
+    assert plain["metrics"]["gflops"]["value"] == pytest.approx(merged["tome"]["gflops_unmerged"])
 
 
 @pytest.mark.parametrize("backbone, why", [
