@@ -14,9 +14,9 @@ too.
 The merging is tomesd's own: :func:`patch` calls ``tomesd.apply_patch`` on the diffusers
 U-Net, which swaps the class of every ``BasicTransformerBlock`` for tomesd's subclass (its
 ``forward`` calls ``tomesd.merge.bipartite_soft_matching_random2d``) and hooks the U-Net's
-forward to read the latent's height and width. tomesd 0.1.3 was written against diffusers
-0.14; its replacement ``forward`` is a copy of that version's, which diffusers 0.42's still
-computes the same way for the blocks the Stable Diffusion U-Nets have (``norm_type``
+forward to read the latent's height and width. tomesd 0.1.3 (2023) was written against the
+diffusers of its day; its replacement ``forward`` is a copy of that version's, which diffusers
+0.42's still computes the same way for the blocks the Stable Diffusion U-Nets have (``norm_type``
 ``layer_norm``, no positional embedding, no GLIGEN fuser): at ratio 0 the patched U-Net's
 outputs equal the plain one's exactly (tests/test_tome.py). Blocks tomesd's copy would
 compute differently (PixArt's ``ada_norm_single``, ``ada_norm_continuous``, positional
