@@ -221,7 +221,7 @@ def _latents(pipe, steps=STEPS):
                 generator=torch.Generator().manual_seed(0), output_type="latent").images
 
 
-@pytest.mark.parametrize("branch", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("branch", range(6))
 def test_equal_to_deepcache_sd_helper_in_a_diffusers_pipeline(branch):
     """DeepCache's own ``DeepCacheSDHelper`` (PyPI ``DeepCache``) and ours, on one pipeline with
     the same interval and branch: the same latents, bit for bit."""
@@ -349,6 +349,23 @@ def test_validation_refuses_a_backbone_it_cannot_split(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"{path}:5: deepcache: deepcache applies to the U-Net backbones" in err and "'lamamba'" in err
+    path.write_text(textwrap.dedent("""\
+        suite: accel
+        base:
+          backbone: {name: dit, size: tiny, input_size: 8}
+          metrics: [params]
+          deepcache:
+            interval: 3
+            branch: 2
+        """))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}:7: deepcache.branch: deepcache.branch 2: this DiT has 4 blocks" in err
+    path.write_text(path.read_text().replace("dit, size: tiny, input_size: 8", "unet, preset: sd15"))
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    path.write_text(path.read_text().replace("branch: 2", "branch: 12"))
+    assert main(["validate", str(path)]) == 2
+    assert "deepcache.branch 12: this U-Net has 12 skip branches (0-11)" in capsys.readouterr().err
 
 
 def test_the_sample_stage_runs_after_the_accelerations():
@@ -358,3 +375,47 @@ def test_the_sample_stage_runs_after_the_accelerations():
     specs = {"sample": stages["sample"].schema.model_validate({"num_samples": 2}),
              "deepcache": DeepCacheSpec(), "train": stages["train"].schema.model_validate({"steps": 1})}
     assert order(stages, specs) == ["train", "deepcache", "sample"]
+
+
+def test_a_copy_caches_on_its_own_modules():
+    # sample_latency in another dtype samples a deepcopy: its forwards must be bound to the copy
+    torch.manual_seed(0)
+    model = _adm()
+    original = enable(model, DeepCacheSpec(interval=3, branch=0))
+    clone = copy.deepcopy(model)
+    cache = dc.cache_of(clone)
+    assert cache is not original and clone.unet.mid_block.__dict__["forward"].__self__ is clone.unet.mid_block
+    runs = []
+    clone.unet.mid_block.resnets[0].register_forward_hook(lambda *_: runs.append(1))
+    _sample(clone, "adm-tiny")
+    assert len(runs) == 2 * 3 and cache.trajectory.full[:4] == [True, False, False, True]
+    assert original.trajectory is None  # the original saw no call
+
+
+def test_other_ranks_rebuild_it_from_the_record():
+    torch.manual_seed(0)
+    plain = _dit()
+    model = copy.deepcopy(plain)
+    recorded = DeepCacheSpec(interval=2, branch=1).model_dump(exclude_none=True)
+    assert dc.apply(model, recorded) == {**recorded, "backbone": "dit"}  # nothing counted on a follower rank
+    assert dc.cache_of(model).spec.interval == 2
+    dc.unpatch(model)
+    assert dc.cache_of(model) is None and torch.equal(_sample(model, "dit-tiny"), _sample(plain, "dit-tiny"))
+
+
+def test_the_sampler_starts_a_trajectory_itself():
+    # An unconditional model called once (the latency metric) at a timestep above the sampler's
+    # first: by timesteps and conditioning alone the sampler's first step would continue it.
+    torch.manual_seed(0)
+    plain = harness.create("backbone", "dit", size="tiny", input_size=8, num_classes=0).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    fresh, used = copy.deepcopy(plain), copy.deepcopy(plain)
+    enable(fresh, DeepCacheSpec(interval=3, branch=1))
+    cache = enable(used, DeepCacheSpec(interval=3, branch=1))
+    kwargs = dict(shape=(4, 8, 8), sampler="ddim", steps=5, seed=0)
+    with torch.no_grad():
+        used(torch.randn(1, 4, 8, 8), torch.tensor([995]), None)
+    assert torch.equal(sample_batch(used, [0], **kwargs)[0], sample_batch(fresh, [0], **kwargs)[0])
+    assert cache.trajectory.full == [True, False, False, True, False]

@@ -39,7 +39,10 @@ and its conditioning equals that of the same pass; a call at the same timestep i
 guidance pass when its conditioning is new (or the one that pass had). Anything else starts a
 new trajectory, whose first step is full: a single forward (the ``latency`` and ``gflops``
 metrics), a repeated one, training (``model.training``), a batch whose timesteps differ (a
-denoising loss), or timesteps that go up. :func:`reset` starts one explicitly.
+denoising loss), or timesteps that go up. The harness's sampler (:func:`harness.sample_batch`)
+also says so itself, through :func:`harness.start_trajectory`, before its first step (an
+unconditional model's first step could otherwise look like the step after a lone forward at a
+higher timestep); :func:`reset` does the same.
 """
 from __future__ import annotations
 
@@ -325,7 +328,7 @@ def unpatch(model: nn.Module) -> None:
             inner = module.__dict__.pop("_deepcache_inner", None)
             if inner is not None:
                 module.forward = inner
-            for attr in ("_deepcache", "_deepcache_key", "_deepcache_inputs"):
+            for attr in ("_deepcache", "_deepcache_key", "_deepcache_inputs", "start_trajectory"):
                 module.__dict__.pop(attr, None)
 
 
@@ -434,7 +437,12 @@ def enable(model: nn.Module, spec: DeepCacheSpec) -> DeepCache:
         inputs = ("x", "t")
     _patch(denoiser, _tracked_forward, cache)
     denoiser._deepcache_inputs = inputs
+    denoiser.start_trajectory = types.MethodType(_start_trajectory, denoiser)  # harness.start_trajectory calls it
     return cache
+
+
+def _start_trajectory(self) -> None:
+    self._deepcache.reset()
 
 
 def cache_of(model: nn.Module) -> Optional[DeepCache]:
@@ -580,10 +588,39 @@ def apply(model: nn.Module, value) -> dict:
 
 
 def check(config, spec: DeepCacheSpec) -> None:
-    """Refuse at validation a backbone DeepCache cannot split."""
+    """Refuse at validation a backbone DeepCache cannot split, a branch it does not have, and a
+    non-uniform schedule laid out for another trajectory length than the ``sample`` block's."""
     name = config.backbone.name
     if name not in BACKBONES:
         raise UserError(f"deepcache applies to the U-Net backbones (diffusers U-Nets) and DiT, not to {name!r}")
+    sample_steps = (config.blocks.get("sample") or {}).get("steps")
+    if spec.schedule == "non-uniform" and isinstance(sample_steps, int) and sample_steps != spec.steps:
+        err = UserError(f"the non-uniform schedule is laid out for {spec.steps} steps; the sample block takes "
+                        f"{sample_steps}")
+        err.option = "steps"
+        raise err
+    try:
+        model = _structure(config)
+    except Exception:  # a backbone that needs its weights to be built: the stage checks when it runs
+        return
+    try:
+        cache = DeepCache(spec, "check")
+        _, denoiser = find_denoiser(model)
+        (_split_unet if _is_diffusers_unet(denoiser) else _split_dit)(denoiser, cache, spec.branch)
+    except UserError as exc:
+        exc.option = "branch"
+        raise
+
+
+def _structure(config) -> nn.Module:
+    """The cell's backbone on the meta device (no weights), as its options build it."""
+    from harness import registry
+
+    options = dict(config.backbone.options)
+    if options.get("pretrained"):
+        raise ValueError("weights needed")
+    with torch.device("meta"):
+        return registry().create("backbone", config.backbone.name, **options)
 
 
 STAGE = Stage(schema=DeepCacheSpec, run=deepcache_cell, after=("train", "prune", "distill"), apply=apply,
