@@ -242,3 +242,12 @@ def test_listed_and_applied_by_the_flops_command(capsys):
     merged = json.loads(capsys.readouterr().out)
     assert merged["tome"]["max_downsample"] == 2 and merged["params"] == plain["params"]
     assert merged["gflops"] < plain["gflops"]
+
+
+def test_with_deepcache_in_the_same_cell_both_apply_and_both_are_named(tiny_pipeline):  # noqa: F811
+    ctx = cell({"name": "unet", "preset": "sd-tiny", "pretrained": tiny_pipeline},
+               tome={"ratio": 0.5}, deepcache={"interval": 2})
+    assert harness.run_stages(ctx, ctx.specs, ctx.registry.stages()) == ["deepcache", "tome"]
+    assert set(ctx.sampling_changes) == {"deepcache", "tome"} and tome.is_patched(ctx.model)
+    assert ctx.extra["tome"]["blocks_merging"] >= 1
+    assert forward(ctx.model.eval()).shape == (2, 4, 16, 16)
