@@ -5,3 +5,15 @@ They change how the denoiser computes a step, not its weights, so what the sampl
 sampler; each stage says so in the record.
 """
 from __future__ import annotations
+
+import harness
+
+
+@harness.hookimpl
+def harness_stages():
+    return {
+        "deepcache": harness.Lazy("harness_accel.deepcache:STAGE", "DeepCache: reuse deep U-Net features (or DiT "
+                                  "middle blocks) across sampling steps (interval N, branch B)"),
+        "tome": harness.Lazy("harness_accel.tome:STAGE", "ToMe: merge similar tokens in a diffusers U-Net's "
+                             "transformer blocks (tomesd; ratio)"),
+    }
