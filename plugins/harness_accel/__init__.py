@@ -5,3 +5,13 @@ They change how the denoiser computes a step, not its weights, so what the sampl
 sampler; each stage says so in the record.
 """
 from __future__ import annotations
+
+import harness
+
+
+@harness.hookimpl
+def harness_stages():
+    return {
+        "deepcache": harness.Lazy("harness_accel.deepcache:STAGE", "DeepCache: reuse deep U-Net features (or DiT "
+                                  "middle blocks) across sampling steps (interval N, branch B)"),
+    }

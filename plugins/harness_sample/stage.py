@@ -40,7 +40,7 @@ def sample_costs(config, spec: SampleSpec, model_gflops, input_size: int) -> dic
     return stage_costs(config, spec, model_gflops, input_size)
 
 
-STAGES = {"sample": Stage(schema=SampleSpec, run=sample_cell, after=("train", "prune", "distill"), every_rank=True,
-                          costs=sample_costs, check=sample_check,
+STAGES = {"sample": Stage(schema=SampleSpec, run=sample_cell, after=("train", "prune", "distill", "deepcache", "tome"),
+                          every_rank=True, costs=sample_costs, check=sample_check,
                           description="make the cell's images once for every quality metric: class labels "
                                       "(DDPM/DDIM, keep png|npz|none) or prompts through a diffusers pipeline")}
