@@ -229,6 +229,8 @@ class DeepCache:
 def _single_timestep(t) -> Optional[float]:
     """The batch's one timestep, or None when its entries differ (a loss over random timesteps)."""
     if isinstance(t, torch.Tensor):
+        if t.is_meta:  # counted, not sampled (the gflops metric on a meta copy): no values to read
+            return None
         flat = t.detach().reshape(-1)
         if flat.numel() == 0:
             return None
@@ -549,6 +551,7 @@ def apply(model: nn.Module, value) -> dict:
 
     from harness import registry
 
+    recorded = isinstance(value, dict)  # a rank rebuilding rank 0's model: nothing to report
     if isinstance(value, str):
         text = value.strip()
         try:
@@ -560,7 +563,6 @@ def apply(model: nn.Module, value) -> dict:
         spec = DeepCacheSpec.model_validate(value)
     except Exception as exc:
         raise UserError(f"--deepcache {value!r}: {str(exc).splitlines()[-1].strip()}") from None
-    recorded = isinstance(value, dict)  # a rank rebuilding rank 0's model: nothing to report
     cache = enable(model, spec)
     out: dict[str, Any] = {**spec.model_dump(exclude_none=True), "backbone": cache.kind}
     if recorded:
