@@ -224,11 +224,12 @@ def _latents(pipe, steps=STEPS):
 def test_equal_to_deepcache_sd_helper_in_a_diffusers_pipeline(branch):
     """DeepCache's own ``DeepCacheSDHelper`` (PyPI ``DeepCache``) and ours, on one pipeline with
     the same interval and branch: the same latents, bit for bit."""
-    helper_cls = pytest.importorskip("DeepCache").DeepCacheSDHelper
+    from DeepCache import DeepCacheSDHelper  # the test extra's pinned DeepCache==0.1.1
+
     torch.manual_seed(0)
     pipe = _pipeline(_sd_unet())
     plain = _latents(pipe)
-    helper = helper_cls(pipe=pipe)
+    helper = DeepCacheSDHelper(pipe=pipe)
     helper.set_params(cache_interval=3, cache_branch_id=branch)
     helper.enable()
     try:
