@@ -192,7 +192,8 @@ def _tokenizer():
     from transformers import CLIPTokenizer
 
     chars = list(string.ascii_lowercase)
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", "<unk>"] + chars + [c + "</w>" for c in chars])}
+    tokens = ["<|startoftext|>", "<|endoftext|>", "<unk>"] + chars + [c + "</w>" for c in chars]
+    vocab = {t: i for i, t in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=[], unk_token="<unk>", bos_token="<|startoftext|>",
                          eos_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77)
 
