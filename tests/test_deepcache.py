@@ -358,3 +358,29 @@ def test_the_sample_stage_runs_after_the_accelerations():
     specs = {"sample": stages["sample"].schema.model_validate({"num_samples": 2}),
              "deepcache": DeepCacheSpec(), "train": stages["train"].schema.model_validate({"steps": 1})}
     assert order(stages, specs) == ["train", "deepcache", "sample"]
+
+
+def test_a_copy_caches_on_its_own_modules():
+    # sample_latency in another dtype samples a deepcopy: its forwards must be bound to the copy
+    torch.manual_seed(0)
+    model = _adm()
+    original = enable(model, DeepCacheSpec(interval=3, branch=0))
+    clone = copy.deepcopy(model)
+    cache = dc.cache_of(clone)
+    assert cache is not original and clone.unet.mid_block.__dict__["forward"].__self__ is clone.unet.mid_block
+    runs = []
+    clone.unet.mid_block.resnets[0].register_forward_hook(lambda *_: runs.append(1))
+    _sample(clone, "adm-tiny")
+    assert len(runs) == 2 * 3 and cache.trajectory.full[:4] == [True, False, False, True]
+    assert original.trajectory is None  # the original saw no call
+
+
+def test_other_ranks_rebuild_it_from_the_record():
+    torch.manual_seed(0)
+    plain = _dit()
+    model = copy.deepcopy(plain)
+    recorded = DeepCacheSpec(interval=2, branch=1).model_dump(exclude_none=True)
+    assert dc.apply(model, recorded) == {**recorded, "backbone": "dit"}  # nothing counted on a follower rank
+    assert dc.cache_of(model).spec.interval == 2
+    dc.unpatch(model)
+    assert dc.cache_of(model) is None and torch.equal(_sample(model, "dit-tiny"), _sample(plain, "dit-tiny"))
