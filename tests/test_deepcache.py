@@ -221,7 +221,7 @@ def _latents(pipe, steps=STEPS):
                 generator=torch.Generator().manual_seed(0), output_type="latent").images
 
 
-@pytest.mark.parametrize("branch", [0, 1, 2, 3, 5])
+@pytest.mark.parametrize("branch", range(6))
 def test_equal_to_deepcache_sd_helper_in_a_diffusers_pipeline(branch):
     """DeepCache's own ``DeepCacheSDHelper`` (PyPI ``DeepCache``) and ours, on one pipeline with
     the same interval and branch: the same latents, bit for bit."""
@@ -349,6 +349,23 @@ def test_validation_refuses_a_backbone_it_cannot_split(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"{path}:5: deepcache: deepcache applies to the U-Net backbones" in err and "'lamamba'" in err
+    path.write_text(textwrap.dedent("""\
+        suite: accel
+        base:
+          backbone: {name: dit, size: tiny, input_size: 8}
+          metrics: [params]
+          deepcache:
+            interval: 3
+            branch: 2
+        """))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path}:7: deepcache.branch: deepcache.branch 2: this DiT has 4 blocks" in err
+    path.write_text(path.read_text().replace("dit, size: tiny, input_size: 8", "unet, preset: sd15"))
+    assert main(["validate", str(path)]) == 0, capsys.readouterr().err
+    path.write_text(path.read_text().replace("branch: 2", "branch: 12"))
+    assert main(["validate", str(path)]) == 2
+    assert "deepcache.branch 12: this U-Net has 12 skip branches (0-11)" in capsys.readouterr().err
 
 
 def test_the_sample_stage_runs_after_the_accelerations():

@@ -580,10 +580,39 @@ def apply(model: nn.Module, value) -> dict:
 
 
 def check(config, spec: DeepCacheSpec) -> None:
-    """Refuse at validation a backbone DeepCache cannot split."""
+    """Refuse at validation a backbone DeepCache cannot split, a branch it does not have, and a
+    non-uniform schedule laid out for another trajectory length than the ``sample`` block's."""
     name = config.backbone.name
     if name not in BACKBONES:
         raise UserError(f"deepcache applies to the U-Net backbones (diffusers U-Nets) and DiT, not to {name!r}")
+    sample_steps = (config.blocks.get("sample") or {}).get("steps")
+    if spec.schedule == "non-uniform" and isinstance(sample_steps, int) and sample_steps != spec.steps:
+        err = UserError(f"the non-uniform schedule is laid out for {spec.steps} steps; the sample block takes "
+                        f"{sample_steps}")
+        err.option = "steps"
+        raise err
+    try:
+        model = _structure(config)
+    except Exception:  # a backbone that needs its weights to be built: the stage checks when it runs
+        return
+    try:
+        cache = DeepCache(spec, "check")
+        _, denoiser = find_denoiser(model)
+        (_split_unet if _is_diffusers_unet(denoiser) else _split_dit)(denoiser, cache, spec.branch)
+    except UserError as exc:
+        exc.option = "branch"
+        raise
+
+
+def _structure(config) -> nn.Module:
+    """The cell's backbone on the meta device (no weights), as its options build it."""
+    from harness import registry
+
+    options = dict(config.backbone.options)
+    if options.get("pretrained"):
+        raise ValueError("weights needed")
+    with torch.device("meta"):
+        return registry().create("backbone", config.backbone.name, **options)
 
 
 STAGE = Stage(schema=DeepCacheSpec, run=deepcache_cell, after=("train", "prune", "distill"), apply=apply,
