@@ -48,7 +48,7 @@ _LAZY = {
     "SAMPLERS": ("sampling", "SAMPLERS"), "sample_batch": ("sampling", "sample_batch"),
     "sample_to_folder": ("sampling", "sample_to_folder"), "to_uint8": ("sampling", "to_uint8"),
     "save_png": ("sampling", "save_png"), "image_intact": ("sampling", "image_intact"),
-    "rank_world": ("sampling", "rank_world"),
+    "rank_world": ("sampling", "rank_world"), "start_trajectory": ("sampling", "start_trajectory"),
     # pruning: units and calibration
     "Unit": ("units", "Unit"), "Skip": ("units", "Skip"), "discover_units": ("units", "discover_units"),
     "remove_units": ("units", "remove_units"), "apply_plan": ("units", "apply_plan"),

@@ -53,6 +53,17 @@ def guided_eps(model, x, t, y, cfg_scale: float, guided_channels: Optional[int] 
     return torch.cat([guided, out[:, n:]], dim=1)
 
 
+def start_trajectory(model: torch.nn.Module) -> None:
+    """Tell ``model`` that a new sampling trajectory begins: every module of it with a
+    ``start_trajectory()`` method (a stage that keeps state across one trajectory's steps, such
+    as DeepCache's feature cache) has it called. :func:`sample_batch` calls it before its first
+    step; a plugin's own sampling loop should too."""
+    for module in model.modules():
+        begin = getattr(module, "start_trajectory", None)
+        if callable(begin):
+            begin()
+
+
 @torch.no_grad()
 def sample_batch(model, indices: list[int], *, shape: tuple[int, int, int], num_classes: int = 0, seed: int = 0,
                  sampler: str = "ddim", steps: int = 50, cfg_scale: float = 1.0, guided_channels: Optional[int] = 3,
@@ -78,6 +89,7 @@ def sample_batch(model, indices: list[int], *, shape: tuple[int, int, int], num_
         y = torch.tensor(labels if labels is not None else
                          [int(torch.randint(0, num_classes, (), generator=g)) for g in gens], device=device)
     c = shape[0]
+    start_trajectory(model)
     for t in sched.timesteps:
         tt = torch.full((len(x),), int(t), device=device, dtype=torch.long)
         out = guided_eps(model, x, tt, y, cfg_scale, guided_channels, null=null_cond)

@@ -401,3 +401,21 @@ def test_other_ranks_rebuild_it_from_the_record():
     assert dc.cache_of(model).spec.interval == 2
     dc.unpatch(model)
     assert dc.cache_of(model) is None and torch.equal(_sample(model, "dit-tiny"), _sample(plain, "dit-tiny"))
+
+
+def test_the_sampler_starts_a_trajectory_itself():
+    # An unconditional model called once (the latency metric) at a timestep above the sampler's
+    # first: by timesteps and conditioning alone the sampler's first step would continue it.
+    torch.manual_seed(0)
+    plain = harness.create("backbone", "dit", size="tiny", input_size=8, num_classes=0).eval()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    fresh, used = copy.deepcopy(plain), copy.deepcopy(plain)
+    enable(fresh, DeepCacheSpec(interval=3, branch=1))
+    cache = enable(used, DeepCacheSpec(interval=3, branch=1))
+    kwargs = dict(shape=(4, 8, 8), sampler="ddim", steps=5, seed=0)
+    with torch.no_grad():
+        used(torch.randn(1, 4, 8, 8), torch.tensor([995]), None)
+    assert torch.equal(sample_batch(used, [0], **kwargs)[0], sample_batch(fresh, [0], **kwargs)[0])
+    assert cache.trajectory.full == [True, False, False, True, False]

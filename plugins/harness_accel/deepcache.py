@@ -39,7 +39,10 @@ and its conditioning equals that of the same pass; a call at the same timestep i
 guidance pass when its conditioning is new (or the one that pass had). Anything else starts a
 new trajectory, whose first step is full: a single forward (the ``latency`` and ``gflops``
 metrics), a repeated one, training (``model.training``), a batch whose timesteps differ (a
-denoising loss), or timesteps that go up. :func:`reset` starts one explicitly.
+denoising loss), or timesteps that go up. The harness's sampler (:func:`harness.sample_batch`)
+also says so itself, through :func:`harness.start_trajectory`, before its first step (an
+unconditional model's first step could otherwise look like the step after a lone forward at a
+higher timestep); :func:`reset` does the same.
 """
 from __future__ import annotations
 
@@ -325,7 +328,7 @@ def unpatch(model: nn.Module) -> None:
             inner = module.__dict__.pop("_deepcache_inner", None)
             if inner is not None:
                 module.forward = inner
-            for attr in ("_deepcache", "_deepcache_key", "_deepcache_inputs"):
+            for attr in ("_deepcache", "_deepcache_key", "_deepcache_inputs", "start_trajectory"):
                 module.__dict__.pop(attr, None)
 
 
@@ -434,7 +437,12 @@ def enable(model: nn.Module, spec: DeepCacheSpec) -> DeepCache:
         inputs = ("x", "t")
     _patch(denoiser, _tracked_forward, cache)
     denoiser._deepcache_inputs = inputs
+    denoiser.start_trajectory = types.MethodType(_start_trajectory, denoiser)  # harness.start_trajectory calls it
     return cache
+
+
+def _start_trajectory(self) -> None:
+    self._deepcache.reset()
 
 
 def cache_of(model: nn.Module) -> Optional[DeepCache]:
