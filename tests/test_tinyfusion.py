@@ -257,3 +257,17 @@ def test_depth_and_ratio_are_exclusive(tmp_path, capsys):
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "either ratio" in err and "depth" in err, err
+
+
+def test_lamamba_groups_stay_within_a_stage():
+    config = CellConfig.model_validate({"backbone": {"name": "lamamba", "size": "tiny", "input_size": 8,
+                                                     "in_channels": 4, "num_classes": 3}, "metrics": ["params"],
+                                        "device": "cpu"})
+    ctx = CellContext("t", "cell", 0, config)
+    model = ctx.model.eval()
+    ctx.prune_keep = 9  # what the prune stage asks for with depth: 9 (of 13 blocks)
+    crit, scores = _search(ctx, model, steps=3, batch_size=2)
+    for g in crit.details["groups"]:  # encoder, mid and decoder stages hold 1 or 2 blocks: never mixed
+        assert len({n.rsplit(".", 2)[0] for n in g["units"]}) == 1
+    assert len(crit.details["kept"]) == 9 and len(crit.details["removed"]) == 4
+    assert sorted(scores, key=scores.get)[:4] == sorted(crit.details["removed"], key=scores.get)
