@@ -271,3 +271,16 @@ def test_lamamba_groups_stay_within_a_stage():
         assert len({n.rsplit(".", 2)[0] for n in g["units"]}) == 1
     assert len(crit.details["kept"]) == 9 and len(crit.details["removed"]) == 4
     assert sorted(scores, key=scores.get)[:4] == sorted(crit.details["removed"], key=scores.get)
+
+
+def test_lora_trains_the_share_of_dit_xl_the_readme_states():
+    # VainF/TinyFusion's README: the trainable parameters for pruning are ~0.9% of the model
+    # (rank 8 on every linear layer of DiT-XL/2); the logits add a few dozen more.
+    from harness_compress.tinyfusion import lora_adapters
+
+    with torch.device("meta"):
+        model = harness.create("backbone", "dit", size="XL", input_size=32)
+    adapters = lora_adapters(model, 8, 16, torch.Generator().manual_seed(0))
+    share = sum(p.numel() for a in adapters.values() for p in a.parameters()) / sum(
+        p.numel() for p in model.parameters())
+    assert len(adapters) == 28 * 5 + 4 and share == pytest.approx(0.0089, abs=5e-5)

@@ -101,6 +101,12 @@ class LoRA(nn.Module):
         return output + self.scale * nn.functional.linear(nn.functional.linear(args[0], self.a), self.b)
 
 
+def lora_adapters(model: nn.Module, rank: int, alpha: float, generator: torch.Generator) -> dict[nn.Linear, LoRA]:
+    """A LoRA update for every ``nn.Linear`` of ``model`` (TinyFusion's ``convert_to_lora_model``
+    with ``exclude=[]``), not yet attached."""
+    return {m: LoRA(m, rank, alpha, generator) for m in model.modules() if isinstance(m, nn.Linear)}
+
+
 class MaskedStack:
     """Forward hooks that bypass units per image: ``m * unit(x) + (1 - m) * x``, with ``m`` the
     current mask column of each unit (set by :meth:`set`); absent: the unit runs as usual."""
@@ -211,10 +217,10 @@ class TinyFusion(harness.Criterion):
         ema = [l.detach().clone() for l in logits]
         requires = {p: p.requires_grad for p in model.parameters()}
         model.requires_grad_(False)
-        adapters = nn.ModuleList(LoRA(m, self.rank, self.alpha, gen) for m in model.modules()
-                                 if isinstance(m, nn.Linear))
-        handles = [m.register_forward_hook(a.hook) for m, a in
-                   zip((m for m in model.modules() if isinstance(m, nn.Linear)), adapters)]
+        lora = lora_adapters(model, self.rank, self.alpha, gen)
+        adapters = nn.ModuleList(lora.values())
+        handles = [m.register_forward_hook(a.hook) for m, a in lora.items()]
+        lora_params = sum(p.numel() for p in adapters.parameters())
         stack = MaskedStack(model, [n for names, _ in pattern for n in names])
         opt = torch.optim.AdamW([{"params": list(adapters.parameters()), "lr": self.lr},
                                  {"params": logits, "lr": self.logit_lr}], weight_decay=0.0)
@@ -256,7 +262,8 @@ class TinyFusion(harness.Criterion):
             for p, r in requires.items():
                 p.requires_grad_(r)
             model.zero_grad(set_to_none=True)
-        return self._decide(pattern, masks, ema, curve)
+        model_params = sum(p.numel() for p in model.parameters())
+        return self._decide(pattern, masks, ema, curve, {"params": lora_params, "share": lora_params / model_params})
 
     def _batch(self, ctx, model, gen, device) -> tuple[dict, torch.Tensor]:
         """One training batch: data images (standard normal stand-ins without a data block) at
@@ -287,7 +294,7 @@ class TinyFusion(harness.Criterion):
         inputs["t"] = t.to(device)
         return inputs, noise.to(device)
 
-    def _decide(self, pattern, masks, ema, curve) -> dict[str, float]:
+    def _decide(self, pattern, masks, ema, curve, lora: dict) -> dict[str, float]:
         scores: dict[str, float] = {}
         groups = []
         kept, removed = [], []
@@ -306,6 +313,6 @@ class TinyFusion(harness.Criterion):
                                      for i in top}})
         self.details = {"method": "tinyfusion", "pattern": [[k, len(names)] for names, k in pattern],
                         "kept": kept, "removed": removed, "groups": groups, "steps": self.steps,
-                        "batch_size": self.batch_size, "lora": {"rank": self.rank, "alpha": self.alpha},
+                        "batch_size": self.batch_size, "lora": {"rank": self.rank, "alpha": self.alpha, **lora},
                         "tau": list(self.tau), "scaling": self.scaling, "ema": self.ema, "loss_curve": curve}
         return scores
