@@ -284,3 +284,14 @@ def test_lora_trains_the_share_of_dit_xl_the_readme_states():
     share = sum(p.numel() for a in adapters.values() for p in a.parameters()) / sum(
         p.numel() for p in model.parameters())
     assert len(adapters) == 28 * 5 + 4 and share == pytest.approx(0.0089, abs=5e-5)
+
+
+def test_a_keep_option_that_contradicts_the_prune_block_fails_the_cell(tmp_path):
+    from harness.runner import CellJob, execute_cell
+
+    config = {"backbone": {k: v for k, v in BACKBONE.items() if k != "learn_sigma"}, "metrics": ["params"],
+              "device": "cpu", "prune": {"criterion": {"name": "tinyfusion", "keep": 1, "steps": 2, "batch_size": 2},
+                                         "depth": 3, "calibration_batch": 2, "calibration_timesteps": 1}}
+    record = execute_cell(CellJob("t", "t.yaml", "c1", "base", 0, config, str(tmp_path / "t")))
+    assert record["status"] != "ok"
+    assert "keep=1 of every 2 keeps 2 blocks, the prune block asks for 3" in json.dumps(record)

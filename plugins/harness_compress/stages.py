@@ -6,8 +6,12 @@ every loss of a suite starts from the same teacher and it is trained once. Both 
 replace the ``train`` stage (they train the teacher themselves). Then:
 
 1. prune: the criterion scores the removable units on a calibration batch, the selection
-   removes ``ratio`` of the parameters (or GFLOPs) at the lowest summed score, and the
-   one-shot output loss against the teacher is recorded (plus the additivity check);
+   removes ``ratio`` of the parameters (or GFLOPs) at the lowest summed score, or keeps the
+   ``depth`` highest-scored units, and the one-shot output loss against the teacher is
+   recorded (plus the additivity check). Before scoring, ``ctx.prune_keep`` says how many
+   units the selection will keep (None when a ratio over units of unequal weight leaves it
+   open): a criterion that learns the kept set itself (``tinyfusion``) aims at it, and its
+   ``details`` (the record's ``criterion_details``) must remove exactly what the selection does;
 2. distill (after prune): the student (the pruned model, else a copy of the teacher) is
    retrained with the weighted losses, the teacher frozen, and the record keeps each term's
    share of the total loss;
