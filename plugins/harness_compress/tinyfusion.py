@@ -224,7 +224,7 @@ class TinyFusion(harness.Criterion):
         stack = MaskedStack(model, [n for names, _ in pattern for n in names])
         opt = torch.optim.AdamW([{"params": list(adapters.parameters()), "lr": self.lr},
                                  {"params": logits, "lr": self.logit_lr}], weight_decay=0.0)
-        curve, window = [], []
+        curve, window, skipped = [], [], 0
         try:
             with torch.enable_grad(), evaluating(model):
                 for step in range(self.steps):
@@ -243,15 +243,18 @@ class TinyFusion(harness.Criterion):
                         pred = harness.predict_noise(model, {"inputs": inputs}, noise_channels(ctx))
                         loss = torch.mean((pred.float() - noise.float()) ** 2)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.grad_clip:
-                        torch.nn.utils.clip_grad_norm_([*adapters.parameters(), *logits], self.grad_clip)
-                    opt.step()
+                    if torch.isfinite(loss):
+                        loss.backward()
+                        if self.grad_clip:
+                            torch.nn.utils.clip_grad_norm_([*adapters.parameters(), *logits], self.grad_clip)
+                        opt.step()
+                        window.append(loss.item())
+                    else:  # as theirs: a non-finite step is skipped, not taken
+                        skipped += 1
                     decay = min(self.ema, (1 + step) / (10 + step))
                     for e, l in zip(ema, logits):
                         e.lerp_(l.detach(), 1 - decay)
-                    window.append(loss.item())
-                    if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
+                    if window and ((step + 1) % self.log_every == 0 or step + 1 == self.steps):
                         curve.append([step + 1, sum(window) / len(window)])
                         window = []
                         log.info("tinyfusion search: step %d/%d, loss %.4f", step + 1, self.steps, curve[-1][1])
@@ -262,8 +265,11 @@ class TinyFusion(harness.Criterion):
             for p, r in requires.items():
                 p.requires_grad_(r)
             model.zero_grad(set_to_none=True)
-        model_params = sum(p.numel() for p in model.parameters())
-        return self._decide(pattern, masks, ema, curve, {"params": lora_params, "share": lora_params / model_params})
+        lora_share = lora_params / sum(p.numel() for p in model.parameters())
+        return self._decide(pattern, masks, ema, {
+            "steps": self.steps, "skipped_steps": skipped, "batch_size": self.batch_size, "loss_curve": curve,
+            "lora": {"rank": self.rank, "alpha": self.alpha, "params": lora_params, "share": lora_share},
+            "tau": list(self.tau), "scaling": self.scaling, "ema": self.ema})
 
     def _batch(self, ctx, model, gen, device) -> tuple[dict, torch.Tensor]:
         """One training batch: data images (standard normal stand-ins without a data block) at
@@ -294,25 +300,23 @@ class TinyFusion(harness.Criterion):
         inputs["t"] = t.to(device)
         return inputs, noise.to(device)
 
-    def _decide(self, pattern, masks, ema, curve, lora: dict) -> dict[str, float]:
+    def _decide(self, pattern, masks, ema, search: dict) -> dict[str, float]:
+        """Each group's mask of highest EMA logit; scores 1 + P(kept) for its kept units, P(kept) for the others."""
         scores: dict[str, float] = {}
-        groups = []
-        kept, removed = [], []
+        groups, kept, removed = [], [], []
         for (names, k), opts, logit in zip(pattern, masks, ema):
             probs = (logit * self.scaling).softmax(-1).cpu()
+            opts = opts.cpu()
             choice = int(logit.argmax())
-            keep_prob = probs @ opts.cpu()  # each unit's probability of being kept
-            mask = opts[choice].cpu()
+            keep_prob = probs @ opts  # each unit's probability of being kept
             for j, name in enumerate(names):
-                scores[name] = float(keep_prob[j]) + (1.0 if mask[j] > 0 else 0.0)
-                (kept if mask[j] > 0 else removed).append(name)
+                scores[name] = float(keep_prob[j]) + float(opts[choice, j])
+                (kept if opts[choice, j] > 0 else removed).append(name)
             top = probs.argsort(descending=True)[:16].tolist()  # 7:14 has 3,432 masks: the likeliest
-            groups.append({"units": names, "keep": k, "kept": [n for n, m in zip(names, mask) if m > 0],
+            groups.append({"units": names, "keep": k, "kept": [n for n, m in zip(names, opts[choice]) if m > 0],
                            "probability": float(probs[choice]),
-                           "masks": {",".join(n for n, m in zip(names, opts[i].cpu()) if m > 0): float(probs[i])
+                           "masks": {",".join(n for n, m in zip(names, opts[i]) if m > 0) or "none": float(probs[i])
                                      for i in top}})
         self.details = {"method": "tinyfusion", "pattern": [[k, len(names)] for names, k in pattern],
-                        "kept": kept, "removed": removed, "groups": groups, "steps": self.steps,
-                        "batch_size": self.batch_size, "lora": {"rank": self.rank, "alpha": self.alpha, **lora},
-                        "tau": list(self.tau), "scaling": self.scaling, "ema": self.ema, "loss_curve": curve}
+                        "kept": kept, "removed": removed, "groups": groups, **search}
         return scores
