@@ -302,8 +302,8 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
             weights, total = unit_flops(ctx, student, candidates, spec.convention or DEFAULT_CONVENTION)
         if spec.depth is not None:
             if clashes:
-                raise UserError(f"prune.depth counts the blocks of a plain stack; the units of {type(student).__name__} "
-                                "overlap (U-Net skip pairs): use prune.ratio")
+                raise UserError(f"prune.depth counts the blocks of a plain stack; the units of "
+                                f"{type(student).__name__} overlap (U-Net skip pairs): use prune.ratio")
             if spec.depth >= len(candidates):
                 raise UserError(f"prune.depth {spec.depth}: the model has only {len(candidates)} removable units")
         # What a criterion that learns the kept set itself (tinyfusion) must aim at: the units the
