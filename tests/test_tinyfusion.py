@@ -295,3 +295,36 @@ def test_a_keep_option_that_contradicts_the_prune_block_fails_the_cell(tmp_path)
     record = execute_cell(CellJob("t", "t.yaml", "c1", "base", 0, config, str(tmp_path / "t")))
     assert record["status"] != "ok"
     assert "keep=1 of every 2 keeps 2 blocks, the prune block asks for 3" in json.dumps(record)
+
+
+def test_gumbel_softmax_is_torchs_straight_through_estimator():
+    # TinyFusion samples with torch.nn.functional.gumbel_softmax(hard=True); ours draws the same
+    # Gumbel noise from a generator of its own (a fresh generator and the global one seeded alike
+    # give the same stream): same one-hot values, same gradients to the logits.
+    from harness_compress.tinyfusion import gumbel_softmax
+
+    logits = torch.randn(5, 6, generator=torch.Generator().manual_seed(1)) * 3
+    w = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    torch.manual_seed(7)
+    ref = torch.nn.functional.gumbel_softmax(a, tau=0.7, hard=True)
+    ours = gumbel_softmax(b, 0.7, torch.Generator().manual_seed(7))
+    assert torch.equal(ref, ours) and torch.equal(ours.sum(-1), torch.ones(5))
+    (ref * w).sum().backward()
+    (ours * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_lora_hook_adds_the_scaled_low_rank_update():
+    # torchtune's LoRALinear (what TinyFusion attaches): W x + b + (alpha / rank) B A x, B zero at first
+    from harness_compress.tinyfusion import lora_adapters
+
+    layer = torch.nn.Linear(6, 5)
+    (lora,) = lora_adapters(layer, rank=2, alpha=4.0, generator=torch.Generator().manual_seed(0)).values()
+    x = torch.randn(3, 6)
+    handle = layer.register_forward_hook(lora.hook)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)  # B = 0: the layer as it was
+    with torch.no_grad():
+        lora.b.normal_()
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias + 2.0 * x @ lora.a.T @ lora.b.T)
+    handle.remove()
