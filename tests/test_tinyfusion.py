@@ -328,3 +328,16 @@ def test_lora_hook_adds_the_scaled_low_rank_update():
         lora.b.normal_()
     torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias + 2.0 * x @ lora.a.T @ lora.b.T)
     handle.remove()
+
+
+def test_depth_keeps_the_highest_scored_units_for_any_criterion(tmp_path):
+    from harness.runner import CellJob, execute_cell
+
+    config = {"backbone": {k: v for k, v in BACKBONE.items() if k != "learn_sigma"}, "metrics": ["params"],
+              "device": "cpu", "prune": {"criterion": "random", "depth": 3, "calibration_batch": 2,
+                                         "calibration_timesteps": 1}}
+    record = execute_cell(CellJob("t", "t.yaml", "c1", "base", 0, config, str(tmp_path / "t")))
+    assert record["status"] == "ok", record.get("error")
+    prune = record["prune"]
+    lowest = min(prune["scores"], key=prune["scores"].get)
+    assert prune["depth"] == 3 and prune["removed"] == [lowest] and prune["plan"]["skip"] == [lowest]
