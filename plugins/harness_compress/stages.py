@@ -213,8 +213,8 @@ def check(config, spec: PruneSpec) -> None:
     """Whether the block applies to this backbone: ``depth`` counts the blocks of a plain stack
     (no U-Net), and the criterion's own ``check(config)``, when it has one."""
     if spec.depth is not None and config.backbone.name == "unet":
-        err = UserError(f"prune.depth counts the blocks of a plain stack (DiT, LaMamba-Diff); backbone "
-                        f"'unet' has units that overlap (skip pairs) and differ in kind: use ratio")
+        err = UserError("prune.depth counts the blocks of a plain stack (DiT, LaMamba-Diff); backbone "
+                        "'unet' has units that overlap (skip pairs) and differ in kind: use ratio")
         err.option = "depth"
         raise err
     crit = spec.criterion_spec()
