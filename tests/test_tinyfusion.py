@@ -159,23 +159,27 @@ base:
 matrix:
   prune:
     - {criterion: {name: tinyfusion, steps: 6, batch_size: 4}, depth: 2}
+    - {criterion: {name: tinyfusion, steps: 6, batch_size: 4}, ratio: 0.5}
     - {criterion: {name: tinyfusion, steps: 6, batch_size: 4}, ratio: 0.4}
 """
 
 
 def test_tinyfusion_then_masked_kd_through_harness_run(tmp_path):
-    # ratio 0.4 of the parameters is two of the four blocks (each holds 21% of them): 1:2 as with depth 2
     suite = tmp_path / "tf.yaml"
     suite.write_text(SUITE)
     assert main(["run", str(suite), "--results", str(tmp_path / "r")]) == 0
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "r" / "tf").glob("*.json"))]
-    assert len(records) == 2 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert len(records) == 3 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    # Each block holds 21% of the parameters (embedders and final layer hold the rest): depth 2
+    # and ratio 0.4 remove two blocks, 1:2; ratio 0.5 needs a third, so one group keeps none.
+    patterns = {r["prune"].get("depth", r["prune"].get("ratio")): r["prune"]["criterion_details"]["pattern"]
+                for r in records}
+    assert patterns == {2: [[1, 2], [1, 2]], 0.4: [[1, 2], [1, 2]], 0.5: [[1, 2], [0, 2]]}
     for r in records:
         prune, details = r["prune"], r["prune"]["criterion_details"]
-        assert prune["criterion"] == "tinyfusion" and details["pattern"] == [[1, 2], [1, 2]]
+        assert prune["criterion"] == "tinyfusion" and details["steps"] == 6
         assert sorted(prune["removed"]) == sorted(details["removed"]) == sorted(prune["plan"]["skip"])
-        assert len(details["removed"]) == 2 and details["steps"] == 6
-        assert ("depth" in prune) != ("ratio" in prune)
+        assert ("depth" in prune) != ("ratio" in prune) and prune["removed_params_ratio"] >= prune.get("ratio", 0)
         assert set(r["distill"]["shares"]["losses"]) == {"masked-kd"}
         # stride 2 on four blocks: the hidden states at blocks 1 and 3 (the ends of the 1:2 groups)
         assert set(r["distill"]["shares"]["features"]["masked-kd"]) == {"blocks.1", "blocks.3"}
