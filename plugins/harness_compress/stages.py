@@ -90,7 +90,7 @@ class PruneSpec(BaseModel):
     @model_validator(mode="after")
     def _one_way(self):
         if (self.criterion is None) == (self.preset is None):
-            raise ValueError("give either criterion (with ratio) or preset")
+            raise ValueError("give either criterion (with ratio or depth) or preset")
         if self.criterion is not None and (self.ratio is None) == (self.depth is None):
             raise ValueError("a criterion needs either ratio (the fraction of the budget to remove, 0 < ratio < 1) "
                              "or depth (the number of units to keep), not both")
@@ -309,6 +309,9 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
         # What a criterion that learns the kept set itself (tinyfusion) must aim at: the units the
         # selection will keep (a ratio only says so when every unit weighs the same).
         removing = _removed_count(spec, candidates, weights, total)
+        if removing is not None and removing > len(candidates):  # before a criterion's costly search
+            raise UserError(f"pruning budget not reachable: prune.ratio {spec.ratio} is more than all "
+                            f"{len(candidates)} removable units hold; lower prune.ratio")
         ctx.prune_keep = None if removing is None else len(candidates) - removing
         student.eval()
         scores = criterion.score(student, candidates, ctx)
