@@ -714,7 +714,10 @@ def cmd_flops(args, extra: list[str]) -> int:
         if fc.no_rule_modules:
             console.print(f"counted zero (thop has no rule for them): {', '.join(fc.no_rule_modules)}")
     for name, value in applications.items():
-        console.print(f"{name}  {value}: {result[name]['removed_ratio']:.1%} of {unpruned:,} parameters removed")
+        if params == unpruned:  # a stage that changes how a step is computed (DeepCache, ToMe), not the weights
+            console.print(f"{name}  {value}: applied; parameters unchanged ({unpruned:,})")
+        else:
+            console.print(f"{name}  {value}: {result[name]['removed_ratio']:.1%} of {unpruned:,} parameters removed")
         if summaries[name]:  # what the stage adds (BK-SDM: the published size it matches)
             console.print(summaries[name])
     if fc.method != "meta":

@@ -304,6 +304,9 @@ def test_flops_command_reports_both_steps(capsys):
     assert 0 < out["deepcache"]["gflops_cached_step"] < out["gflops"]
     assert main(["flops", "dit", "--size", "tiny", "--deepcache", "often"]) == 2
     assert "expected an interval" in capsys.readouterr().err
+    assert main(["flops", "dit", "--size", "tiny", "--input-size", "8", "--deepcache", "3"]) == 0
+    out = capsys.readouterr().out  # not "0.0% of N parameters removed": nothing was to be removed
+    assert "deepcache  3: applied; parameters unchanged" in out and "removed" not in out
 
 
 SUITE = """\

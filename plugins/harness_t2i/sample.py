@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from harness import UserError, image_intact, rank_world, save_png, suggest
+from harness import UserError, image_intact, rank_world, save_png, start_trajectory, suggest
 
 from .prompts import PromptSet
 
@@ -158,6 +158,7 @@ def sample_images(pipe, prompts: list[str], folder: str | Path, *, steps: int = 
         paths = [folder / f"{i:06d}.png" for i in idx]
         if all(image_intact(p) for p in paths):  # a torn or changed image (a shared teacher folder) is redrawn
             continue
+        start_trajectory(pipe.unet)  # a stage's per-trajectory state (DeepCache's cache) starts afresh
         out = pipe(prompt=[prompts[i] for i in idx], num_inference_steps=steps, guidance_scale=guidance_scale,
                    generator=[torch.Generator("cpu").manual_seed(seed + i) for i in idx], height=size, width=size,
                    output_type="pil")

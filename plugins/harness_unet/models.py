@@ -17,6 +17,7 @@ The diffusers model stays reachable as ``.unet`` (pruning removes its blocks in 
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -194,7 +195,9 @@ def _load_pretrained(cls, source: str):
     def load(sub):
         if on_meta:
             return cls.from_config(cls.load_config(source, subfolder=sub))
-        return cls.from_pretrained(source, subfolder=sub)
+        with warnings.catch_warnings():  # a cell's meta build reads the weights to check them, then drops them
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+            return cls.from_pretrained(source, subfolder=sub)
 
     try:
         if path.exists():
