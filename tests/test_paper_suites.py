@@ -63,7 +63,7 @@ def stand_ins(tmp_path, monkeypatch):
                   up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[4] * 4, layers_per_block=1,
                   latent_channels=4, norm_num_groups=2, sample_size=32).save_pretrained(tmp_path / "vae")
     monkeypatch.setenv("IMAGENET_TRAIN", str(imagenet))
-    monkeypatch.setenv("SD_VAE_FT_EMA", str(tmp_path / "vae"))
+    monkeypatch.setenv("IMAGENET_VAE", str(tmp_path / "vae"))
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ADM_REF_IMAGENET256", str(ref))
     monkeypatch.setenv("COCO_CAPTIONS", str(coco))
