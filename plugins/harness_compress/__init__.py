@@ -31,11 +31,16 @@ def harness_pruning_criteria():
         ("block-influence", "BlockInfluence"))}
 
 
+@harness.hookimpl(specname="harness_pruning_criteria")
+def learnable_criteria():  # learns the kept set rather than scoring units one by one: a module of its own
+    return {"tinyfusion": "harness_compress.tinyfusion:TinyFusion"}
+
+
 @harness.hookimpl
 def harness_distill_losses():
     return {name: f"harness_compress.distill:{cls}" for name, cls in (
         ("task", "TaskLoss"), ("output-kd", "OutputKD"), ("feature-kd", "FeatureKD"),
-        ("normalized-feature-kd", "NormalizedFeatureKD"))}
+        ("normalized-feature-kd", "NormalizedFeatureKD"), ("masked-kd", "MaskedKD"))}
 
 
 @harness.hookimpl

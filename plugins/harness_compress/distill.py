@@ -63,8 +63,64 @@ class NormalizedFeatureKD(FeatureKD):
         return (t - s).pow(2).sum() / (t.pow(2).sum() + self.eps)
 
 
+def massive_mask(f: torch.Tensor, threshold: float) -> torch.Tensor:
+    """TinyFusion's mask of ordinary activations: True where ``|f - mean| < threshold * std``,
+    mean and std taken per sample over all its other dimensions (tokens and channels)."""
+    dims = list(range(1, f.dim()))
+    var, mean = torch.var_mean(f, dim=dims, keepdim=True)  # unbiased, as their torch.var_mean
+    return (f - mean).abs() < threshold * var.sqrt()
+
+
+class MaskedKD(harness.Loss):
+    """TinyFusion's masked knowledge distillation (arXiv 2412.01199; ``training_losses_kd_rep`` in
+    VainF/TinyFusion's ``diffusion/gaussian_diffusion.py``):
+
+    ``alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, noise) + beta * feature term``,
+
+    the feature term the mean over paired hidden states of ``mean((m_s * F_s - m_t * F_t)^2)``,
+    where ``m`` masks out each model's *massive activations* (Sun et al. 2024): the entries
+    farther than ``threshold`` standard deviations from the sample's mean (their code: 2). Their
+    defaults: alpha 0.9, beta 1e-2 (decayed linearly to 0 over the epochs there; constant here).
+
+    ``stride``: distil every ``stride``-th feature point only, the ``(j + 1) * stride - 1``-th in
+    the teacher's order (their D14-from-XL run pairs student block j with teacher block 2j + 1:
+    ``stride: 2``; in the harness a pruned student's removed block passes its input on under its
+    own name, so the student's hidden state at teacher block 2j + 1 is the output of the block
+    it kept of the pair). None: every point.
+    """
+
+    needs_features = True
+
+    def __init__(self, alpha: float = 0.9, beta: float = 1e-2, threshold: float = 2.0, stride: int | None = None):
+        from harness import UserError
+
+        if not 0 <= alpha <= 1 or beta < 0 or threshold <= 0 or (stride is not None and stride < 1):
+            raise UserError(f"loss 'masked-kd': expected 0 <= alpha <= 1, beta >= 0, threshold > 0 and stride >= 1 "
+                            f"(got alpha={alpha}, beta={beta}, threshold={threshold}, stride={stride})")
+        self.alpha, self.beta, self.threshold, self.stride = alpha, beta, threshold, stride
+
+    def pairs(self, student_feats, teacher_feats) -> list[str]:
+        names = [k for k in teacher_feats if k in student_feats]
+        return names if self.stride is None else names[self.stride - 1::self.stride]
+
+    def term(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s, t = s.float(), t.float()
+        return ((massive_mask(s, self.threshold) * s - massive_mask(t, self.threshold) * t) ** 2).mean()
+
+    def terms(self, student_feats, teacher_feats) -> dict[str, torch.Tensor]:
+        return {k: self.term(student_feats[k], teacher_feats[k]) for k in self.pairs(student_feats, teacher_feats)}
+
+    def __call__(self, student_out, teacher_out, noise, student_feats, teacher_feats):
+        loss = (self.alpha * F.mse_loss(student_out.float(), teacher_out.float())
+                + (1 - self.alpha) * F.mse_loss(student_out.float(), noise.float()))
+        terms = self.terms(student_feats, teacher_feats)
+        if terms and self.beta:
+            loss = loss + self.beta * torch.stack(list(terms.values())).mean()
+        return loss
+
+
 LOSSES = {"task": TaskLoss, "output-kd": OutputKD, "feature-kd": FeatureKD,
-          "normalized-feature-kd": NormalizedFeatureKD}
+          "normalized-feature-kd": NormalizedFeatureKD, "masked-kd": MaskedKD}
 
 
 # -- features -----------------------------------------------------------------------------------

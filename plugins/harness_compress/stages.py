@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -36,13 +37,14 @@ from .units import BKSDM_PRESETS, bksdm_plan, bksdm_reference, save_pruned, unti
 
 # -- the blocks ---------------------------------------------------------------------------------
 class PruneSpec(BaseModel):
-    """Layer pruning: a criterion scores the units, a selection removes ``ratio`` of the budget;
-    or a fixed ``preset`` (BK-SDM's handcrafted removals)."""
+    """Layer pruning: a criterion scores the units, a selection removes ``ratio`` of the budget
+    or keeps ``depth`` units (the highest scored); or a fixed ``preset`` (BK-SDM's handcrafted removals)."""
 
     model_config = ConfigDict(extra="forbid")
     criterion: Optional[Union[str, ComponentSpec]] = None
     preset: Optional[Literal["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"]] = None
     ratio: Optional[float] = Field(None, gt=0, lt=1)
+    depth: Optional[int] = Field(None, ge=1)  # units to keep, of a plain stack of blocks (DiT, LaMamba-Diff)
     budget: Literal["params", "gflops"] = "params"
     # how budget: gflops counts (harness.flops.CONVENTIONS): BK-SDM-style papers weigh thop's MACs
     convention: Optional[Literal["fvcore", "thop"]] = None
@@ -85,8 +87,11 @@ class PruneSpec(BaseModel):
     def _one_way(self):
         if (self.criterion is None) == (self.preset is None):
             raise ValueError("give either criterion (with ratio) or preset")
-        if self.criterion is not None and self.ratio is None:
-            raise ValueError("a criterion needs ratio (the fraction of the budget to remove, 0 < ratio < 1)")
+        if self.criterion is not None and (self.ratio is None) == (self.depth is None):
+            raise ValueError("a criterion needs either ratio (the fraction of the budget to remove, 0 < ratio < 1) "
+                             "or depth (the number of units to keep), not both")
+        if self.preset is not None and self.depth is not None:
+            raise ValueError("a preset fixes what is removed: it takes no depth")
         if self.convention is not None and (self.budget != "gflops" or self.preset is not None):
             raise ValueError("convention says how budget: gflops counts; this block has no GFLOPs budget")
         return self
@@ -201,7 +206,13 @@ def apply(model: torch.nn.Module, value: str) -> dict:
 
 
 def check(config, spec: PruneSpec) -> None:
-    """The criterion's own ``check(config)``, when it has one: whether it applies to this backbone."""
+    """Whether the block applies to this backbone: ``depth`` counts the blocks of a plain stack
+    (no U-Net), and the criterion's own ``check(config)``, when it has one."""
+    if spec.depth is not None and config.backbone.name == "unet":
+        err = UserError(f"prune.depth counts the blocks of a plain stack (DiT, LaMamba-Diff); backbone "
+                        f"'unet' has units that overlap (skip pairs) and differ in kind: use ratio")
+        err.option = "depth"
+        raise err
     crit = spec.criterion_spec()
     if crit is None:
         return
@@ -279,19 +290,41 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
             raise UserError(f"{type(student).__name__} has no removable unit to prune")
         crit_spec = spec.criterion_spec()
         criterion = ctx.registry.create("criterion", crit_spec.name, **crit_spec.options)
-        student.eval()
-        scores = criterion.score(student, candidates, ctx)
+        clashes = [(a.name, b.name) for i, a in enumerate(candidates) for b in candidates[i + 1:] if conflicts(a, b)]
         if spec.budget == "params":
             weights = {u.name: float(u.params) for u in candidates}
             total = float(total_params)
         else:
             weights, total = unit_flops(ctx, student, candidates, spec.convention or DEFAULT_CONVENTION)
-        clashes = [(a.name, b.name) for i, a in enumerate(candidates) for b in candidates[i + 1:] if conflicts(a, b)]
-        chosen = select_units(scores, weights, spec.ratio * total, spec.selection, clashes)
+        if spec.depth is not None:
+            if clashes:
+                raise UserError(f"prune.depth counts the blocks of a plain stack; the units of {type(student).__name__} "
+                                "overlap (U-Net skip pairs): use prune.ratio")
+            if spec.depth >= len(candidates):
+                raise UserError(f"prune.depth {spec.depth}: the model has only {len(candidates)} removable units")
+        # What a criterion that learns the kept set itself (tinyfusion) must aim at: the units the
+        # selection will keep (a ratio only says so when every unit weighs the same).
+        removing = _removed_count(spec, candidates, weights, total)
+        ctx.prune_keep = None if removing is None else len(candidates) - removing
+        student.eval()
+        scores = criterion.score(student, candidates, ctx)
+        if spec.depth is not None:
+            order = sorted(range(len(candidates)), key=lambda i: (scores[candidates[i].name], i))
+            chosen = [candidates[i].name for i in sorted(order[:len(candidates) - spec.depth])]
+            info.update(criterion=crit_spec.name, depth=spec.depth, scores=scores)
+        else:
+            chosen = select_units(scores, weights, spec.ratio * total, spec.selection, clashes)
+            info.update(criterion=crit_spec.name, ratio=spec.ratio, budget=spec.budget, selection=spec.selection,
+                        **({"convention": spec.convention or DEFAULT_CONVENTION} if spec.budget == "gflops" else {}),
+                        budget_total=total, budget_removed=sum(weights[n] for n in chosen), scores=scores)
         plan = merge_plans([u for u in candidates if u.name in chosen])
-        info.update(criterion=crit_spec.name, ratio=spec.ratio, budget=spec.budget, selection=spec.selection,
-                    **({"convention": spec.convention or DEFAULT_CONVENTION} if spec.budget == "gflops" else {}),
-                    budget_total=total, budget_removed=sum(weights[n] for n in chosen), scores=scores)
+        details = getattr(criterion, "details", None)
+        if details:
+            info["criterion_details"] = details
+            learned = details.get("removed")
+            if learned is not None and set(learned) != set(chosen):
+                raise UserError(f"criterion {crit_spec.name!r} learned to remove {sorted(learned)}, the "
+                                f"{spec.budget} budget removes {sorted(chosen)}: give prune.depth instead of ratio")
         if spec.additivity:
             info["additivity"] = _additivity(ctx, student, candidates, scores if crit_spec.name == "laptop" else None,
                                              spec)
@@ -299,6 +332,17 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
     after = sum(p.numel() for p in student.parameters())
     info.update(removed=chosen if spec.preset is None else [], plan=plan, params_after=after, removed_params_ratio=1 - after / total_params)
     return plan, info
+
+
+def _removed_count(spec, candidates, weights, total) -> Optional[int]:
+    """How many units the stage removes: ``depth`` says it; a ``ratio`` only when every unit
+    weighs the same (then the fewest that reach the budget); else None."""
+    if spec.depth is not None:
+        return len(candidates) - spec.depth
+    w = {weights[u.name] for u in candidates}
+    if len(w) != 1 or not next(iter(w)):
+        return None
+    return math.ceil(spec.ratio * total / next(iter(w)) - 1e-9)
 
 
 def _additivity(ctx, model, candidates, laptop_scores, spec) -> dict:
