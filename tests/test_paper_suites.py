@@ -31,7 +31,9 @@ EXPECTED = {
     "tinyfusion-dit-d14": [{"fid": 2.27, "isc": 278.24, "sfid": 4.60, "precision": 0.83, "recall": 0.57},
                            {"fid": 2.86, "isc": 234.50, "sfid": 4.75, "precision": 0.82, "recall": 0.55},
                            {"fid": 22.28, "isc": 66.10, "sfid": 6.20, "precision": 0.63, "recall": 0.56},
-                           {"fid": 21.15, "isc": 70.36, "sfid": 6.22, "precision": 0.63, "recall": 0.57}],
+                           {"fid": 21.15, "isc": 70.36, "sfid": 6.22, "precision": 0.63, "recall": 0.57},
+                           {"fid": 5.73, "isc": 151.88, "sfid": 4.91, "precision": 0.80, "recall": 0.55},
+                           {"fid": 3.73, "isc": 207.27, "sfid": 5.04, "precision": 0.81, "recall": 0.54}],
 }
 
 
