@@ -39,7 +39,7 @@ _LAZY = {
     # backbones and mixers
     "build_mixer": ("mixers", "build_mixer"), "kernels": ("kernels", None),
     "load_state_dict": ("weights", "load_state_dict"), "load_state_into": ("weights", "load_state_into"),
-    "load_into": ("weights", "load_into"),
+    "load_into": ("weights", "load_into"), "structure_only": ("weights", "structure_only"),
     # training and sampling
     "TrainSpec": ("training", "TrainSpec"), "train_model": ("training", "train_model"),
     "training_checkpoint": ("training", "training_checkpoint"), "make_scheduler": ("training", "make_scheduler"),

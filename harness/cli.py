@@ -80,40 +80,60 @@ def _print_costs(jobs) -> None:
     from .context import CellContext
     from .flops import AbstractCountError, count_flops
     from .suite import CellConfig
+    from .weights import counting_structure
 
     table = Table("cell", "params", "GFLOPs", "note", box=None)
-    costs: dict[str, tuple[str, str]] = {}
+    costs: dict[str, tuple[str, str, str]] = {}
     for job in jobs:
         config = CellConfig.model_validate(job.config)
         key = repr(config.backbone.model_dump())
-        if config.backbone.options.get("pretrained"):
-            costs[key] = ("n/a", "n/a")  # its structure is in the checkpoint's config: the cell reads it
         if key not in costs:
             ctx = CellContext(job.suite, job.cell, job.seed, config)
-            model = ctx.abstract_model().eval()
-            params = sum(p.numel() for p in model.parameters())
-            try:
-                with torch.no_grad():
-                    fc = count_flops(model, ctx.example_inputs(1, model=model), ctx.registry.flop_handles())
-                gflops = f"{fc.total / 1e9:.3f}"
-            except AbstractCountError:
-                gflops = "n/a"  # its shapes depend on data: the gflops metric traces real tensors
-            costs[key] = (f"{params / 1e6:.2f}M", gflops)
+            model, why = _meta_backbone(ctx)
+            if model is None:  # a pretrained model whose config is not here: the cell counts it when it runs
+                costs[key] = ("n/a", "n/a", why)
+            else:
+                params = sum(p.numel() for p in model.parameters())
+                try:
+                    with torch.no_grad(), counting_structure():
+                        fc = count_flops(model, ctx.example_inputs(1, model=model), ctx.registry.flop_handles())
+                    gflops = f"{fc.total / 1e9:.3f}"
+                except AbstractCountError:
+                    gflops = "n/a"  # its shapes depend on data: the gflops metric traces real tensors
+                costs[key] = (f"{params / 1e6:.2f}M", gflops, "")
+        params, gflops, why = costs[key]
         # the backbone as built: what the cell's stages (pruning, quantisation) change is not in it
-        note = f"before {', '.join(sorted(config.blocks))}" if config.blocks else ""
-        if config.backbone.options.get("pretrained"):
-            note = "pretrained: counted when the cell runs"
-        table.add_row(job.label, *costs[key], note)
+        notes = [f"before {', '.join(sorted(config.blocks))}" if config.blocks else "", why]
+        table.add_row(job.label, params, gflops, "; ".join(n for n in notes if n))
     _console().print(table)
-    for stage_table in _stage_costs(jobs):  # blocks that say what they cost: the sample block's images...
+    with counting_structure():  # nothing it builds reads or downloads weights
+        stage_tables = _stage_costs(jobs)
+    for stage_table in stage_tables:  # blocks that say what they cost: the sample block's images...
         _console().print(stage_table)
+
+
+def _meta_backbone(ctx):
+    """``(model on the meta device, None)``, or ``(None, why)`` when it cannot be built there: a
+    ``pretrained`` diffusers model builds from its ``config.json`` and reads no weights, so only
+    a config that is not on this machine (a hub id offline) stops it. Never a real build: costing
+    a suite downloads nothing."""
+    import torch
+
+    from .weights import counting_structure
+
+    try:
+        with torch.random.fork_rng(devices=[]), counting_structure():
+            return ctx.build_backbone(device="meta").eval(), None
+    except Exception as exc:  # noqa: BLE001 - any failure of a factory on meta is reported, not raised
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"not built on meta here: {first[:100]}"
 
 
 def _stage_costs(jobs) -> list:
     """One table per stage with a ``costs`` hook (:attr:`harness.Stage.costs`), a row per cell that
-    has its block. The denoiser is counted once per distinct backbone, on the meta device, from the
-    suite's options (a ``pretrained`` checkpoint's own config is not read: costing a run needs no
-    weights)."""
+    has its block. The denoiser is counted once per distinct backbone, on the meta device (a
+    ``pretrained`` diffusers model from its checkpoint's ``config.json``; where that is not on this
+    machine, from the suite's options, and the note says so). No weight is read."""
     import torch
     from rich.table import Table
 
@@ -130,16 +150,19 @@ def _stage_costs(jobs) -> list:
         present = [name for name in stages if (job.config or {}).get(name) is not None]
         if not present:
             continue
-        raw = dict(job.config)
-        pretrained = raw["backbone"].get("pretrained")
-        raw["backbone"] = {k: v for k, v in raw["backbone"].items() if k != "pretrained"}
-        config = CellConfig.model_validate(raw)
+        config = CellConfig.model_validate(job.config)
         key = repr(config.backbone.model_dump())
         if key not in counted:
             ctx = CellContext(job.suite, job.cell, job.seed, config)
             notes = []
+            model, why = _meta_backbone(ctx)
+            if model is None:  # the checkpoint's config is not here: the suite's options instead
+                raw = dict(job.config)
+                raw["backbone"] = {k: v for k, v in raw["backbone"].items() if k != "pretrained"}
+                ctx = CellContext(job.suite, job.cell, job.seed, CellConfig.model_validate(raw))
+                notes.append("denoiser counted from the suite's options (its pretrained config cannot be read here)")
             try:
-                model = ctx.abstract_model().eval()
+                model = ctx.abstract_model().eval() if model is None else model
                 with torch.no_grad():
                     gflops = count_flops(model, ctx.example_inputs(1, model=model),
                                          ctx.registry.flop_handles()).total / 1e9
@@ -151,8 +174,6 @@ def _stage_costs(jobs) -> list:
         ran = order(registry().stages(), specs)
         for name in present:
             notes = list(base_notes)
-            if pretrained:
-                notes.append("denoiser counted from the suite's options, not the checkpoint's config")
             before = [n for n in ran[:ran.index(name)]] if name in ran else []
             if before:
                 notes.append(f"denoiser before {', '.join(before)} (an upper bound)")

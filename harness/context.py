@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
 from .plugins import Registry, registry
-from .suite import CellConfig, ComponentSpec
+from .suite import CellConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -183,6 +184,8 @@ class CellContext:
             try:
                 with torch.random.fork_rng(devices=[]):
                     self._meta_model = self.build_backbone(device="meta")
+            except UserError:  # bad input (a checkpoint that is not there, a stalled URL): a real build
+                raise          # would fail the same way, after waiting as long again
             except Exception:  # a factory that needs real tensors (weights loaded as it builds)
                 return self.model
         return self._meta_model

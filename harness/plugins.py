@@ -32,12 +32,16 @@ import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pluggy
 
 from . import contracts, hookspecs
 from .errors import PluginError, UserError, suggest
+
+if TYPE_CHECKING:  # annotations only: importing them here would import torch with `harness --help`
+    from .commands import Command
+    from .stages import Stage
 
 hookimpl = pluggy.HookimplMarker("harness")
 

@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     sample_to_folder(model, args.out, args.num_samples, batch_size=args.batch_size,
                      decode=getattr(ds, "decode", None), shape=(ds.channels, ds.resolution, ds.resolution),
                      num_classes=ds.num_classes, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                     cfg_scale=args.cfg_scale, guided_channels=None if args.guided_channels < 0 else args.guided_channels,
+                     cfg_scale=args.cfg_scale,
+                     guided_channels=None if args.guided_channels < 0 else args.guided_channels,
                      schedule=spec.schedule, timesteps=spec.timesteps, learn_sigma=spec.learn_sigma, device=device)
     if args.npz and rank_world()[0] == 0:
         export_npz(args.out, args.npz, args.num_samples)

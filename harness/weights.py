@@ -262,8 +262,42 @@ def load_state_dict(source: str | Path, *, key: Optional[str] = None, what: str 
 
 def load_into(model: torch.nn.Module, source: str | Path, *, key: Optional[str] = None,
               what: str = "pretrained", key_option: str = "checkpoint_key") -> None:
-    """``load_state_dict`` into ``model`` strictly; a mismatch is one line naming the first keys."""
+    """``load_state_dict`` into ``model`` strictly; a mismatch is one line naming the first keys.
+
+    Inside :func:`structure_only` (``harness validate --costs``), a model built on the meta
+    device is left as it is: nothing is read or downloaded, only a local file's presence is
+    checked. Everywhere else the checkpoint is read and checked against the model, on meta
+    too, so that a cell's parameter count is never of a model its checkpoint does not fit."""
+    if structure_only() and _abstract(model):
+        if not is_url(str(source)) and not os.path.isfile(source):
+            raise UserError(f"{what} {str(source)!r} is not a file: nothing is there")
+        return
     load_state_into(model, load_state_dict(source, key=key, what=what, key_option=key_option), source, what=what)
+
+
+_STRUCTURE_ONLY = [False]
+
+
+def structure_only() -> bool:
+    """True while the harness builds models only to count them before anything runs (``harness
+    validate --costs``): a factory may then build a ``pretrained`` model from its config alone,
+    reading and downloading no weights (the ``unet`` backbone reads only ``config.json``)."""
+    return _STRUCTURE_ONLY[0]
+
+
+@contextmanager
+def counting_structure():
+    """Within: :func:`structure_only` is True (used by ``harness validate --costs``)."""
+    before, _STRUCTURE_ONLY[0] = _STRUCTURE_ONLY[0], True
+    try:
+        yield
+    finally:
+        _STRUCTURE_ONLY[0] = before
+
+
+def _abstract(model: torch.nn.Module) -> bool:
+    params = list(model.parameters())
+    return bool(params) and all(p.is_meta for p in params)
 
 
 def load_state_into(model: torch.nn.Module, state: dict, source: str | Path, *, what: str = "pretrained") -> None:

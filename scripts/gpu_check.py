@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         latent, warmup = 16, 1
         scans = [(1, 16, 4, 64)]
         models = {"dit-tiny/2": ("dit", {"size": "tiny", "patch": 2}), "lamamba-tiny": ("lamamba", {"size": "tiny"})}
-    else:  # 256x256 (latent 32); scans: the CPU benchmark's shape, then a LaMamba-XL-sized scan (4 directions x 2 x 320, L 1024)
+    else:  # 256x256 (latent 32); scans: the CPU benchmark's shape, then a LaMamba-XL-sized scan
+        # (4 directions x 2 x 320, L 1024)
         scans = [(2, 384, 16, 1024), (1, 2560, 16, 1024)]
         latent, warmup = 32, 3
         models = {"DiT-XL/2": ("dit", {"size": "XL", "patch": 2}), "LaMamba-Diff-XL": ("lamamba", {"size": "XL"})}

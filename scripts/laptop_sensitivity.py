@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from harness import CellConfig, CellContext, UserError, load_suite
 from harness_compress.metrics import OutputLoss
@@ -77,7 +76,8 @@ def main(argv=None) -> int:
             workdir = args.out / f"seed{seed}-steps{steps}" / suite.name / cell.id
             ctx = CellContext(suite.name, cell.id, seed, run_cfg, workdir=workdir)
             teacher = build_teacher(ctx).eval().requires_grad_(False)
-            for batch, timesteps in args.calibration or [(prune_spec.calibration_batch, prune_spec.calibration_timesteps)]:
+            default = [(prune_spec.calibration_batch, prune_spec.calibration_timesteps)]
+            for batch, timesteps in args.calibration or default:
                 for name in criteria:
                     t0 = time.perf_counter()
                     spec = prune_spec.model_copy(update={"criterion": name, "calibration_batch": batch,
@@ -101,7 +101,8 @@ def main(argv=None) -> int:
     best = table[criteria].min(axis=1)
     table["lowest"] = [" = ".join(c for c in criteria if row[c] <= low * (1 + 1e-9)) for (_, row), low
                        in zip(table.iterrows(), best)]  # a tie names every criterion in it
-    table["laptop rank"] = table[criteria].rank(axis=1, method="min")["laptop"].astype(int) if "laptop" in criteria else ""
+    ranks = table[criteria].rank(axis=1, method="min")
+    table["laptop rank"] = ranks["laptop"].astype(int) if "laptop" in criteria else ""
     print(f"held-out output_loss ({output_loss.batch_size} images x {output_loss.timesteps} timesteps), "
           f"{args.backbone} at {args.ratio:.0%} parameters removed, {prune_spec.selection}")
     print(table.reset_index().to_markdown(index=False, floatfmt=".5f"))

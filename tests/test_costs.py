@@ -59,8 +59,37 @@ def test_validate_costs_prints_the_sampling_table(tiny_vae, tmp_path, capsys, mo
     suite = tmp_path / "s.yaml"
     suite.write_text(f"suite: s\nbase:\n  backbone: {{name: dit, size: tiny, patch: 2, input_size: 8}}\n"
                      f"  sample: {{num_samples: 50000, steps: 250, cfg_scale: 1.5, vae: {tiny_vae}, keep: none}}\n"
-                     f"  metrics: [params]\n  device: cpu\n")
+                     f"  metrics: [params, isc]\n  device: cpu\n")
     assert main(["validate", str(suite), "--costs"]) == 0
     out = capsys.readouterr().out
     assert "what the sample block costs" in out and "50,000" in out and "25M (500/image)" in out, out
     assert "0 (keep: none)" in out
+
+
+def test_validate_costs_counts_a_pretrained_unet_from_its_own_config(tmp_path, capsys, monkeypatch):
+    # A smaller checkpoint (one ResNet per stage where the preset has two, as BK-SDM removes
+    # blocks) is costed from its config.json, without its weights; one whose config cannot be
+    # read is n/a with the reason, never the preset's figure passed off as the checkpoint's.
+    import harness
+
+    monkeypatch.setenv("COLUMNS", "200")
+    unet = harness.create("backbone", "unet", preset="sd-tiny", input_size=16).unet
+    config = dict(unet.config)
+    config["layers_per_block"] = 1
+    type(unet).from_config(config).save_pretrained(tmp_path / "small" / "unet")
+    for weights in (tmp_path / "small" / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    suite = tmp_path / "s.yaml"
+    suite.write_text(f"suite: s\nbase:\n  backbone: {{name: unet, preset: sd-tiny, input_size: 16}}\n"
+                     f"  metrics: [params]\n  device: cpu\n"
+                     f"include:\n  - {{backbone.pretrained: {tmp_path / 'small'}}}\n"
+                     f"  - {{backbone.pretrained: {tmp_path / 'absent'}}}\n")  # no folder: not built
+    assert main(["validate", str(suite), "--costs"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    from harness_unet.models import TextUNet
+
+    small = TextUNet(type(unet).from_config(config))  # built for real, independently of the meta path
+    expected = count_flops(small, small.example_inputs(1), registry().flop_handles(), abstract=False).total / 1e9
+    by_label = {r[0].rsplit("/", 1)[-1]: r[1:] for r in rows if r and "pretrained=" in r[0]}
+    assert by_label["small"][:2] == [f"{sum(p.numel() for p in small.parameters()) / 1e6:.2f}M", f"{expected:.3f}"]
+    assert by_label["absent"][:2] == ["n/a", "n/a"] and "not built on meta here" in " ".join(by_label["absent"])

@@ -202,6 +202,23 @@ def test_fréchet_statistics_from_shard_sums_equal_np_cov():
     assert merged.sigma.dtype == np.float64 and np.array_equal(merged.sigma, merged.sigma.T)
 
 
+def test_keep_none_without_a_quality_metric_is_refused_at_validation(tmp_path, capsys):
+    from harness.cli import main
+
+    path = tmp_path / "s.yaml"
+    path.write_text(textwrap.dedent("""\
+        suite: nothing-to-score
+        base:
+          backbone: {name: dit, size: S, depth: 1, hidden_size: 32, num_heads: 2, patch: 4, input_size: 8}
+          sample: {num_samples: 8,
+                   keep: none}
+          metrics: [params]
+        """))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "s.yaml:5: sample.keep: keep: none writes no image" in err and "fid" in err
+
+
 def test_keep_none_without_a_quality_metric_is_refused(tmp_path):
     import harness_sample.classes as classes
 

@@ -133,3 +133,27 @@ def test_sd15_gflops_with_the_sdpa_handle():
     model = harness.create("backbone", "unet", preset="sd15", input_size=64).eval()
     fc = count_flops(model, model.example_inputs(1), registry().flop_handles())
     assert fc.total / 1e9 == pytest.approx(402, rel=0.01)
+
+
+def test_a_pretrained_unet_on_meta_takes_the_checkpoints_structure_and_reads_no_weight(tmp_path):
+    # What `validate --costs` and the meta FLOP count build: the folder's config.json alone (the
+    # weights file is gone here, so reading it would fail), with the checkpoint's own structure
+    # (one block per stage fewer than the preset, as BK-SDM's U-Nets), not the preset's.
+    from harness import backbone_context
+
+    small = harness.create("backbone", "unet", preset="sd-tiny", input_size=16).unet
+    config = dict(small.config)
+    config["layers_per_block"] = 1
+    type(small).from_config(config).save_pretrained(tmp_path / "pruned" / "unet")
+    for weights in (tmp_path / "pruned" / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    from harness.weights import counting_structure
+
+    with counting_structure():  # as `harness validate --costs` builds it
+        meta = backbone_context("unet", {"preset": "sd-tiny", "pretrained": str(tmp_path / "pruned")}).build_backbone(
+            device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    expected = sum(p.numel() for p in type(small).from_config(config).parameters())
+    assert sum(p.numel() for p in meta.parameters()) == expected < sum(p.numel() for p in small.parameters())
+    with pytest.raises(Exception):  # built for real, the missing weights are an error
+        harness.create("backbone", "unet", preset="sd-tiny", pretrained=str(tmp_path / "pruned"))

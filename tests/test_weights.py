@@ -203,3 +203,51 @@ def test_a_yacs_config_is_read_as_plain_dicts_without_importing_yacs(tmp_path, m
     assert type(got).__name__ == "OrderedDict" and type(got["MODEL"]["VSSM"]).__name__ == "OrderedDict"
     assert got == {"MODEL": {"VSSM": {"SSM_D_STATE": 1, "DEPTHS": [2, 2, 2, 2]}}, "BETAS": (0.9, 0.999)}
     assert torch.equal(load_state_dict(path, key_option="checkpoint_key")["w"], torch.ones(2))
+
+
+def test_counting_structure_reads_no_checkpoint_but_a_cell_checks_it(tmp_path, monkeypatch):
+    # `validate --costs` builds on meta without reading weights (a URL is not fetched); a local
+    # file must still be there. A cell's own meta build reads and checks the checkpoint, so its
+    # parameter count is never of a model the checkpoint does not fit.
+    import harness_dit.models as dit_models
+
+    from harness import backbone_context, structure_only
+    from harness.weights import counting_structure
+
+    read = []
+    monkeypatch.setattr("harness.weights.read_tensors", lambda *a, **k: read.append(a) or {})
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    options = {"size": "tiny", "patch": 4, "input_size": 8}
+    assert not structure_only()
+    with counting_structure():
+        assert structure_only()
+        for source in (str(tmp_path / "junk.pt"), "https://example.invalid/DiT-XL-2-256x256.pt"):
+            meta = backbone_context("dit", {**options, "pretrained": source}).build_backbone(device="meta")
+            assert all(p.is_meta for p in meta.parameters()) and not read
+        with pytest.raises(harness.UserError, match="is not a file"):  # a missing file is still an error
+            backbone_context("dit", {**options, "pretrained": str(tmp_path / "missing.pt")}).build_backbone(
+                device="meta")
+    assert not structure_only()
+    with pytest.raises(harness.UserError):  # outside, even on meta, the checkpoint is read and checked
+        backbone_context("dit", {**options, "pretrained": str(tmp_path / "junk.pt")}).build_backbone(device="meta")
+    assert read
+    with pytest.raises(harness.UserError):
+        dit_models.dit(**options, pretrained=str(tmp_path / "junk.pt"))
+
+
+def test_a_checkpoint_that_cannot_be_had_is_tried_once_per_cell(tmp_path, monkeypatch):
+    # A stalled URL is a UserError on the meta build; building again for real would wait as long
+    # again for the same answer, so the cell fails at the first.
+    from harness import backbone_context
+
+    calls = []
+
+    def stalled(*args, **kwargs):
+        calls.append(args)
+        raise UserError("weights http://127.0.0.1:9/w.pt did not answer within the read timeout of 1 s")
+
+    monkeypatch.setattr("harness.weights.download", stalled)
+    ctx = backbone_context("dit", {"size": "tiny", "patch": 4, "input_size": 8, "pretrained": "http://127.0.0.1:9/w.pt"})
+    with pytest.raises(UserError, match="did not answer"):
+        ctx.abstract_model()
+    assert len(calls) == 1

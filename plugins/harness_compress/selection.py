@@ -50,7 +50,7 @@ def _knapsack(names, scores, weights, target, clashes) -> list[str]:
         constraints.append(LinearConstraint(rows, lb=0, ub=1))
     res = milp(c=cost, constraints=constraints, integrality=np.ones(len(names)), bounds=Bounds(0, 1))
     if res.status == 2:  # infeasible: the clashes leave too little to remove
-        raise UserError(f"pruning budget not reachable without removing a module twice; lower prune.ratio")
+        raise UserError("pruning budget not reachable without removing a module twice; lower prune.ratio")
     if not res.success:
         raise RuntimeError(f"knapsack solver failed: {res.message}")
     chosen = [n for n, x in zip(names, res.x) if x > 0.5]
@@ -77,7 +77,7 @@ def _greedy(names, scores, weights, target, start=(), clashes=()) -> list[str]:
         chosen.append(n)
         total += weights[n]
     if total < target:
-        raise UserError(f"pruning budget not reachable without removing a module twice; lower prune.ratio")
+        raise UserError("pruning budget not reachable without removing a module twice; lower prune.ratio")
     # put back the most important units the budget can spare
     for n in sorted(chosen, key=lambda n: -scores[n]):
         if total - weights[n] >= target:

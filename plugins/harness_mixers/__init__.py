@@ -18,7 +18,8 @@ import harness
 @harness.hookimpl
 def harness_mixers():
     return {"attention": "harness_mixers.attention:attention",
-            "window-attention": "harness_mixers.window:window_attention", "mamba": "harness_mixers.mamba:mamba", "ss2d": "harness_mixers.ss2d:ss2d",
+            "window-attention": "harness_mixers.window:window_attention", "mamba": "harness_mixers.mamba:mamba",
+            "ss2d": "harness_mixers.ss2d:ss2d",
             "lamamba": "harness_mixers.lamamba:lamamba"}
 
 

@@ -1,7 +1,7 @@
 """The stage itself: one block, two kinds of cell."""
 from __future__ import annotations
 
-from harness import Stage
+from harness import Stage, UserError
 
 from .spec import SampleSpec
 
@@ -19,6 +19,20 @@ def sample_cell(ctx, spec: SampleSpec) -> None:
     sample_classes(ctx, spec)
 
 
+def sample_check(config, spec: SampleSpec) -> None:
+    """``keep: none`` keeps only the features the cell's quality metrics read: without one of
+    them it would sample for nothing, so the suite is refused now rather than after the sampling."""
+    if spec.text or spec.keep != "none":
+        return
+    from harness_quality import STREAMED_METRICS
+
+    if not {m.name for m in config.metric_specs()} & set(STREAMED_METRICS):
+        err = UserError(f"keep: none writes no image and the cell has no metric that scores the features it keeps "
+                        f"({', '.join(sorted(STREAMED_METRICS))}); add one or keep png/npz")
+        err.option = "keep"
+        raise err
+
+
 def sample_costs(config, spec: SampleSpec, model_gflops, input_size: int) -> dict:
     """Images, denoiser passes, PFLOPs and disk of the block (``harness validate --costs``)."""
     from .costs import stage_costs
@@ -27,6 +41,6 @@ def sample_costs(config, spec: SampleSpec, model_gflops, input_size: int) -> dic
 
 
 STAGES = {"sample": Stage(schema=SampleSpec, run=sample_cell, after=("train", "prune", "distill"), every_rank=True,
-                          costs=sample_costs,
+                          costs=sample_costs, check=sample_check,
                           description="make the cell's images once for every quality metric: class labels "
                                       "(DDPM/DDIM, keep png|npz|none) or prompts through a diffusers pipeline")}

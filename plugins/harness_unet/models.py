@@ -180,18 +180,32 @@ def _to(inputs: dict, device) -> dict:
 
 
 def _load_pretrained(cls, source: str):
-    """A pipeline's ``unet/`` subfolder, or a bare U-Net folder, from a local path or the hub."""
+    """A pipeline's ``unet/`` subfolder, or a bare U-Net folder, from a local path or the hub.
+
+    Built on the meta device only to be counted (:func:`harness.structure_only`: ``harness
+    validate --costs``), only the folder's ``config.json`` is read: the structure is the
+    checkpoint's own (BK-SDM's U-Nets have fewer blocks than the SD preset they come from) and
+    no weights are loaded."""
+    from harness import structure_only
+
     path = Path(source)
+    on_meta = torch.get_default_device().type == "meta" and structure_only()
+
+    def load(sub):
+        if on_meta:
+            return cls.from_config(cls.load_config(source, subfolder=sub))
+        return cls.from_pretrained(source, subfolder=sub)
+
     try:
         if path.exists():
             sub = "unet" if (path / "unet" / "config.json").is_file() else None
             if sub is None and not (path / "config.json").is_file():
                 raise UserError(f"pretrained {source!r}: no config.json here or in {source}/unet")
-            return cls.from_pretrained(source, subfolder=sub)
+            return load(sub)
         try:
-            return cls.from_pretrained(source, subfolder="unet")
+            return load("unet")
         except EnvironmentError:
-            return cls.from_pretrained(source)
+            return load(None)
     except UserError:
         raise
     except EnvironmentError as exc:  # offline, unknown id, missing files
