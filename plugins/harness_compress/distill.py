@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import harness
-from harness import origin_names, tag_origins
+from harness import UserError, origin_names, tag_origins
 
 
 class TaskLoss(harness.Loss):
@@ -78,7 +78,7 @@ class MaskedKD(harness.Loss):
     ``alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, noise) + beta * feature term``,
 
     the feature term the mean over paired hidden states of ``mean((m_s * F_s - m_t * F_t)^2)``,
-    where ``m`` masks out each model's *massive activations* (Sun et al. 2024): the entries
+    where ``m`` masks out each model's *massive activations* (Sun et al. 2024, arXiv 2402.17762): the entries
     farther than ``threshold`` standard deviations from the sample's mean (their code: 2). Their
     defaults: alpha 0.9, beta 1e-2 (decayed linearly to 0 over the epochs there; constant here).
 
@@ -92,8 +92,6 @@ class MaskedKD(harness.Loss):
     needs_features = True
 
     def __init__(self, alpha: float = 0.9, beta: float = 1e-2, threshold: float = 2.0, stride: int | None = None):
-        from harness import UserError
-
         if not 0 <= alpha <= 1 or beta < 0 or threshold <= 0 or (stride is not None and stride < 1):
             raise UserError(f"loss 'masked-kd': expected 0 <= alpha <= 1, beta >= 0, threshold > 0 and stride >= 1 "
                             f"(got alpha={alpha}, beta={beta}, threshold={threshold}, stride={stride})")

@@ -6,8 +6,12 @@ every loss of a suite starts from the same teacher and it is trained once. Both 
 replace the ``train`` stage (they train the teacher themselves). Then:
 
 1. prune: the criterion scores the removable units on a calibration batch, the selection
-   removes ``ratio`` of the parameters (or GFLOPs) at the lowest summed score, and the
-   one-shot output loss against the teacher is recorded (plus the additivity check);
+   removes ``ratio`` of the parameters (or GFLOPs) at the lowest summed score, or keeps the
+   ``depth`` highest-scored units, and the one-shot output loss against the teacher is
+   recorded (plus the additivity check). Before scoring, ``ctx.prune_keep`` says how many
+   units the selection will keep (None when a ratio over units of unequal weight leaves it
+   open): a criterion that learns the kept set itself (``tinyfusion``) aims at it, and its
+   ``details`` (the record's ``criterion_details``) must remove exactly what the selection does;
 2. distill (after prune): the student (the pruned model, else a copy of the teacher) is
    retrained with the weighted losses, the teacher frozen, and the record keeps each term's
    share of the total loss;
@@ -86,7 +90,7 @@ class PruneSpec(BaseModel):
     @model_validator(mode="after")
     def _one_way(self):
         if (self.criterion is None) == (self.preset is None):
-            raise ValueError("give either criterion (with ratio) or preset")
+            raise ValueError("give either criterion (with ratio or depth) or preset")
         if self.criterion is not None and (self.ratio is None) == (self.depth is None):
             raise ValueError("a criterion needs either ratio (the fraction of the budget to remove, 0 < ratio < 1) "
                              "or depth (the number of units to keep), not both")
@@ -209,8 +213,8 @@ def check(config, spec: PruneSpec) -> None:
     """Whether the block applies to this backbone: ``depth`` counts the blocks of a plain stack
     (no U-Net), and the criterion's own ``check(config)``, when it has one."""
     if spec.depth is not None and config.backbone.name == "unet":
-        err = UserError(f"prune.depth counts the blocks of a plain stack (DiT, LaMamba-Diff); backbone "
-                        f"'unet' has units that overlap (skip pairs) and differ in kind: use ratio")
+        err = UserError("prune.depth counts the blocks of a plain stack (DiT, LaMamba-Diff); backbone "
+                        "'unet' has units that overlap (skip pairs) and differ in kind: use ratio")
         err.option = "depth"
         raise err
     crit = spec.criterion_spec()
@@ -298,13 +302,16 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
             weights, total = unit_flops(ctx, student, candidates, spec.convention or DEFAULT_CONVENTION)
         if spec.depth is not None:
             if clashes:
-                raise UserError(f"prune.depth counts the blocks of a plain stack; the units of {type(student).__name__} "
-                                "overlap (U-Net skip pairs): use prune.ratio")
+                raise UserError(f"prune.depth counts the blocks of a plain stack; the units of "
+                                f"{type(student).__name__} overlap (U-Net skip pairs): use prune.ratio")
             if spec.depth >= len(candidates):
                 raise UserError(f"prune.depth {spec.depth}: the model has only {len(candidates)} removable units")
         # What a criterion that learns the kept set itself (tinyfusion) must aim at: the units the
         # selection will keep (a ratio only says so when every unit weighs the same).
         removing = _removed_count(spec, candidates, weights, total)
+        if removing is not None and removing > len(candidates):  # before a criterion's costly search
+            raise UserError(f"pruning budget not reachable: prune.ratio {spec.ratio} is more than all "
+                            f"{len(candidates)} removable units hold; lower prune.ratio")
         ctx.prune_keep = None if removing is None else len(candidates) - removing
         student.eval()
         scores = criterion.score(student, candidates, ctx)

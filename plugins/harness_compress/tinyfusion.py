@@ -101,6 +101,12 @@ class LoRA(nn.Module):
         return output + self.scale * nn.functional.linear(nn.functional.linear(args[0], self.a), self.b)
 
 
+def lora_adapters(model: nn.Module, rank: int, alpha: float, generator: torch.Generator) -> dict[nn.Linear, LoRA]:
+    """A LoRA update for every ``nn.Linear`` of ``model`` (TinyFusion's ``convert_to_lora_model``
+    with ``exclude=[]``), not yet attached."""
+    return {m: LoRA(m, rank, alpha, generator) for m in model.modules() if isinstance(m, nn.Linear)}
+
+
 class MaskedStack:
     """Forward hooks that bypass units per image: ``m * unit(x) + (1 - m) * x``, with ``m`` the
     current mask column of each unit (set by :meth:`set`); absent: the unit runs as usual."""
@@ -136,22 +142,22 @@ class TinyFusion(harness.Criterion):
     """Learnable depth pruning: N of every M consecutive blocks, learned with a Gumbel-softmax
     over the candidate masks and LoRA as the recoverability estimate.
 
-    Options (official defaults): ``group`` M (2: their D14 command's 1:2), ``keep`` N (default:
-    from the prune block's ``depth`` or ``ratio``, spread over the groups), ``steps`` (their one
-    ImageNet epoch at batch 128 is ~10,000; 500 here), ``batch_size`` (128 there; 8 here),
-    ``lr`` for LoRA (1e-4) and ``logit_lr`` for the mask logits (1e-3), ``rank`` (8) and ``alpha``
-    (16) of LoRA, ``tau`` [start, end] (4 -> 0.1, linear), ``scaling`` (100), ``ema`` (0.999),
-    ``grad_clip`` (1.0), ``log_every`` (50).
+    Options, defaults as in the official code: ``group`` M (2: their D14 command's 1:2), ``keep``
+    N (default: from the prune block's ``depth`` or ``ratio``, spread over the groups), ``steps``
+    (10,000: their one ImageNet epoch at batch 128), ``batch_size`` (128), ``lr`` for LoRA (1e-4)
+    and ``logit_lr`` for the mask logits (1e-3), ``rank`` (8) and ``alpha`` (16) of LoRA, ``tau``
+    [start, end] (4 -> 0.1, linear), ``scaling`` (100), ``ema`` (0.999), ``grad_clip`` (1.0),
+    ``log_every`` (100). A CPU study searches far less (e.g. ``steps: 100, batch_size: 8``).
 
     The scores make the stage remove exactly the learned mask: a kept unit scores 1 + its
     probability of being kept, a dropped one that probability alone (< 1). ``details`` (the
     record's ``criterion_details``) holds the mask, each group's probabilities and the steps.
     """
 
-    def __init__(self, group: int = 2, keep: Optional[int] = None, steps: int = 500, batch_size: int = 8,
+    def __init__(self, group: int = 2, keep: Optional[int] = None, steps: int = 10_000, batch_size: int = 128,
                  lr: float = 1e-4, logit_lr: float = 1e-3, rank: int = 8, alpha: float = 16.0,
                  tau: tuple[float, float] = (4.0, 0.1), scaling: float = 100.0, ema: float = 0.999,
-                 grad_clip: Optional[float] = 1.0, log_every: int = 50):
+                 grad_clip: Optional[float] = 1.0, log_every: int = 100):
         tau = tuple(tau)
         problems = [f"{k} must be >= 1 (got {v})" for k, v in
                     (("group", group), ("steps", steps), ("batch_size", batch_size), ("rank", rank),
@@ -211,14 +217,14 @@ class TinyFusion(harness.Criterion):
         ema = [l.detach().clone() for l in logits]
         requires = {p: p.requires_grad for p in model.parameters()}
         model.requires_grad_(False)
-        adapters = nn.ModuleList(LoRA(m, self.rank, self.alpha, gen) for m in model.modules()
-                                 if isinstance(m, nn.Linear))
-        handles = [m.register_forward_hook(a.hook) for m, a in
-                   zip((m for m in model.modules() if isinstance(m, nn.Linear)), adapters)]
+        lora = lora_adapters(model, self.rank, self.alpha, gen)
+        adapters = nn.ModuleList(lora.values())
+        handles = [m.register_forward_hook(a.hook) for m, a in lora.items()]
+        lora_params = sum(p.numel() for p in adapters.parameters())
         stack = MaskedStack(model, [n for names, _ in pattern for n in names])
         opt = torch.optim.AdamW([{"params": list(adapters.parameters()), "lr": self.lr},
                                  {"params": logits, "lr": self.logit_lr}], weight_decay=0.0)
-        curve, window = [], []
+        curve, window, skipped = [], [], 0
         try:
             with torch.enable_grad(), evaluating(model):
                 for step in range(self.steps):
@@ -237,15 +243,18 @@ class TinyFusion(harness.Criterion):
                         pred = harness.predict_noise(model, {"inputs": inputs}, noise_channels(ctx))
                         loss = torch.mean((pred.float() - noise.float()) ** 2)
                     opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.grad_clip:
-                        torch.nn.utils.clip_grad_norm_([*adapters.parameters(), *logits], self.grad_clip)
-                    opt.step()
+                    if torch.isfinite(loss):
+                        loss.backward()
+                        if self.grad_clip:
+                            torch.nn.utils.clip_grad_norm_([*adapters.parameters(), *logits], self.grad_clip)
+                        opt.step()
+                        window.append(loss.item())
+                    else:  # as theirs: a non-finite step is skipped, not taken
+                        skipped += 1
                     decay = min(self.ema, (1 + step) / (10 + step))
                     for e, l in zip(ema, logits):
                         e.lerp_(l.detach(), 1 - decay)
-                    window.append(loss.item())
-                    if (step + 1) % self.log_every == 0 or step + 1 == self.steps:
+                    if window and ((step + 1) % self.log_every == 0 or step + 1 == self.steps):
                         curve.append([step + 1, sum(window) / len(window)])
                         window = []
                         log.info("tinyfusion search: step %d/%d, loss %.4f", step + 1, self.steps, curve[-1][1])
@@ -256,7 +265,11 @@ class TinyFusion(harness.Criterion):
             for p, r in requires.items():
                 p.requires_grad_(r)
             model.zero_grad(set_to_none=True)
-        return self._decide(pattern, masks, ema, curve)
+        lora_share = lora_params / sum(p.numel() for p in model.parameters())
+        return self._decide(pattern, masks, ema, {
+            "steps": self.steps, "skipped_steps": skipped, "batch_size": self.batch_size, "loss_curve": curve,
+            "lora": {"rank": self.rank, "alpha": self.alpha, "params": lora_params, "share": lora_share},
+            "tau": list(self.tau), "scaling": self.scaling, "ema": self.ema})
 
     def _batch(self, ctx, model, gen, device) -> tuple[dict, torch.Tensor]:
         """One training batch: data images (standard normal stand-ins without a data block) at
@@ -287,25 +300,23 @@ class TinyFusion(harness.Criterion):
         inputs["t"] = t.to(device)
         return inputs, noise.to(device)
 
-    def _decide(self, pattern, masks, ema, curve) -> dict[str, float]:
+    def _decide(self, pattern, masks, ema, search: dict) -> dict[str, float]:
+        """Each group's mask of highest EMA logit; scores 1 + P(kept) for its kept units, P(kept) for the others."""
         scores: dict[str, float] = {}
-        groups = []
-        kept, removed = [], []
+        groups, kept, removed = [], [], []
         for (names, k), opts, logit in zip(pattern, masks, ema):
             probs = (logit * self.scaling).softmax(-1).cpu()
+            opts = opts.cpu()
             choice = int(logit.argmax())
-            keep_prob = probs @ opts.cpu()  # each unit's probability of being kept
-            mask = opts[choice].cpu()
+            keep_prob = probs @ opts  # each unit's probability of being kept
             for j, name in enumerate(names):
-                scores[name] = float(keep_prob[j]) + (1.0 if mask[j] > 0 else 0.0)
-                (kept if mask[j] > 0 else removed).append(name)
+                scores[name] = float(keep_prob[j]) + float(opts[choice, j])
+                (kept if opts[choice, j] > 0 else removed).append(name)
             top = probs.argsort(descending=True)[:16].tolist()  # 7:14 has 3,432 masks: the likeliest
-            groups.append({"units": names, "keep": k, "kept": [n for n, m in zip(names, mask) if m > 0],
+            groups.append({"units": names, "keep": k, "kept": [n for n, m in zip(names, opts[choice]) if m > 0],
                            "probability": float(probs[choice]),
-                           "masks": {",".join(n for n, m in zip(names, opts[i].cpu()) if m > 0): float(probs[i])
+                           "masks": {",".join(n for n, m in zip(names, opts[i]) if m > 0) or "none": float(probs[i])
                                      for i in top}})
         self.details = {"method": "tinyfusion", "pattern": [[k, len(names)] for names, k in pattern],
-                        "kept": kept, "removed": removed, "groups": groups, "steps": self.steps,
-                        "batch_size": self.batch_size, "lora": {"rank": self.rank, "alpha": self.alpha},
-                        "tau": list(self.tau), "scaling": self.scaling, "ema": self.ema, "loss_curve": curve}
+                        "kept": kept, "removed": removed, "groups": groups, **search}
         return scores
