@@ -127,6 +127,18 @@ def test_an_identity_block_scores_zero_and_is_removed_first():
     assert plan == {"skip": ["blocks.1"], "drop": []} and info["removed"] == ["blocks.1"]
 
 
+def test_depth_keeps_the_blocks_of_highest_influence():
+    ctx = _ctx({"name": "dit", "size": "tiny", "input_size": 8, "in_channels": 4, "num_classes": 3, "patch": 2,
+                "depth": 4, "hidden_size": 32, "num_heads": 2})
+    model = ctx.model.eval()
+    _perturb(model)
+    scores = _score(ctx, model)
+    spec = PruneSpec(criterion="block-influence", depth=2, calibration_batch=BATCH, calibration_timesteps=TIMESTEPS)
+    plan, info = prune(ctx, model, model, spec)
+    assert sorted(plan["skip"]) == sorted(sorted(scores, key=scores.get)[:2]) and len(model.blocks) == 4
+    assert sum(type(b).__name__ == "DiTBlock" for b in model.blocks) == 2  # the other two are Skips now
+
+
 def test_lamamba_blocks_compare_tokens_along_channels():
     # attention in place of the SS2D branch: the block and its (B, L, C) layout are LaMamba-Diff's,
     # and a CPU scan would make this test take half a minute
