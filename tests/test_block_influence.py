@@ -240,3 +240,20 @@ def test_a_dit_pruned_by_block_influence_and_retrained_runs(tmp_path):
     assert [step for step, *_ in curve][-1] == 3 and all(loss > 0 for _, loss, *_ in curve)
     assert record["metrics"]["params"]["value"] == pruned["params_after"]
     assert record["metrics"]["output_loss"]["value"] > 0
+
+
+def test_the_depth_pruning_study_suite_validates(monkeypatch):
+    """suites/depth-pruning.yaml (docs/studies/depth-pruning.md): every cell is valid, and the
+    U-Net cell that block influence cannot reach (50% of adm-small) is excluded."""
+    from pathlib import Path
+
+    from harness.suite import load_suite
+
+    repo = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(repo)
+    assert main(["validate", "suites/depth-pruning.yaml"]) == 0
+    cells = [c.config for c in load_suite(repo / "suites" / "depth-pruning.yaml").cells()]
+    assert not [c for c in cells if c["backbone"]["name"] == "unet" and c["prune"]["criterion"] == "block-influence"
+                and c["prune"]["ratio"] == 0.5]
+    assert {c["prune"]["criterion"] if isinstance(c["prune"]["criterion"], str) else c["prune"]["criterion"]["name"]
+            for c in cells} == {"block-influence", "tinyfusion", "laptop", "similarity", "random"}
