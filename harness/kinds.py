@@ -107,7 +107,10 @@ class Criterion:
 
     ``score(model, units, ctx)`` returns ``{unit.name: importance}`` for every unit of
     ``units`` (:class:`harness.Unit`), the higher the more the unit matters (units with the
-    lowest summed scores are removed first). ``unit.modules`` names the modules a unit
+    lowest summed scores are removed first). A unit the criterion's definition does not
+    cover (block influence on a U-Net's skip pair, which has no single input and output) is
+    left out of the mapping rather than given a made-up score: it is then never removed, and
+    the criterion says why in the record (``ctx.extra``). ``unit.modules`` names the modules a unit
     covers (two or more for a U-Net's skip pair), ``unit.submodules(model)`` returns them.
     A data-driven criterion scores on :meth:`calibration` (the set the pruning stage asks
     for: the same images, noise and timesteps for every criterion of a suite).

@@ -27,7 +27,8 @@ def harness_commands():
 def harness_pruning_criteria():
     return {name: f"harness_compress.criteria:{cls}" for name, cls in (
         ("laptop", "Laptop"), ("random", "Random"), ("magnitude", "Magnitude"), ("taylor", "Taylor"),
-        ("similarity", "Similarity"), ("bk-sdm", "BKSDM"))}
+        ("similarity", "Similarity"), ("bk-sdm", "BKSDM"),
+        ("block-influence", "BlockInfluence"))}
 
 
 @harness.hookimpl(specname="harness_pruning_criteria")

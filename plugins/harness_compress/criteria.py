@@ -6,6 +6,7 @@ the core's criterion contract (:class:`harness.Criterion`) like any third party'
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -13,8 +14,8 @@ import torch
 from torch import nn
 
 import harness
-from harness import (Calibration, Unit, UserError, calibration_inputs, evaluating, noise_channels, output_loss,
-                     predict_noise, reference_outputs, remove_units)
+from harness import (Calibration, CellConfig, CellContext, Unit, UserError, calibration_inputs, discover_units,
+                     evaluating, noise_channels, output_loss, predict_noise, reference_outputs, remove_units)
 
 
 def unit_parameters(model: nn.Module, unit: Unit) -> list[torch.nn.Parameter]:
@@ -110,9 +111,20 @@ class Taylor(Criterion):
         return out
 
 
+def unit_io(args: tuple, kwargs: dict, output) -> tuple[torch.Tensor, torch.Tensor]:
+    """A unit's input hidden state and its output, as a forward hook sees them (a DiT or
+    LaMamba-Diff block's ``x``, a diffusers ResNet's ``input_tensor``, an attention layer's
+    ``hidden_states``; a ``Transformer2DModelOutput`` or tuple output unwrapped)."""
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor", kwargs.get("x")))
+    y = getattr(output, "sample", output)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    return x, y
+
+
 class Similarity(Criterion):
     """Angular distance between a unit's input and output: a unit that barely turns its
-    input is cheap to remove."""
+    input is cheap to remove. Each sample is one vector (all its positions and channels
+    flattened); compare ``block-influence``, which compares position by position."""
 
     def score(self, model, units, ctx):
         sums = {u.name: 0.0 for u in units}
@@ -121,9 +133,7 @@ class Similarity(Criterion):
 
         def hook(name):
             def fn(module, args, kwargs, output):
-                x = args[0] if args else kwargs.get("hidden_states", kwargs.get("x"))
-                y = getattr(output, "sample", output)
-                y = y[0] if isinstance(y, (tuple, list)) else y
+                x, y = unit_io(args, kwargs, output)
                 if y.shape != x.shape:  # an up ResNet of a pair: its input holds the skip too
                     return
                 cos = torch.nn.functional.cosine_similarity(x.flatten(1).float(), y.flatten(1).float(), dim=1)
@@ -142,6 +152,102 @@ class Similarity(Criterion):
             for h in handles:
                 h.remove()
         return {n: sums[n] / max(counts[n], 1) for n in sums}
+
+
+class BlockInfluence(Criterion):
+    """ShortGPT's block influence (Men et al. 2024, arXiv 2403.03853), the baseline TinyFusion
+    (Fang et al. 2024, arXiv 2412.01199) prunes DiT-XL/2 with: for each block,
+
+        BI = 1 - E[cos(x_in, x_out)],
+
+    the cosine taken per token along the hidden (channel) dimension, between the hidden state
+    that enters the block and the one that leaves it, averaged over the tokens of each
+    calibration batch and then over the batches (one batch per timestep of the cell's
+    calibration set). A block that barely turns any token (BI near 0) is removed first.
+
+    Tokens are a DiT's or LaMamba-Diff's (B, N, D) rows, and each spatial position of a
+    U-Net's (B, C, H, W) map, compared along its C channels. The ``similarity`` criterion
+    differs: it flattens a whole sample into one vector, so a block that rotates a few tokens
+    strongly and leaves the rest alone scores low there and high here.
+
+    Units whose output does not have their input's shape are outside the definition: a
+    U-Net's skip pair ``a+b`` (its up ResNet takes the skip concatenated to its input) and any
+    module that turns out to change the shape. They are left out of the scores, so this
+    criterion never removes them, and the record lists them with the reason under
+    ``block_influence.unscored``. A backbone with no unit inside the definition is refused
+    when the suite is validated (:meth:`check`).
+
+    TinyFusion's ``prune_by_score.py`` calibrates on clean VAE latents at random timesteps
+    and never prunes the last block; here every criterion scores on the cell's calibration
+    set (noised images at timesteps spread over the schedule) and every removable unit is a
+    candidate.
+    """
+
+    RECORD_KEY = "block_influence"
+
+    def score(self, model, units, ctx):
+        unscored = {u.name: "a skip pair: a down ResNet and the up ResNet that takes its skip concatenated to "
+                            "its input; no one hidden state enters and leaves it" for u in units if u.drop}
+        blocks = [u for u in units if not u.drop]
+        sums = {u.name: 0.0 for u in blocks}
+        calls = {u.name: 0 for u in blocks}
+
+        def hook(name):
+            def fn(module, args, kwargs, output):
+                if name in unscored:
+                    return
+                x, y = unit_io(args, kwargs, output)
+                if y.shape != x.shape or x.dim() not in (3, 4):
+                    unscored[name] = f"its output {tuple(y.shape)} does not have its input's shape {tuple(x.shape)}"
+                    return
+                dim = -1 if x.dim() == 3 else 1  # (B, N, D) tokens; (B, C, H, W) positions along C
+                cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=dim)
+                sums[name] += 1.0 - cos.mean().item()
+                calls[name] += 1
+            return fn
+
+        handles = [u.submodules(model)[0].register_forward_hook(hook(u.name), with_kwargs=True) for u in blocks]
+        try:
+            with torch.no_grad(), evaluating(model):
+                for batch in self.calibration(ctx, model):
+                    model(**batch["inputs"])
+        finally:
+            for h in handles:
+                h.remove()
+        for name, n in calls.items():
+            if n == 0 and name not in unscored:
+                unscored[name] = "not run by the model's forward pass"
+        if unscored and getattr(ctx, "extra", None) is not None:
+            ctx.extra[self.RECORD_KEY] = {"unscored": unscored}
+        return {name: sums[name] / calls[name] for name in sums if name not in unscored}
+
+    @staticmethod
+    def check(config):
+        kinds = _unit_kinds(config)
+        if kinds is not None and not any(kind != "skip-pair" for kind in kinds):
+            raise UserError(f"block influence compares a block's input and output hidden states; no removable "
+                            f"unit of backbone {config.backbone.name!r} is one module with its input's shape "
+                            f"(only skip pairs, whose up ResNet takes a concatenated skip)")
+
+
+def _unit_kinds(config) -> list[str] | None:
+    """The kinds of the removable units of the cell's backbone, built on the meta device (no
+    weights read, once per backbone configuration); None when it cannot be built here (the
+    suite's own build check then says why)."""
+    raw = config.backbone.model_dump()
+    raw.pop("pretrained", None)  # structure only
+    key = json.dumps({"backbone": raw, "data": config.data and config.data.model_dump()}, sort_keys=True, default=str)
+    if key not in _KINDS:
+        try:
+            cell = CellConfig.model_validate({**config.model_dump(exclude_none=True), "backbone": raw})
+            model = CellContext("check", "check", 0, cell).build_backbone(device="meta")
+        except Exception:  # noqa: BLE001 - not this check's to report
+            return None
+        _KINDS[key] = [u.kind for u in discover_units(model) if u.removable]
+    return _KINDS[key]
+
+
+_KINDS: dict[str, list[str]] = {}
 
 
 class BKSDM(Criterion):
@@ -183,4 +289,4 @@ class BKSDM(Criterion):
 
 
 CRITERIA = {"laptop": Laptop, "random": Random, "magnitude": Magnitude, "taylor": Taylor,
-            "similarity": Similarity, "bk-sdm": BKSDM}
+            "similarity": Similarity, "bk-sdm": BKSDM, "block-influence": BlockInfluence}
