@@ -114,9 +114,14 @@ class CellContext:
 
     @functools.cached_property
     def _given_inputs(self) -> dict[str, Any]:
-        """Factory options from the suite, with the input shape the data set implies."""
+        """Factory options from the suite, with the input shape the data set implies. A suite
+        that states the shape itself (input_size, in_channels, num_classes, and context_dim
+        unless the labels are classes) has no data set built for it: validating a paper suite
+        must not load and encode ImageNet."""
         opts = self.config.backbone.options
-        if self.config.data is not None:
+        stated = all(opts.get(k) is not None for k in ("input_size", "in_channels", "num_classes")) and (
+            opts["num_classes"] > 0 or opts.get("context_dim") is not None)
+        if self.config.data is not None and not stated:
             ds = self.dataset
             derived = {"input_size": ds.resolution, "in_channels": ds.channels, "num_classes": ds.num_classes}
             if getattr(ds, "context_dim", 0):  # captioned data: the text encoder's width

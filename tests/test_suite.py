@@ -236,3 +236,31 @@ def test_a_method_that_cannot_apply_to_the_backbone_fails_validation_at_its_line
     unet = unet.replace("  backbone.patch: [2, 4]\n  backbone.mixer: [attention]\n", "  prune.ratio: [0.3]\n")
     code, _, err = run_cli(["validate", str(write(tmp_path, unet, "unet.yaml"))], capsys)
     assert code == 0, err
+
+
+def _exploding_dataset(**options):
+    raise RuntimeError("the data set was built")
+
+
+def test_a_suite_that_states_the_input_shape_builds_no_data_set_to_validate(tmp_path, capsys):
+    # A paper suite's ImageNet (encoded by a VAE) must not be loaded by `harness validate`; the
+    # data set is built only when the suite leaves the shape to it.
+    import harness
+
+    class Plugin:
+        @harness.hookimpl
+        def harness_datasets(self):
+            return {"exploding-test": _exploding_dataset}
+
+    plugin = Plugin()
+    harness.registry().register(plugin, name="exploding-test")
+    try:
+        text = GOOD.replace("input_size: 8}", "input_size: 8, in_channels: 4, num_classes: 10}")
+        text = text.replace("  metrics: [params]\n", "  data: {name: exploding-test}\n  metrics: [params]\n")
+        code, out, err = run_cli(["validate", str(write(tmp_path, text))], capsys)
+        assert code == 0, err
+        shapeless = text.replace(", num_classes: 10}", "}")
+        code, out, err = run_cli(["validate", str(write(tmp_path, shapeless, "shapeless.yaml"))], capsys)
+        assert code != 0 and "the data set was built" in out + err
+    finally:
+        harness.registry().unregister(plugin)

@@ -345,3 +345,48 @@ def test_depth_keeps_the_highest_scored_units_for_any_criterion(tmp_path):
     prune = record["prune"]
     lowest = min(prune["scores"], key=prune["scores"].get)
     assert prune["depth"] == 3 and prune["removed"] == [lowest] and prune["plan"]["skip"] == [lowest]
+
+
+class _ScoresAllButTheFirst(harness.Criterion):
+    """Leaves the first unit unscored, as block-influence leaves out a unit outside its definition."""
+
+    def score(self, model, units, ctx):
+        return {u.name: float(i) for i, u in enumerate(units) if i > 0}
+
+
+class _ScoresTheLastOnly(harness.Criterion):
+    def score(self, model, units, ctx):
+        return {units[-1].name: 0.0}
+
+
+def _run_partial(tmp_path, criterion, depth):
+    from harness.runner import CellJob, execute_cell
+
+    class Plugin:
+        @harness.hookimpl
+        def harness_pruning_criteria(self):
+            return {"partial-test": criterion}
+
+    plugin = Plugin()
+    harness.registry().register(plugin, name="partial-test")
+    try:
+        config = {"backbone": {k: v for k, v in BACKBONE.items() if k != "learn_sigma"}, "metrics": ["params"],
+                  "device": "cpu", "prune": {"criterion": "partial-test", "depth": depth}}
+        return execute_cell(CellJob("t", "t.yaml", f"d{depth}", "base", 0, config, str(tmp_path / f"d{depth}")))
+    finally:
+        harness.registry().unregister(plugin)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_depth_never_removes_a_unit_the_criterion_left_unscored(tmp_path, depth):
+    # of 4 blocks, 3 are scored: keeping 1 removes every scored block, keeping 2 the two lowest
+    record = _run_partial(tmp_path, _ScoresAllButTheFirst, depth)
+    assert record["status"] == "ok", record.get("error")
+    scores, removed = record["prune"]["scores"], record["prune"]["removed"]
+    assert len(scores) == 3 and removed == sorted(scores, key=scores.get)[:4 - depth]
+
+
+def test_depth_beyond_what_the_criterion_scored_is_one_clear_error(tmp_path):
+    record = _run_partial(tmp_path, _ScoresTheLastOnly, 1)
+    assert record["status"] == "failed"
+    assert "prune.depth 1: criterion 'partial-test' scored 1 of 4 units, too few to remove 3" in record["error"]

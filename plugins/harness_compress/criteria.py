@@ -239,7 +239,9 @@ def _unit_kinds(config) -> list[str] | None:
     key = json.dumps({"backbone": raw, "data": config.data and config.data.model_dump()}, sort_keys=True, default=str)
     if key not in _KINDS:
         try:
-            cell = CellConfig.model_validate({**config.model_dump(exclude_none=True), "backbone": raw})
+            # without the data block: it only sets input shapes, which decide no unit's kind, and
+            # building it would load (and a latent one encode) the whole data set at validation
+            cell = CellConfig.model_validate({**config.model_dump(exclude_none=True), "backbone": raw, "data": None})
             model = CellContext("check", "check", 0, cell).build_backbone(device="meta")
         except Exception:  # noqa: BLE001 - not this check's to report
             return None

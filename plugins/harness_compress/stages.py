@@ -316,7 +316,12 @@ def prune(ctx, student: torch.nn.Module, teacher: torch.nn.Module, spec) -> tupl
         student.eval()
         scores = criterion.score(student, candidates, ctx)
         if spec.depth is not None:
-            order = sorted(range(len(candidates)), key=lambda i: (scores[candidates[i].name], i))
+            # a unit the criterion left unscored (outside its definition) is never removed
+            scored = [i for i, u in enumerate(candidates) if u.name in scores]
+            if len(scored) < len(candidates) - spec.depth:
+                raise UserError(f"prune.depth {spec.depth}: criterion {crit_spec.name!r} scored {len(scored)} of "
+                                f"{len(candidates)} units, too few to remove {len(candidates) - spec.depth}")
+            order = sorted(scored, key=lambda i: (scores[candidates[i].name], i))
             chosen = [candidates[i].name for i in sorted(order[:len(candidates) - spec.depth])]
             info.update(criterion=crit_spec.name, depth=spec.depth, scores=scores)
         else:
