@@ -123,7 +123,7 @@ def test_branch_is_the_skip_index_the_reference_helper_numbers():
     unet = harness.create("backbone", "unet", preset="sd-tiny", input_size=8).unet
     assert dc.skip_count(unet) == 12
     cache = dc.DeepCache(DeepCacheSpec(interval=3, branch=4), "unet")
-    dc._split_unet(unet, cache, 4)
+    dc.split_unet(unet, cache, 4)
     patched = {m._deepcache_key for m in unet.modules() if "_deepcache" in m.__dict__}
     assert ("down", 0) not in patched and ("down", 1, 0, 0) not in patched and ("down", 1, 1, 0) in patched
     assert {("down", 2), ("down", 3), ("mid",), ("up", 0), ("up", 1)} <= patched
