@@ -37,6 +37,18 @@ class Criterion(harness.Criterion):
 
     batches = calibration  # its first name here
 
+    def observe(self, ctx, model, hooks) -> None:
+        """Run the calibration set through ``model`` (eval mode, no grad) with each ``(module,
+        fn)`` of ``hooks`` as a forward hook that also sees keyword arguments; all removed after."""
+        handles = [module.register_forward_hook(fn, with_kwargs=True) for module, fn in hooks]
+        try:
+            with torch.no_grad(), evaluating(model):
+                for batch in self.calibration(ctx, model):
+                    model(**batch["inputs"])
+        finally:
+            for h in handles:
+                h.remove()
+
 
 class Laptop(Criterion):
     """LAPTOP-Diff one-shot: output loss of the model with the unit alone removed."""
@@ -129,7 +141,6 @@ class Similarity(Criterion):
     def score(self, model, units, ctx):
         sums = {u.name: 0.0 for u in units}
         counts = {u.name: 0 for u in units}
-        handles = []
 
         def hook(name):
             def fn(module, args, kwargs, output):
@@ -141,16 +152,8 @@ class Similarity(Criterion):
                 counts[name] += 1
             return fn
 
-        for unit in units:
-            for module in unit.submodules(model):  # a pair: the mean over its modules
-                handles.append(module.register_forward_hook(hook(unit.name), with_kwargs=True))
-        try:
-            with torch.no_grad(), evaluating(model):
-                for batch in self.calibration(ctx, model):
-                    model(**batch["inputs"])
-        finally:
-            for h in handles:
-                h.remove()
+        # a pair: the mean over its modules
+        self.observe(ctx, model, [(module, hook(unit.name)) for unit in units for module in unit.submodules(model)])
         return {n: sums[n] / max(counts[n], 1) for n in sums}
 
 
@@ -206,14 +209,7 @@ class BlockInfluence(Criterion):
                 calls[name] += 1
             return fn
 
-        handles = [u.submodules(model)[0].register_forward_hook(hook(u.name), with_kwargs=True) for u in blocks]
-        try:
-            with torch.no_grad(), evaluating(model):
-                for batch in self.calibration(ctx, model):
-                    model(**batch["inputs"])
-        finally:
-            for h in handles:
-                h.remove()
+        self.observe(ctx, model, [(u.submodules(model)[0], hook(u.name)) for u in blocks])
         for name, n in calls.items():
             if n == 0 and name not in unscored:
                 unscored[name] = "not run by the model's forward pass"
