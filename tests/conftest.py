@@ -112,3 +112,18 @@ def inception_file(tmp_path_factory, random_inception):
     path = tmp_path_factory.mktemp("inception") / "inception-random.safetensors"
     save_file({k: v.contiguous() for k, v in random_inception.state_dict().items()}, str(path))
     return str(path)
+
+
+def weightless_unet(folder: Path):
+    """A pipeline folder (``folder/unet``) of an `sd-tiny` U-Net with one ResNet per stage where
+    the preset has two (a smaller checkpoint, as BK-SDM's), its config only: the weights file is
+    deleted, so anything that reads it fails. Returns the config and the plain preset's U-Net."""
+    import harness
+
+    preset = harness.create("backbone", "unet", preset="sd-tiny", input_size=16).unet
+    config = dict(preset.config)
+    config["layers_per_block"] = 1
+    type(preset).from_config(config).save_pretrained(folder / "unet")
+    for weights in (folder / "unet").glob("diffusion_pytorch_model*"):
+        weights.unlink()
+    return config, preset

@@ -70,15 +70,10 @@ def test_validate_costs_counts_a_pretrained_unet_from_its_own_config(tmp_path, c
     # A smaller checkpoint (one ResNet per stage where the preset has two, as BK-SDM removes
     # blocks) is costed from its config.json, without its weights; one whose config cannot be
     # read is n/a with the reason, never the preset's figure passed off as the checkpoint's.
-    import harness
+    from conftest import weightless_unet
 
     monkeypatch.setenv("COLUMNS", "200")
-    unet = harness.create("backbone", "unet", preset="sd-tiny", input_size=16).unet
-    config = dict(unet.config)
-    config["layers_per_block"] = 1
-    type(unet).from_config(config).save_pretrained(tmp_path / "small" / "unet")
-    for weights in (tmp_path / "small" / "unet").glob("diffusion_pytorch_model*"):
-        weights.unlink()
+    config, unet = weightless_unet(tmp_path / "small")
     suite = tmp_path / "s.yaml"
     suite.write_text(f"suite: s\nbase:\n  backbone: {{name: unet, preset: sd-tiny, input_size: 16}}\n"
                      f"  metrics: [params]\n  device: cpu\n"

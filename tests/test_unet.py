@@ -139,21 +139,17 @@ def test_a_pretrained_unet_on_meta_takes_the_checkpoints_structure_and_reads_no_
     # What `validate --costs` and the meta FLOP count build: the folder's config.json alone (the
     # weights file is gone here, so reading it would fail), with the checkpoint's own structure
     # (one block per stage fewer than the preset, as BK-SDM's U-Nets), not the preset's.
-    from harness import backbone_context
+    from conftest import weightless_unet
 
-    small = harness.create("backbone", "unet", preset="sd-tiny", input_size=16).unet
-    config = dict(small.config)
-    config["layers_per_block"] = 1
-    type(small).from_config(config).save_pretrained(tmp_path / "pruned" / "unet")
-    for weights in (tmp_path / "pruned" / "unet").glob("diffusion_pytorch_model*"):
-        weights.unlink()
+    from harness import backbone_context
     from harness.weights import counting_structure
 
+    config, preset = weightless_unet(tmp_path / "pruned")
     with counting_structure():  # as `harness validate --costs` builds it
         meta = backbone_context("unet", {"preset": "sd-tiny", "pretrained": str(tmp_path / "pruned")}).build_backbone(
             device="meta")
     assert all(p.is_meta for p in meta.parameters())
-    expected = sum(p.numel() for p in type(small).from_config(config).parameters())
-    assert sum(p.numel() for p in meta.parameters()) == expected < sum(p.numel() for p in small.parameters())
+    expected = sum(p.numel() for p in type(preset).from_config(config).parameters())
+    assert sum(p.numel() for p in meta.parameters()) == expected < sum(p.numel() for p in preset.parameters())
     with pytest.raises(Exception):  # built for real, the missing weights are an error
         harness.create("backbone", "unet", preset="sd-tiny", pretrained=str(tmp_path / "pruned"))
