@@ -127,3 +127,16 @@ def weightless_unet(folder: Path):
     for weights in (folder / "unet").glob("diffusion_pytorch_model*"):
         weights.unlink()
     return config, preset
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: models this small run fastest so, and several threads
+    spin against each other on a busy machine (20x slower on the shared 2-core one). Modules
+    take it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

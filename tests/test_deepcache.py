@@ -23,13 +23,7 @@ from harness_accel.deepcache import DeepCacheSpec, enable
 STEPS = 7  # full steps 0, 3, 6 at interval 3: a trajectory ends on a full step and has two cached runs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared CPU: one thread is several times faster than a contended two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sd_unet():

@@ -18,13 +18,7 @@ BACKBONE = {"name": "dit", "size": "tiny", "input_size": 8, "in_channels": 4, "n
 FAST = dict(steps=30, batch_size=8, log_every=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread; several spin against each other on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ctx(depth=4, seed=0):

@@ -24,12 +24,7 @@ import harness
 DIM, HEADS, WINDOW = 64, 4, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(mixer, side, dim=DIM):
