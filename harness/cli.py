@@ -74,110 +74,114 @@ def cmd_validate(args) -> int:
 
 def _print_costs(jobs) -> None:
     """Parameters and GFLOPs of each cell's backbone as built, counted on the meta device."""
-    import torch
     from rich.table import Table
+
+    from .suite import CellConfig
+
+    table = Table("cell", "params", "GFLOPs", "note", box=None)
+    counted: dict[str, dict] = {}
+    for job in jobs:
+        count = _count_backbone(job, counted)
+        if count["own"]:
+            params = f"{count['params'] / 1e6:.2f}M"
+            gflops = "n/a" if count["gflops"] is None else f"{count['gflops']:.3f}"  # None: shapes depend on data
+        else:  # a pretrained model whose config is not here: the cell counts it when it runs
+            params = gflops = "n/a"
+        blocks = sorted(CellConfig.model_validate(job.config).blocks)
+        # the backbone as built: what the cell's stages (pruning, quantisation) change is not in it
+        notes = [f"before {', '.join(blocks)}" if blocks else "", "" if count["own"] else count["why"]]
+        table.add_row(job.label, params, gflops, "; ".join(n for n in notes if n))
+    _console().print(table)
+    for stage_table in _stage_costs(jobs, counted):  # blocks that say what they cost: the sample block's images...
+        _console().print(stage_table)
+
+
+def _count_backbone(job, counted: dict) -> dict:
+    """The backbone of ``job`` built and counted on the meta device, once per distinct backbone
+    (``counted`` keeps them). ``own`` says whether it is the model the cell names: a
+    ``pretrained`` diffusers model builds from its ``config.json`` and reads no weights, so only
+    a config that is not on this machine (a hub id offline) stops it, and then the suite's
+    options are counted instead, ``why`` saying so. Never a real build: costing a suite reads
+    and downloads no weight."""
+    import torch
 
     from .context import CellContext
     from .flops import AbstractCountError, count_flops
     from .suite import CellConfig
     from .weights import counting_structure
 
-    table = Table("cell", "params", "GFLOPs", "note", box=None)
-    costs: dict[str, tuple[str, str, str]] = {}
-    for job in jobs:
-        config = CellConfig.model_validate(job.config)
-        key = repr(config.backbone.model_dump())
-        if key not in costs:
-            ctx = CellContext(job.suite, job.cell, job.seed, config)
-            model, why = _meta_backbone(ctx)
-            if model is None:  # a pretrained model whose config is not here: the cell counts it when it runs
-                costs[key] = ("n/a", "n/a", why)
-            else:
-                params = sum(p.numel() for p in model.parameters())
-                try:
-                    with torch.no_grad(), counting_structure():
-                        fc = count_flops(model, ctx.example_inputs(1, model=model), ctx.registry.flop_handles())
-                    gflops = f"{fc.total / 1e9:.3f}"
-                except AbstractCountError:
-                    gflops = "n/a"  # its shapes depend on data: the gflops metric traces real tensors
-                costs[key] = (f"{params / 1e6:.2f}M", gflops, "")
-        params, gflops, why = costs[key]
-        # the backbone as built: what the cell's stages (pruning, quantisation) change is not in it
-        notes = [f"before {', '.join(sorted(config.blocks))}" if config.blocks else "", why]
-        table.add_row(job.label, params, gflops, "; ".join(n for n in notes if n))
-    _console().print(table)
-    with counting_structure():  # nothing it builds reads or downloads weights
-        stage_tables = _stage_costs(jobs)
-    for stage_table in stage_tables:  # blocks that say what they cost: the sample block's images...
-        _console().print(stage_table)
+    config = CellConfig.model_validate(job.config)
+    key = repr(config.backbone.model_dump())
+    if key in counted:
+        return counted[key]
+    with torch.no_grad(), counting_structure():
+        ctx = CellContext(job.suite, job.cell, job.seed, config)
+        model, why = _meta_backbone(ctx)
+        own = model is not None
+        if not own:  # the checkpoint's config is not here: the suite's options instead
+            raw = dict(job.config)
+            raw["backbone"] = {k: v for k, v in raw["backbone"].items() if k != "pretrained"}
+            ctx = CellContext(job.suite, job.cell, job.seed, CellConfig.model_validate(raw))
+            model = ctx.abstract_model().eval()
+        try:
+            gflops = count_flops(model, ctx.example_inputs(1, model=model), ctx.registry.flop_handles()).total / 1e9
+        except AbstractCountError:
+            gflops = None  # its shapes depend on data: the gflops metric traces real tensors
+        size = int(ctx.input_spec["input_size"])
+    counted[key] = {"own": own, "why": why, "params": sum(p.numel() for p in model.parameters()),
+                    "gflops": gflops, "size": size}
+    return counted[key]
 
 
 def _meta_backbone(ctx):
-    """``(model on the meta device, None)``, or ``(None, why)`` when it cannot be built there: a
-    ``pretrained`` diffusers model builds from its ``config.json`` and reads no weights, so only
-    a config that is not on this machine (a hub id offline) stops it. Never a real build: costing
-    a suite downloads nothing."""
+    """``(model on the meta device, None)``, or ``(None, why)`` when it cannot be built there
+    (see :func:`_count_backbone`). The model becomes the context's abstract one, so that what
+    reads the input shape from it does not build it again."""
     import torch
 
     from .weights import counting_structure
 
     try:
         with torch.random.fork_rng(devices=[]), counting_structure():
-            return ctx.build_backbone(device="meta").eval(), None
+            ctx._meta_model = ctx.build_backbone(device="meta").eval()
+            return ctx._meta_model, None
     except Exception as exc:  # noqa: BLE001 - any failure of a factory on meta is reported, not raised
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return None, f"not built on meta here: {first[:100]}"
 
 
-def _stage_costs(jobs) -> list:
+def _stage_costs(jobs, counted: dict) -> list:
     """One table per stage with a ``costs`` hook (:attr:`harness.Stage.costs`), a row per cell that
-    has its block. The denoiser is counted once per distinct backbone, on the meta device (a
-    ``pretrained`` diffusers model from its checkpoint's ``config.json``; where that is not on this
-    machine, from the suite's options, and the note says so). No weight is read."""
-    import torch
+    has its block, each costed with that cell's own block. The denoiser is the one
+    :func:`_count_backbone` counted (``counted``), and a note says where it is the suite's
+    options rather than the pretrained model's."""
     from rich.table import Table
 
     from .context import CellContext
-    from .flops import AbstractCountError, count_flops
     from .plugins import registry
     from .stages import order
     from .suite import CellConfig
 
     stages = {name: stage for name, stage in registry().stages().items() if stage.costs is not None}
     rows: dict[str, list[tuple[str, dict]]] = {}
-    counted: dict[str, tuple] = {}
     for job in jobs:
         present = [name for name in stages if (job.config or {}).get(name) is not None]
         if not present:
             continue
+        count = _count_backbone(job, counted)
+        base_notes = [] if count["own"] else [
+            "denoiser counted from the suite's options (its pretrained config cannot be read here)"]
+        if count["gflops"] is None:
+            base_notes.append("denoiser GFLOPs depend on data: not counted")
         config = CellConfig.model_validate(job.config)
-        key = repr(config.backbone.model_dump())
-        if key not in counted:
-            ctx = CellContext(job.suite, job.cell, job.seed, config)
-            notes = []
-            model, why = _meta_backbone(ctx)
-            if model is None:  # the checkpoint's config is not here: the suite's options instead
-                raw = dict(job.config)
-                raw["backbone"] = {k: v for k, v in raw["backbone"].items() if k != "pretrained"}
-                ctx = CellContext(job.suite, job.cell, job.seed, CellConfig.model_validate(raw))
-                notes.append("denoiser counted from the suite's options (its pretrained config cannot be read here)")
-            try:
-                model = ctx.abstract_model().eval() if model is None else model
-                with torch.no_grad():
-                    gflops = count_flops(model, ctx.example_inputs(1, model=model),
-                                         ctx.registry.flop_handles()).total / 1e9
-            except AbstractCountError:
-                gflops = None
-                notes.append("denoiser GFLOPs depend on data: not counted")
-            counted[key] = (gflops, int(ctx.input_spec["input_size"]), notes, ctx.specs)
-        gflops, size, base_notes, specs = counted[key]
+        specs = CellContext(job.suite, job.cell, job.seed, config).specs  # this cell's blocks, validated
         ran = order(registry().stages(), specs)
         for name in present:
             notes = list(base_notes)
             before = [n for n in ran[:ran.index(name)]] if name in ran else []
             if before:
                 notes.append(f"denoiser before {', '.join(before)} (an upper bound)")
-            row = stages[name].costs(config, specs[name], gflops, size)
+            row = stages[name].costs(config, specs[name], count["gflops"], count["size"])
             if row is None:
                 continue
             row = dict(row)

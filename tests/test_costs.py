@@ -88,3 +88,16 @@ def test_validate_costs_counts_a_pretrained_unet_from_its_own_config(tmp_path, c
     by_label = {r[0].rsplit("/", 1)[-1]: r[1:] for r in rows if r and "pretrained=" in r[0]}
     assert by_label["small"][:2] == [f"{sum(p.numel() for p in small.parameters()) / 1e6:.2f}M", f"{expected:.3f}"]
     assert by_label["absent"][:2] == ["n/a", "n/a"] and "not built on meta here" in " ".join(by_label["absent"])
+
+
+def test_validate_costs_costs_each_cell_with_its_own_block(tmp_path, capsys, monkeypatch):
+    # Cells that share a backbone share its count, not their sample blocks: a guided cell makes
+    # twice the passes of an unguided one (the table once gave both the first cell's block).
+    monkeypatch.setenv("COLUMNS", "200")
+    suite = tmp_path / "s.yaml"
+    suite.write_text("suite: s\nbase:\n  backbone: {name: dit, size: tiny, patch: 2, input_size: 8}\n"
+                     "  sample: {num_samples: 100, steps: 10, keep: none}\n  metrics: [params, isc]\n"
+                     "  device: cpu\nmatrix:\n  sample.cfg_scale: [1.0, 1.5]\n")
+    assert main(["validate", str(suite), "--costs"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if "/image)" in line}
+    assert "1k (10/image)" in rows["sample.cfg_scale=1.0"] and "2k (20/image)" in rows["sample.cfg_scale=1.5"]
